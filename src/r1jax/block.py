@@ -1,0 +1,56 @@
+"""A pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)); the FFN is a dense SwiGLU
+or DeepSeekMoE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import layers, mla, moe
+from r1jax.config import ModelConfig
+from r1jax.sharding import constrain
+
+
+def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
+  k_attn, k_ffn = jax.random.split(key)
+  dt = jnp.dtype(cfg.param_dtype)
+  if is_moe:
+    ffn = moe.init(k_ffn, cfg)
+  else:
+    ffn = layers.init_mlp(k_ffn, cfg.dim, cfg.inter_dim, cfg.init_std, dt)
+  return {
+      "attn_norm": layers.ones((cfg.dim,), ("norm",), dt),
+      "attn": mla.init(k_attn, cfg),
+      "ffn_norm": layers.ones((cfg.dim,), ("norm",), dt),
+      "ffn": ffn,
+  }
+
+
+def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig, is_moe: bool):
+  """Returns (x_BxLxD, router stats or None)."""
+  h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
+  x_BxLxD = x_BxLxD + mla.apply(p["attn"], h, cos, sin, mask_BxLxL, cfg)
+  x_BxLxD = constrain(x_BxLxD, "batch", "seq", "act_embed")
+  h = layers.rms_norm(x_BxLxD, p["ffn_norm"], cfg.norm_eps)
+  if is_moe:
+    y, stats = moe.apply(p["ffn"], h, cfg)
+  else:
+    y, stats = layers.mlp(p["ffn"], h), None
+  return constrain(x_BxLxD + y, "batch", "seq", "act_embed"), stats
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan(stack: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig, is_moe: bool):
+  """Run a stack of identical blocks (leading "layers" axis) with lax.scan; returns (x, stacked stats)."""
+
+  def body(x, p):
+    return apply(p, x, cos, sin, mask_BxLxL, cfg, is_moe)
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+  return jax.lax.scan(body, x_BxLxD, stack)

@@ -1,0 +1,276 @@
+"""Frozen dataclass configs: the single source of truth. YAML files and `section.field=value` overrides
+only replace fields; everything is validated once, here, before any tracing or compilation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A bad config; the message is one line naming the key and the reason."""
+
+
+def _fail(key: str, value, reason: str):
+  raise ConfigError(f"{key}={value!r}: {reason}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """DeepSeek-V3 architecture; field names follow DeepSeek's inference ModelArgs. Defaults are V3 671B."""
+
+  vocab_size: int = 129280
+  dim: int = 7168
+  inter_dim: int = 18432  # dense-layer SwiGLU width
+  n_layers: int = 61
+  n_dense_layers: int = 3  # first-k dense layers; the rest are MoE layers
+  n_heads: int = 128
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  # Multi-head Latent Attention (V3 report §2.1.1).
+  q_lora_rank: int = 1536  # 0: no query compression (V2-Lite)
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  # RoPE and YaRN (rope.py). rope_scaling "yarn" uses rope_factor/original_seq_len/beta_*/mscale*.
+  rope_theta: float = 10000.0
+  rope_scaling: Literal["none", "yarn"] = "yarn"
+  rope_factor: float = 40.0
+  original_seq_len: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 1.0
+  max_seq_len: int = 163840
+  # DeepSeekMoE (V3 report §2.1.2).
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  n_activated_experts: int = 8  # top-k
+  moe_inter_dim: int = 2048
+  score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+  n_expert_groups: int = 8
+  n_limited_groups: int = 4  # top-k groups
+  norm_topk_prob: bool = True
+  route_scale: float = 2.5
+  bias_update_speed: float = 0.001  # gamma of the aux-loss-free balancing (V3 report eq. 16 and §4.2)
+  aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 report eq. 17-20)
+  # Multi-token prediction (V3 report §2.2).
+  n_mtp: int = 1
+  mtp_loss_weight: float = 0.3  # lambda
+  # Numerics and memory.
+  dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; router, softmax, norms stay fp32
+  param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+  init_std: float = 0.006
+  remat: Literal["none", "full", "dots"] = "none"
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.n_layers - self.n_dense_layers
+
+  def validate(self, prefix: str = "model"):
+    k = lambda name: f"{prefix}.{name}"  # noqa: E731
+    positive = ["vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "qk_rope_head_dim",
+                "v_head_dim", "max_seq_len", "original_seq_len"]
+    for name in positive:
+      if getattr(self, name) <= 0:
+        _fail(k(name), getattr(self, name), "must be positive")
+    for name in ["n_dense_layers", "q_lora_rank", "qk_nope_head_dim", "n_mtp", "n_shared_experts",
+                 "n_routed_experts"]:
+      if getattr(self, name) < 0:
+        _fail(k(name), getattr(self, name), "must be >= 0")
+    if self.qk_rope_head_dim % 2:
+      _fail(k("qk_rope_head_dim"), self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
+    if self.n_dense_layers > self.n_layers:
+      _fail(k("n_dense_layers"), self.n_dense_layers, f"must be <= model.n_layers={self.n_layers}")
+    if self.n_dense_layers < self.n_layers or self.n_mtp:
+      self._validate_moe(k)
+    if self.rope_scaling == "yarn" and self.rope_factor < 1:
+      _fail(k("rope_factor"), self.rope_factor, "YaRN needs a factor >= 1")
+    if self.norm_eps <= 0:
+      _fail(k("norm_eps"), self.norm_eps, "must be positive")
+
+  def _validate_moe(self, k):
+    e = self.n_routed_experts
+    if e <= 0:
+      _fail(k("n_routed_experts"), e, "MoE layers (n_dense_layers < n_layers, or MTP) need routed experts")
+    if not 0 < self.n_activated_experts <= e:
+      _fail(k("n_activated_experts"), self.n_activated_experts,
+            f"top-k must be in [1, model.n_routed_experts={e}]")
+    if self.n_expert_groups <= 0 or e % self.n_expert_groups:
+      _fail(k("n_expert_groups"), self.n_expert_groups, f"must divide model.n_routed_experts={e}")
+    if not 0 < self.n_limited_groups <= self.n_expert_groups:
+      _fail(k("n_limited_groups"), self.n_limited_groups,
+            f"top-k groups must be in [1, model.n_expert_groups={self.n_expert_groups}]")
+    reachable = self.n_limited_groups * (e // self.n_expert_groups)
+    if self.n_activated_experts > reachable:
+      _fail(k("n_activated_experts"), self.n_activated_experts,
+            f"exceeds the {reachable} experts in the n_limited_groups={self.n_limited_groups} selected groups")
+    if self.score_func == "sigmoid" and self.n_expert_groups > 1 and e // self.n_expert_groups < 2:
+      _fail(k("n_expert_groups"), self.n_expert_groups, "sigmoid group scores sum each group's top-2 experts,"
+            " so every group needs >= 2 experts")
+    if self.moe_inter_dim <= 0:
+      _fail(k("moe_inter_dim"), self.moe_inter_dim, "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; -1 means "all remaining devices" (at most one axis)."""
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+
+  def validate(self, prefix: str = "mesh"):
+    sizes = dataclasses.asdict(self)
+    for name, size in sizes.items():
+      if size == 0 or size < -1:
+        _fail(f"{prefix}.{name}", size, "must be a positive axis size or -1 (the rest)")
+    if sum(s == -1 for s in sizes.values()) > 1:
+      _fail(prefix, sizes, "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup + cosine decay (V3 report §4.2 uses AdamW, beta2 0.95, weight decay 0.1)."""
+
+  lr: float = 3e-3
+  warmup_steps: int = 10
+  decay_steps: int = 1000
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+
+  def validate(self, prefix: str = "optim"):
+    if self.lr <= 0:
+      _fail(f"{prefix}.lr", self.lr, "must be positive")
+    if self.warmup_steps < 0 or self.decay_steps <= 0:
+      _fail(f"{prefix}.decay_steps", self.decay_steps, "must be positive (and warmup_steps >= 0)")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      _fail(f"{prefix}.b2", self.b2, "Adam betas must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop: how long, how big a batch, where to write."""
+
+  steps: int = 60
+  batch_size: int = 16
+  seq_len: int = 64
+  seed: int = 0
+  log_every: int = 5
+  task: Literal["copy", "reverse", "sort"] = "reverse"
+
+  def validate(self, prefix: str = "train"):
+    for name in ["steps", "batch_size", "seq_len", "log_every"]:
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+
+  def validate(self):
+    for f in dataclasses.fields(self):
+      getattr(self, f.name).validate(f.name)
+    if self.train.seq_len > self.model.max_seq_len:
+      _fail("train.seq_len", self.train.seq_len, f"exceeds model.max_seq_len={self.model.max_seq_len}")
+    return self
+
+
+def _coerce(key: str, value, hint):
+  """Check `value` against a field's type hint (ints are accepted for floats)."""
+  origin = typing.get_origin(hint)
+  if origin is Literal:
+    if value not in typing.get_args(hint):
+      _fail(key, value, f"must be one of {list(typing.get_args(hint))}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    for arg in typing.get_args(hint):
+      try:
+        return _coerce(key, value, arg)
+      except ConfigError:
+        pass
+    _fail(key, value, f"must be {hint}")
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint is type(None) and value is None:
+    return None
+  if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    _fail(key, value, f"must be of type {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+  if hint is float and not math.isfinite(value):
+    _fail(key, value, "must be finite")
+  return value
+
+
+def _replace(obj, updates: dict, prefix: str):
+  """dataclasses.replace with unknown-key and type checks, recursing into nested sections."""
+  if not isinstance(updates, dict):
+    _fail(prefix, updates, "must be a mapping of fields")
+  hints = typing.get_type_hints(type(obj))
+  fields = {f.name for f in dataclasses.fields(obj)}
+  changes = {}
+  for name, value in updates.items():
+    key = f"{prefix}.{name}" if prefix else str(name)
+    if name not in fields:
+      _fail(key, value, f"unknown key; known: {sorted(fields)}")
+    current = getattr(obj, name)
+    if dataclasses.is_dataclass(current):
+      changes[name] = _replace(current, value, key)
+    else:
+      changes[name] = _coerce(key, value, hints[name])
+  return dataclasses.replace(obj, **changes)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+  """`model.n_routed_experts=16` -> (["model", "n_routed_experts"], 16); values are parsed as YAML."""
+  if "=" not in text:
+    raise ConfigError(f"override {text!r}: expected section.field=value")
+  key, raw = text.split("=", 1)
+  return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+  """Read a YAML of overrides onto the dataclass defaults, apply `k=v` overrides, validate."""
+  updates: dict = {}
+  if path is not None:
+    path = Path(path)
+    if not path.exists():
+      raise ConfigError(f"config file {path} does not exist")
+    try:
+      updates = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      line = getattr(getattr(e, "problem_mark", None), "line", None)
+      raise ConfigError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
+  try:
+    cfg = _replace(RunConfig(), updates, "")
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  for text in overrides:
+    keys, value = parse_override(text)
+    nested: dict = {keys[-1]: value}
+    for name in reversed(keys[:-1]):
+      nested = {name: nested}
+    cfg = _replace(cfg, nested, "")
+  return cfg.validate()
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)

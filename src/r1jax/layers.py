@@ -1,0 +1,85 @@
+"""Building blocks shared by every module: logically-named parameters, RMSNorm, SwiGLU, projections."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """A weight and the logical names of its dimensions (static), as created by an init function."""
+
+  value: jax.Array
+  names: tuple[str | None, ...]
+
+
+jax.tree_util.register_dataclass(Param, data_fields=["value"], meta_fields=["names"])
+
+
+def is_param(x) -> bool:
+  return isinstance(x, Param)
+
+
+def normal(key, shape, names, std, dtype) -> Param:
+  assert len(shape) == len(names), (shape, names)
+  return Param(std * jax.random.normal(key, shape, dtype), tuple(names))
+
+
+def ones(shape, names, dtype) -> Param:
+  return Param(jnp.ones(shape, dtype), tuple(names))
+
+
+def zeros(shape, names, dtype) -> Param:
+  return Param(jnp.zeros(shape, dtype), tuple(names))
+
+
+def stacked(init_fn, key, n: int):
+  """Init `n` identical layers with a leading "layers" axis, so they run under `jax.lax.scan`."""
+  boxed = jax.vmap(init_fn)(jax.random.split(key, n))
+  return jax.tree.map(lambda p: Param(p.value, ("layers", *p.names)), boxed, is_leaf=is_param)
+
+
+def unbox(tree):
+  return jax.tree.map(lambda p: p.value, tree, is_leaf=is_param)
+
+
+def shardings(tree, mesh):
+  """NamedShardings for a tree of Params (abstract or concrete), via sharding.RULES."""
+  return jax.tree.map(lambda p: sharding.named(mesh, p.names), tree, is_leaf=is_param)
+
+
+def rms_norm(x, w, eps: float):
+  """RMSNorm with fp32 statistics; returns the input dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def dense(x, w):
+  """x[..., K] @ w[K, N] in x's dtype. The one entry point for projections (FP8 routes here)."""
+  return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
+
+
+def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp")) -> dict:
+  kg, ku, kd = jax.random.split(key, 3)
+  return {
+      "w_gate": normal(kg, (dim, hidden), names, std, dtype),
+      "w_up": normal(ku, (dim, hidden), names, std, dtype),
+      "w_down": normal(kd, (hidden, dim), names[::-1], std, dtype),
+  }
+
+
+def mlp(p: dict, x_NxD):
+  """SwiGLU: down(silu(x W_gate) * (x W_up))."""
+  h = jax.nn.silu(dense(x_NxD, p["w_gate"])) * dense(x_NxD, p["w_up"])
+  return dense(h, p["w_down"])
+
+
+def embed(table_VxD, tokens_BxL, dtype):
+  x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
+  return sharding.constrain(x_BxLxD, "batch", "seq", "act_embed")

@@ -1,0 +1,47 @@
+"""Multi-token prediction (V3 report §2.2, eq. 21-25): depth k combines the previous depth's hidden
+state with the embedding of token i+k, runs one transformer block, and predicts token i+k+1 through the
+shared output head. Depths are sequential, so they run in a Python loop (there is usually one)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import block, layers
+from r1jax.config import ModelConfig
+
+
+def init(key, cfg: ModelConfig) -> dict:
+  k_proj, k_block = jax.random.split(key)
+  dt = jnp.dtype(cfg.param_dtype)
+  return {
+      "enorm": layers.ones((cfg.dim,), ("norm",), dt),
+      "hnorm": layers.ones((cfg.dim,), ("norm",), dt),
+      # Rows [0, D) take the token embedding, rows [D, 2D) the hidden state: the order of DeepSeek's
+      # released MTP weights (eh_proj), so imported checkpoints need no permutation.
+      "proj": layers.normal(k_proj, (2 * cfg.dim, cfg.dim), (None, "embed"), cfg.init_std, dt),
+      "block": block.init(k_block, cfg, is_moe=True),
+      "norm": layers.ones((cfg.dim,), ("norm",), dt),
+  }
+
+
+def shift_left(x_BxL, k: int, fill=0):
+  """x[:, i + k] at position i; the last k positions get `fill`."""
+  if k == 0:
+    return x_BxL
+  pad = jnp.full((x_BxL.shape[0], k), fill, x_BxL.dtype)
+  return jnp.concatenate([x_BxL[:, k:], pad], axis=1)
+
+
+def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, cos, sin, mask_BxLxL, cfg: ModelConfig):
+  """Returns (logits [n_mtp, B, L, V] where depth k (1-based) at i predicts token i+k+1, stacked stats)."""
+  logits, stats = [], []
+  for k in range(1, cfg.n_mtp + 1):
+    p = jax.tree.map(lambda a, k=k: a[k - 1], stack)
+    e_BxLxD = layers.rms_norm(embed_fn(shift_left(tokens_BxL, k)), p["enorm"], cfg.norm_eps)
+    h_norm = layers.rms_norm(h_BxLxD, p["hnorm"], cfg.norm_eps)
+    h_BxLxD = layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"])
+    h_BxLxD, s = block.apply(p["block"], h_BxLxD, cos, sin, mask_BxLxL, cfg, is_moe=True)
+    logits.append(head_fn(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps)))
+    stats.append(s)
+  return jnp.stack(logits), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)

@@ -1,0 +1,39 @@
+"""Verifiable tasks generated on the fly (no downloads). For now: digit tasks (copy/reverse/sort) as
+token batches for fast CPU training runs; ids are ASCII codes so any byte-level vocab (>= 128) holds them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD, BOS, EOS = 0, 1, 2
+SEP = ord("=")
+DIGIT0 = ord("0")
+
+
+def digit_answer(task: str, digits: np.ndarray) -> np.ndarray:
+  if task == "copy":
+    return digits
+  if task == "reverse":
+    return digits[::-1]
+  if task == "sort":
+    return np.sort(digits)
+  raise ValueError(f"unknown digit task {task!r}; known: copy, reverse, sort")
+
+
+def digit_batch(rng: np.random.Generator, task: str, batch_size: int, seq_len: int) -> dict:
+  """Rows `BOS d1..dn = a1..an EOS PAD..`; the loss covers the answer and EOS only.
+
+  Returns int32 arrays tokens/targets/loss_mask of shape [batch_size, seq_len] (targets = tokens shifted).
+  """
+  n = (seq_len - 2) // 2  # BOS + n digits + SEP + n answer digits + EOS = seq_len + 1 tokens at most
+  if n < 1:
+    raise ValueError(f"train.seq_len={seq_len}: digit tasks need seq_len >= 4")
+  rows = np.full((batch_size, seq_len + 1), PAD, np.int32)
+  mask = np.zeros((batch_size, seq_len + 1), np.int32)
+  for b in range(batch_size):
+    digits = rng.integers(0, 10, n)
+    answer = digit_answer(task, digits)
+    row = [BOS, *(DIGIT0 + digits), SEP, *(DIGIT0 + answer), EOS]
+    rows[b, :len(row)] = row
+    mask[b, n + 2:len(row)] = 1  # positions holding answer tokens and EOS
+  return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": mask[:, 1:]}
