@@ -1,0 +1,22 @@
+"""8 simulated CPU devices, set before jax is imported anywhere in the test session."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from r1jax import config  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+  """The tiny preset in float32 compute, so references can be compared at fp32 tolerances."""
+  return config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                     ["model.dtype=float32"])
