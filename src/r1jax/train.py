@@ -80,7 +80,7 @@ def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   if router:
     params = model.update_router_bias(params, router, state.cfg)
     metrics.update(load_metrics(router))
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

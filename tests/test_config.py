@@ -1,0 +1,75 @@
+"""Config loading: YAML overrides, k=v overrides, and one-line errors naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1jax import cli, config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def test_presets_load():
+  for name in ["tiny", "deepseek_v3_671b", "deepseek_v2_lite_16b"]:
+    config.load(ROOT / "configs" / f"{name}.yaml")
+
+
+def test_overrides_apply_and_coerce():
+  cfg = config.load(TINY, ["model.n_routed_experts=32", "optim.lr=1", "mesh.expert=2", "model.remat=full"])
+  assert cfg.model.n_routed_experts == 32 and cfg.mesh.expert == 2 and cfg.model.remat == "full"
+  assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.n_experts=4", "model.n_experts=4: unknown key"),
+    ("modle.dim=4", "modle={'dim': 4}: unknown key"),
+    ("model.dim=abc", "model.dim='abc': must be of type int"),
+    ("model.dim=true", "model.dim=True: must be of type int"),
+    ("model.score_func=relu", "model.score_func='relu': must be one of"),
+    ("model.n_activated_experts=20", "model.n_activated_experts=20: top-k must be in [1, model.n_routed_experts=16]"),
+    ("model.n_expert_groups=3", "model.n_expert_groups=3: must divide model.n_routed_experts=16"),
+    ("model.n_limited_groups=5", "model.n_limited_groups=5: top-k groups must be in [1, model.n_expert_groups=4]"),
+    ("model.n_activated_experts=9", "model.n_activated_experts=9: exceeds the 8 experts"),
+    ("model.n_dense_layers=4", "model.n_dense_layers=4: must be <= model.n_layers=3"),
+    ("model.qk_rope_head_dim=15", "model.qk_rope_head_dim=15: must be even"),
+    ("mesh.data=0", "mesh.data=0: must be a positive axis size or -1"),
+    ("train.seq_len=1000", "train.seq_len=1000: exceeds model.max_seq_len=256"),
+    ("model.dim", "expected section.field=value"),
+])
+def test_bad_overrides_fail_with_one_line(override, fragment):
+  with pytest.raises(config.ConfigError) as err:
+    config.load(TINY, [override])
+  msg = str(err.value)
+  assert "\n" not in msg
+  assert fragment in msg, msg
+
+
+def test_bad_yaml_names_file_and_key(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model:\n  n_routed_experts: 16\n  n_activated_expert: 4\n")
+  with pytest.raises(config.ConfigError, match=r"bad.yaml: model.n_activated_expert=4: unknown key"):
+    config.load(bad)
+  bad.write_text("model: [1, 2\n")
+  with pytest.raises(config.ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+    config.load(bad)
+  with pytest.raises(config.ConfigError, match="does not exist"):
+    config.load(tmp_path / "missing.yaml")
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+  assert cli.main(["info", str(TINY), "model.n_activated_experts=17"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "model.n_activated_experts=17" in err
+
+
+def test_cli_error_before_jax_compiles():
+  """A config error must not need jax at all: the CLI checks before importing the model."""
+  code = ("import sys; from r1jax import cli; rc = cli.main(['sft', sys.argv[1], 'model.n_expert_groups=5']);"
+          "assert 'jax' not in sys.modules, 'jax imported'; sys.exit(rc)")
+  proc = subprocess.run([sys.executable, "-c", code, str(TINY)], capture_output=True, text=True)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "r1jax: config error: model.n_expert_groups=5: must divide model.n_routed_experts=16"]
