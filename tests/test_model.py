@@ -124,3 +124,27 @@ def test_train_step_updates_bias_from_load(tiny):
     load = np.asarray(router[name]["load"])
     assert (load.sum(-1) == 4 * 16 * cfg.n_activated_experts).all()  # loads sum to tokens x top-k
     np.testing.assert_allclose(got, old + 0.01 * np.sign(load.mean(-1, keepdims=True) - load), atol=1e-7)
+
+
+def test_remat_changes_memory_not_math(tiny):
+  batch = tasks.digit_batch(np.random.default_rng(0), "copy", 2, 16)
+  grads = {}
+  for remat in ["none", "full", "dots"]:
+    cfg = dataclasses.replace(tiny.model, remat=remat)
+    params = model.init(cfg, jax.random.key(0))
+    grads[remat] = jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, cfg)[0]))(params)
+  for remat in ["full", "dots"]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[remat], grads["none"])
+
+
+def test_info_json_reports_counts_and_flops(capsys):
+  import json
+
+  from r1jax import cli
+  assert cli.main(["info", str(ROOT / "configs/deepseek_v3_671b.yaml"), "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  counts = report["params"]
+  assert counts["total"] == model.param_count(config.load(ROOT / "configs/deepseek_v3_671b.yaml").model)["total"]
+  flops = report["train_flops_per_token"]
+  assert flops["matmul"] == 6 * counts["active_without_embedding"]
+  assert flops["total"] > flops["matmul"]
