@@ -6,9 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from r1jax import layers, mla, moe
+from r1jax import gqa, layers, mla, moe
 from r1jax.config import ModelConfig
 from r1jax.sharding import constrain
+
+
+def _attention(cfg: ModelConfig):
+  """The attention module: DeepSeek's MLA, or GQA for dense Llama/Qwen-style students."""
+  return gqa if cfg.attention == "gqa" else mla
 
 
 def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
@@ -20,7 +25,7 @@ def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
     ffn = layers.init_mlp(k_ffn, cfg.dim, cfg.inter_dim, cfg.init_std, dt)
   return {
       "attn_norm": layers.ones((cfg.dim,), ("norm",), dt),
-      "attn": mla.init(k_attn, cfg),
+      "attn": _attention(cfg).init(k_attn, cfg),
       "ffn_norm": layers.ones((cfg.dim,), ("norm",), dt),
       "ffn": ffn,
   }
@@ -29,7 +34,7 @@ def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
 def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig, is_moe: bool):
   """Returns (x_BxLxD, router stats or None)."""
   h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  x_BxLxD = x_BxLxD + mla.apply(p["attn"], h, cos, sin, mask_BxLxL, cfg)
+  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, cos, sin, mask_BxLxL, cfg)
   x_BxLxD = constrain(x_BxLxD, "batch", "seq", "act_embed")
   h = layers.rms_norm(x_BxLxD, p["ffn_norm"], cfg.norm_eps)
   if is_moe:

@@ -10,12 +10,16 @@ from r1jax import config as config_lib
 
 
 def _info(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
   from r1jax import cost, model
 
-  cfg = config_lib.load(args.config, args.overrides)
   counts = model.param_count(cfg.model)
   flops = cost.train_flops_per_token(counts, cfg.model, cfg.train.seq_len)
   report = {"config": args.config, "params": counts, "train_flops_per_token": flops}
+  if args.mesh or args.lower:
+    from r1jax import memory
+
+    report["mesh"] = memory.cli_report(cfg, args.mesh, args.batch, args.seq, args.link_gbps, args.lower)
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
@@ -32,14 +36,28 @@ def _info(args) -> int:
   Console().print(table)
   print(f"train FLOPs/token at seq_len {flops['seq_len']}: {flops['total']:.4g} "
         f"(6*N_active {flops['matmul']:.4g} + attention {flops['attention']:.4g})")
+  if "mesh" in report:
+    print(memory.format_report(report["mesh"]))
   return 0
 
 
 def _sft(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
   from r1jax import demo
 
-  cfg = config_lib.load(args.config, args.overrides)
   return demo.run_sft(cfg)
+
+
+def _import_hf(args) -> int:
+  from r1jax.interop import hf
+
+  return hf.import_command(args.dir, args.out, args.overrides)
+
+
+def _export_hf(args) -> int:
+  from r1jax.interop import hf
+
+  return hf.export_command(args.ckpt, args.dir, args.overrides, args.arch, args.dtype, args.max_shard_gb)
 
 
 def main(argv=None) -> int:
@@ -49,11 +67,33 @@ def main(argv=None) -> int:
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--mesh", help="per-device memory and all-to-all traffic on this mesh, e.g. data=1,fsdp=8,expert=32")
+  p.add_argument("--batch", type=int, help="global batch (default: train.batch_size)")
+  p.add_argument("--seq", type=int, help="sequence length (default: train.seq_len)")
+  p.add_argument("--link-gbps", type=float, default=400.0,
+                 help="per-device all-to-all bandwidth in GB/s (NVLink: H800 400, H100 900)")
+  p.add_argument("--lower", action="store_true",
+                 help="also lower the train step on an abstract mesh; compile for XLA's memory analysis if the "
+                      "backend has that many devices")
   p.set_defaults(fn=_info)
   p = sub.add_parser("sft", help="supervised training of a config on a built-in task")
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.set_defaults(fn=_sft)
+  p = sub.add_parser("import-hf", help="Hugging Face model directory -> r1jax checkpoint")
+  p.add_argument("dir")
+  p.add_argument("out")
+  p.add_argument("overrides", nargs="*", help="section.field=value (e.g. model.param_dtype=bfloat16, mesh.fsdp=8)")
+  p.set_defaults(fn=_import_hf)
+  p = sub.add_parser("export-hf", help="r1jax checkpoint -> Hugging Face model directory")
+  p.add_argument("ckpt")
+  p.add_argument("dir")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--arch", choices=["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2ForCausalLM",
+                                    "LlamaForCausalLM"], help="default: the one the config describes")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: model.param_dtype")
+  p.add_argument("--max-shard-gb", type=float, default=5.0)
+  p.set_defaults(fn=_export_hf)
   args = parser.parse_args(argv)
   try:
     return args.fn(args)

@@ -39,15 +39,23 @@ class ModelConfig:
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
-  # RoPE and YaRN (rope.py). rope_scaling "yarn" uses rope_factor/original_seq_len/beta_*/mscale*.
+  # Grouped-query attention for dense Llama/Qwen-style students (gqa.py); the MLA fields are then unused.
+  attention: Literal["mla", "gqa"] = "mla"
+  n_kv_heads: int = 0  # gqa: key/value heads, dividing n_heads
+  head_dim: int = 0  # gqa: per-head query/key/value width
+  qkv_bias: bool = False  # gqa: biases on the q, k, v projections (Qwen2)
+  # RoPE and YaRN (rope.py). rope_scaling "yarn" uses rope_factor/original_seq_len/beta_*/mscale*;
+  # "llama3" (Llama 3.1) uses rope_factor/original_seq_len/low_freq_factor/high_freq_factor.
   rope_theta: float = 10000.0
-  rope_scaling: Literal["none", "yarn"] = "yarn"
+  rope_scaling: Literal["none", "yarn", "llama3"] = "yarn"
   rope_factor: float = 40.0
   original_seq_len: int = 4096
   beta_fast: float = 32.0
   beta_slow: float = 1.0
   mscale: float = 1.0
   mscale_all_dim: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
   max_seq_len: int = 163840
   # DeepSeekMoE (V3 report §2.1.2).
   n_routed_experts: int = 256
@@ -61,6 +69,11 @@ class ModelConfig:
   route_scale: float = 2.5
   bias_update_speed: float = 0.001  # gamma of the aux-loss-free balancing (V3 report eq. 16 and §4.2)
   aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 report eq. 17-20)
+  # Expert parallelism (expert_parallel.py): fixed-capacity all-to-all dispatch over the `expert` mesh axis.
+  # Slots per (source shard, expert) = ceil(capacity_factor * local tokens * top-k / n_routed_experts);
+  # 0 means dropless (every slot fits: V3 report §2.1.2 "No Token-Dropping"), at E/K times the buffer.
+  capacity_factor: float = 0.0
+  expert_gemm: Literal["auto", "einsum", "ragged_dot"] = "auto"  # auto: ragged_dot on TPU, einsum elsewhere
   # Multi-token prediction (V3 report §2.2).
   n_mtp: int = 1
   mtp_loss_weight: float = 0.3  # lambda
@@ -73,6 +86,11 @@ class ModelConfig:
   @property
   def qk_head_dim(self) -> int:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def rope_dim(self) -> int:
+    """Rotated width per head: the decoupled RoPE key of MLA, or the whole head under GQA."""
+    return self.head_dim if self.attention == "gqa" else self.qk_rope_head_dim
 
   @property
   def n_moe_layers(self) -> int:
@@ -97,8 +115,20 @@ class ModelConfig:
       self._validate_moe(k)
     if self.rope_scaling == "yarn" and self.rope_factor < 1:
       _fail(k("rope_factor"), self.rope_factor, "YaRN needs a factor >= 1")
+    llama3_ok = self.rope_factor >= 1 and self.high_freq_factor > self.low_freq_factor > 0
+    if self.rope_scaling == "llama3" and not llama3_ok:
+      _fail(k("high_freq_factor"), self.high_freq_factor,
+            f"llama3 RoPE needs rope_factor >= 1 and high_freq_factor > low_freq_factor={self.low_freq_factor} > 0")
+    if self.attention == "gqa":
+      self._validate_gqa(k)
     if self.norm_eps <= 0:
       _fail(k("norm_eps"), self.norm_eps, "must be positive")
+
+  def _validate_gqa(self, k):
+    if self.head_dim <= 0 or self.head_dim % 2:
+      _fail(k("head_dim"), self.head_dim, "attention=gqa needs a positive, even head_dim (RoPE rotates pairs)")
+    if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+      _fail(k("n_kv_heads"), self.n_kv_heads, f"attention=gqa needs n_kv_heads dividing model.n_heads={self.n_heads}")
 
   def _validate_moe(self, k):
     e = self.n_routed_experts
@@ -121,6 +151,8 @@ class ModelConfig:
             " so every group needs >= 2 experts")
     if self.moe_inter_dim <= 0:
       _fail(k("moe_inter_dim"), self.moe_inter_dim, "must be positive")
+    if self.capacity_factor < 0:
+      _fail(k("capacity_factor"), self.capacity_factor, "must be >= 0 (0: dropless)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ from r1jax.config import ModelConfig
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Forward QK^T and PV FLOPs per token under a causal mask (each token sees (L+1)/2 keys on average)."""
-  per_layer = 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2
+  qk_dim, v_dim = (cfg.head_dim, cfg.head_dim) if cfg.attention == "gqa" else (cfg.qk_head_dim, cfg.v_head_dim)
+  per_layer = 2 * cfg.n_heads * (qk_dim + v_dim) * (seq_len + 1) / 2
   return cfg.n_layers * per_layer
 
 

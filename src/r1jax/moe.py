@@ -1,6 +1,7 @@
 """DeepSeekMoE (V3 report §2.1.2): shared experts plus fine-grained routed experts behind a sigmoid
 (or softmax) router with group-limited top-k, a selection-only bias for aux-loss-free balancing,
-and a tiny sequence-wise balance loss."""
+and a tiny sequence-wise balance loss. On a mesh the routed experts run expert-parallel
+(expert_parallel.py) inside one `shard_map`; without one, a dropless single-device dispatch is the reference."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax import layers
+from r1jax import expert_parallel as ep
+from r1jax import layers, sharding
 from r1jax.config import ModelConfig
 
 
@@ -65,18 +67,13 @@ def route(router: dict, x_TxD, cfg: ModelConfig) -> Routing:
   return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE)
 
 
-def expert_ffn(experts: dict, x_NxD, group_sizes_E):
-  """SwiGLU of each expert over its contiguous rows of x (rows sorted by expert), via ragged_dot."""
-  dt = x_NxD.dtype
-  gate = jax.lax.ragged_dot(x_NxD, experts["w_gate"].astype(dt), group_sizes_E)
-  up = jax.lax.ragged_dot(x_NxD, experts["w_up"].astype(dt), group_sizes_E)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["w_down"].astype(dt), group_sizes_E)
+expert_ffn = ep.grouped_ffn  # SwiGLU per expert over rows sorted by expert (ragged_dot)
 
 
 def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
   """Dropless single-device dispatch: sort (token, slot) pairs by expert, grouped GEMM, unsort, combine.
 
-  Returns (y_TxD, dropped tokens). Expert parallelism replaces this function.
+  Returns (y_TxD, dropped pairs = 0). The reference that the expert-parallel path must match.
   """
   T, K = routing.experts_TxK.shape
   flat_expert = routing.experts_TxK.reshape(T * K)
@@ -98,21 +95,51 @@ def sequence_aux_loss(scores_BxLxE, experts_BxLxK, cfg: ModelConfig):
   return cfg.aux_loss_alpha * (f_BxE * p_BxE).sum(-1).mean()
 
 
-def apply(p: dict, x_BxLxD, cfg: ModelConfig):
-  """Returns (y_BxLxD, stats): stats has per-expert load (tokens routed), aux_loss and dropped count."""
+def _stats(routing: Routing, B: int, L: int, cfg: ModelConfig) -> dict:
+  """This shard's router statistics: per-expert load (pairs routed), balance loss."""
+  return {"load": jnp.bincount(routing.experts_TxK.reshape(-1), length=cfg.n_routed_experts).astype(jnp.float32),
+          "aux_loss": sequence_aux_loss(routing.scores_TxE.reshape(B, L, -1),
+                                        routing.experts_TxK.reshape(B, L, -1), cfg)}
+
+
+def _routed_shard(router: dict, experts: dict, x_BxLxD, cfg: ModelConfig):
+  """One shard of the expert-parallel MoE (inside shard_map): route its own tokens, dispatch, combine.
+
+  Stats are reduced over the batch axes so every replica sees the global load and updates the same bias.
+  """
   B, L, D = x_BxLxD.shape
   x_TxD = x_BxLxD.reshape(B * L, D)
-  routing = route(p["router"], x_TxD, cfg)
-  y_TxD, dropped = routed_experts(p["experts"], x_TxD, routing, cfg)
-  if "shared" in p:
-    y_TxD = y_TxD + layers.mlp(p["shared"], x_TxD)
-  stats = {
-      "load": jnp.bincount(routing.experts_TxK.reshape(-1), length=cfg.n_routed_experts).astype(jnp.float32),
-      "aux_loss": sequence_aux_loss(routing.scores_TxE.reshape(B, L, -1),
-                                    routing.experts_TxK.reshape(B, L, -1), cfg),
-      "dropped": dropped,
-  }
+  routing = route(router, x_TxD, cfg)
+  y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, cfg)
+  y_TxD = ep.sum_over(y_TxD, "exp_mlp")  # the expert FFN width may be split over tensor: add the parts
+  stats = _stats(routing, B, L, cfg)
+  n_shards = ep.sum_over(1, "batch")
+  stats = {"load": ep.sum_over(stats["load"], "batch"), "aux_loss": ep.sum_over(stats["aux_loss"], "batch") / n_shards,
+           "dropped": ep.sum_over(dropped, "batch")}
   return y_TxD.reshape(B, L, D), stats
+
+
+def _use_expert_parallel(B: int) -> bool:
+  """On a mesh, unless the batch does not split over the batch axes (e.g. decoding one prompt)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and B % sharding.batch_size_multiple(mesh) == 0
+
+
+def apply(p: dict, x_BxLxD, cfg: ModelConfig):
+  """Returns (y_BxLxD, stats): stats has per-expert load (pairs routed), aux_loss and dropped pairs."""
+  B, L, D = x_BxLxD.shape
+  if _use_expert_parallel(B):
+    in_specs, out_specs = ep.specs()
+    y_BxLxD, stats = jax.shard_map(lambda r, e, x: _routed_shard(r, e, x, cfg), in_specs=in_specs,
+                                   out_specs=out_specs)(p["router"], p["experts"], x_BxLxD)
+  else:
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    routing = route(p["router"], x_TxD, cfg)
+    y_TxD, dropped = routed_experts(p["experts"], x_TxD, routing, cfg)
+    y_BxLxD, stats = y_TxD.reshape(B, L, D), {**_stats(routing, B, L, cfg), "dropped": dropped}
+  if "shared" in p:
+    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
+  return y_BxLxD, stats
 
 
 def update_bias(bias_E, load_E, speed: float):

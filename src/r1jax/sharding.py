@@ -6,14 +6,18 @@ import dataclasses
 import math
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from r1jax.config import ConfigError, MeshConfig
+from r1jax.config import ConfigError, MeshConfig, ModelConfig
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical name -> mesh axis (or axes). Weights and activations name their dimensions; only this table
-# says where those dimensions live. Outside MoE layers the expert axis also shards the batch.
+# says where those dimensions live. Outside MoE layers the expert axis is one more data axis: it shards
+# the batch, and the non-expert weights are sharded FSDP-style over (fsdp, expert) so they are not
+# replicated expert-axis times. A mesh axis already taken by an earlier dimension of the same tensor is
+# skipped (expert weights ("exp", "embed", ...) put `expert` on experts and `fsdp` on embed).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
@@ -26,9 +30,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # weights
     "layers": None,  # the scan axis of stacked identical layers
     "vocab": "tensor",
-    "embed": "fsdp",
-    "q_lora": None,
-    "kv_lora": None,
+    "embed": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -41,10 +45,20 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 def spec(*names: str | None) -> P:
   """PartitionSpec for a tensor whose dimensions carry these logical names (None: replicated)."""
+  used, dims = set(), []
   for name in names:
     if name is not None and name not in RULES:
       raise KeyError(f"logical axis {name!r} is not in sharding.RULES")
-  return P(*(None if name is None else RULES[name] for name in names))
+    axes = tuple(a for a in (mesh_axes(name) if name else ()) if a not in used)
+    used.update(axes)
+    dims.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*dims)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+  """The mesh axes a logical name maps to, as a tuple (empty: replicated)."""
+  axes = RULES[name]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def named(mesh: jax.sharding.Mesh, names: tuple) -> NamedSharding:
@@ -84,7 +98,71 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
-def batch_size_multiple(mesh: jax.sharding.Mesh) -> int:
+def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
+  """A device-less mesh of the given axis sizes (missing axes: 1), for lowering without the hardware."""
+  unknown = set(sizes) - set(AXES)
+  if unknown:
+    raise ConfigError(f"mesh axes {sorted(unknown)} are unknown; known: {list(AXES)}")
+  shape = tuple(int(sizes.get(a, 1)) for a in AXES)
+  if min(shape) < 1:
+    raise ConfigError(f"mesh {dict(zip(AXES, shape))}: abstract mesh axes must be >= 1")
+  return jax.sharding.AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _size(mesh, name: str) -> int:
+  return math.prod(mesh.shape[a] for a in mesh_axes(name))
+
+
+def batch_size_multiple(mesh) -> int:
   """The batch must divide evenly over the mesh axes that shard it."""
-  axes = RULES["batch"]
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return _size(mesh, "batch")
+
+
+def validate_mesh(cfg: ModelConfig, mesh, batch_size: int | None = None):
+  """Model-vs-mesh checks that must fail with one line before anything is traced or compiled."""
+  if cfg.n_moe_layers or cfg.n_mtp:
+    n_exp, n_mlp = _size(mesh, "exp"), _size(mesh, "exp_mlp")
+    if cfg.n_routed_experts % n_exp:
+      raise ConfigError(f"mesh.expert={n_exp}: the expert axis must divide model.n_routed_experts="
+                        f"{cfg.n_routed_experts}")
+    if cfg.moe_inter_dim % n_mlp:
+      raise ConfigError(f"mesh.tensor={n_mlp}: the tensor axis must divide model.moe_inter_dim={cfg.moe_inter_dim}")
+  if batch_size is not None and batch_size % batch_size_multiple(mesh):
+    raise ConfigError(f"train.batch_size={batch_size}: must be a multiple of {batch_size_multiple(mesh)}, the "
+                      "devices that shard the batch (data*fsdp*expert)")
+
+
+def _dict_path(path) -> tuple:
+  """The trailing run of dict keys of a pytree path: where a param sits inside an optimizer state."""
+  keys = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    keys.append(k.key)
+  return tuple(reversed(keys))
+
+
+def like_params(tree, params, param_shardings, default):
+  """Shardings for a tree mirroring params (Adam's moments): a leaf whose path ends like a param's and has
+  its shape takes that param's sharding (or spec); anything else (step counts) takes `default`."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  by_path = {_dict_path(p): (x.shape, s) for (p, x), s in zip(flat, jax.tree.leaves(param_shardings))}
+
+  def pick(path, leaf):
+    shape, s = by_path.get(_dict_path(path), (None, default))
+    return s if shape == leaf.shape else default
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+  """Host arrays (the same full batch on every process) -> global jax.Arrays split over "batch".
+
+  Multi-process jit needs global arrays; each process fills only its addressable shards.
+  """
+  def put(x):
+    x = np.asarray(x)
+    s = named(mesh, ("batch",) + (None,) * (x.ndim - 1))
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  return {k: put(v) for k, v in batch.items()}

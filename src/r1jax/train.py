@@ -41,9 +41,15 @@ def make_optimizer(cfg: OptimConfig, params: dict) -> optax.GradientTransformati
 
 def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   """Params and optimizer state created directly in their shardings (optimizer state follows params)."""
+  if mesh is not None:
+    sharding.validate_mesh(cfg.model, mesh)  # one-line ConfigError before anything compiles
   params = model.init(cfg.model, key, mesh)
   tx = make_optimizer(cfg.optim, params)
-  opt_state = jax.jit(tx.init)(params)
+  # GSPMD does not carry the params' shardings to fresh zeros: without out_shardings Adam's moments
+  # would be replicated on every device.
+  opt_shardings = None if mesh is None else sharding.like_params(
+      jax.eval_shape(tx.init, params), params, jax.tree.map(lambda x: x.sharding, params), sharding.named(mesh, ()))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   return TrainState(jnp.zeros((), jnp.int32), params, opt_state, cfg.model, tx)
 
 

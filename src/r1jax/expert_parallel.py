@@ -1,0 +1,142 @@
+"""Expert parallelism: fixed-capacity all-to-all dispatch (GShard, arXiv 2006.16668 §2.2; the V3 report
+§3.2.2 all-to-all) run by each shard inside `shard_map`. Tokens stay sharded over the batch axes and
+experts over `expert`: a shard sorts its (token, slot) pairs by expert into an [E, C, D] buffer (first
+come first served in token-slot order, C rows per expert), one all-to-all hands every device the rows of
+its local experts from all peers, the expert GEMMs run, and a second all-to-all brings the rows home
+for the weighted combine. Pairs beyond capacity are dropped and counted."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from r1jax.config import ModelConfig
+from r1jax.sharding import mesh_axes
+
+
+class Plan(NamedTuple):
+  slot_TK: jax.Array  # [T*K] buffer row (expert * C + rank) of each (token, slot) pair; E*C if dropped
+  token_EC: jax.Array  # [E*C] token feeding each buffer row; T (a zero row) where the row is empty
+  kept_E: jax.Array  # [E] rows in use per expert: min(routed count, C)
+  dropped: jax.Array  # int32 number of (token, slot) pairs that did not fit
+
+
+def capacity(n_tokens: int, cfg: ModelConfig) -> int:
+  """Rows per (source shard, expert): ceil(cf * T * K / E), at most T since a token picks an expert once.
+
+  capacity_factor 0 gives T: dropless whatever the routing.
+  """
+  if cfg.capacity_factor <= 0:
+    return n_tokens
+  balanced = cfg.capacity_factor * n_tokens * cfg.n_activated_experts / cfg.n_routed_experts
+  return max(1, min(n_tokens, math.ceil(balanced)))
+
+
+def plan(experts_TxK, n_experts: int, C: int) -> Plan:
+  """Stable sort of the T*K pairs by expert; a pair's rank within its expert is its row if below C."""
+  T, K = experts_TxK.shape
+  flat = experts_TxK.reshape(T * K)
+  order = jnp.argsort(flat, stable=True)
+  counts_E = jnp.bincount(flat, length=n_experts)
+  starts_E = jnp.cumsum(counts_E) - counts_E
+  rank_sorted = jnp.arange(T * K, dtype=jnp.int32) - starts_E[flat[order]].astype(jnp.int32)
+  rank = jnp.zeros(T * K, jnp.int32).at[order].set(rank_sorted)
+  keep = rank < C
+  slot = jnp.where(keep, flat * C + rank, n_experts * C)
+  token_of_pair = jnp.arange(T * K, dtype=jnp.int32) // K
+  token_EC = jnp.full(n_experts * C + 1, T, jnp.int32).at[slot].set(token_of_pair)[:-1]
+  dropped = (T * K - keep.sum()).astype(jnp.int32)
+  return Plan(slot, token_EC, jnp.minimum(counts_E, C).astype(jnp.int32), dropped)
+
+
+def grouped_ffn(experts: dict, x_NxD, group_sizes_E):
+  """SwiGLU of each expert over its contiguous rows of x (rows sorted by expert), via ragged_dot."""
+  dt = x_NxD.dtype
+  gate = jax.lax.ragged_dot(x_NxD, experts["w_gate"].astype(dt), group_sizes_E)
+  up = jax.lax.ragged_dot(x_NxD, experts["w_up"].astype(dt), group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["w_down"].astype(dt), group_sizes_E)
+
+
+def padded_ffn(experts: dict, x_ExNxD):
+  """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM)."""
+  dt = x_ExNxD.dtype
+  gate = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_gate"].astype(dt))
+  up = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_up"].astype(dt))
+  return jnp.einsum("enf,efd->end", jax.nn.silu(gate) * up, experts["w_down"].astype(dt))
+
+
+def compact_ffn(experts: dict, x_ExNxD, valid_ExN):
+  """The padded rows' SwiGLU computed on valid rows only: pack them per expert, ragged_dot, unpack."""
+  E, N, D = x_ExNxD.shape
+  key = jnp.where(valid_ExN, jnp.arange(E, dtype=jnp.int32)[:, None], E).reshape(E * N)
+  order = jnp.argsort(key, stable=True)  # valid rows grouped by expert first, padding last
+  y_sorted = grouped_ffn(experts, jnp.take(x_ExNxD.reshape(E * N, D), order, axis=0),
+                         valid_ExN.sum(1).astype(jnp.int32))
+  y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+  return jnp.where(valid_ExN.reshape(E * N, 1), y, 0).reshape(E, N, D)
+
+
+def gemm_impl(cfg: ModelConfig) -> str:
+  """The expert-GEMM choice: ragged_dot suits TPU; on GPU it ran 7 vs 647 TFLOP/s for einsum (DESIGN.md)."""
+  if cfg.expert_gemm != "auto":
+    return cfg.expert_gemm
+  return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
+
+
+def _exchange(x, axes: tuple[str, ...]):
+  """All-to-all on the leading axis over the expert axes: chunk i goes to peer i, received in peer order."""
+  return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
+
+
+def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, cfg: ModelConfig):
+  """One shard's routed-expert output (partial over the tensor axis when F is split) and its drop count.
+
+  Runs inside shard_map: `experts` holds this device's E/n_ep experts.
+  """
+  T, D = x_TxD.shape
+  E, exp_axes = cfg.n_routed_experts, mesh_axes("exp")
+  n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
+  E_loc, C = E // n_ep, capacity(T, cfg)
+  pl = plan(experts_TxK, E, C)
+  x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])
+  send_ExCxD = jnp.take(x_pad, pl.token_EC, axis=0).reshape(E, C, D)
+  recv = _exchange(send_ExCxD, exp_axes).reshape(n_ep, E_loc, C, D)  # [source peer, local expert, ...]
+  x_ExNxD = recv.transpose(1, 0, 2, 3).reshape(E_loc, n_ep * C, D)
+  if gemm_impl(cfg) == "ragged_dot":
+    kept_SxE = _exchange(pl.kept_E, exp_axes).reshape(n_ep, E_loc)
+    valid = jnp.arange(C)[None, None, :] < kept_SxE.T[:, :, None]
+    y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C))
+  else:
+    y_ExNxD = padded_ffn(experts, x_ExNxD)
+  back = y_ExNxD.reshape(E_loc, n_ep, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
+  y_ECxD = _exchange(back, exp_axes).reshape(E * C, D)
+  y_pad = jnp.concatenate([y_ECxD, jnp.zeros((1, D), y_ECxD.dtype)])
+  y_TxKxD = jnp.take(y_pad, pl.slot_TK, axis=0).reshape(T, -1, D)
+  y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
+  return y_TxD.astype(x_TxD.dtype), pl.dropped
+
+
+def _p(*names):
+  """PartitionSpec over mesh axes for shard_map, from logical names (None: whole dim on every device)."""
+  return P(*(None if n is None else (mesh_axes(n) or None) for n in names))
+
+
+def specs():
+  """in/out specs of the MoE shard_map. Expert weights arrive split by expert and (F) by tensor; their
+  fsdp-split embed dim is all-gathered on entry (FSDP). The router is small and replicated."""
+  x = _p("batch", None, None)
+  router = {"w": P(), "bias": P()}
+  experts = {"w_gate": _p("exp", None, "exp_mlp"), "w_up": _p("exp", None, "exp_mlp"),
+             "w_down": _p("exp", "exp_mlp", None)}
+  stats = {"load": P(), "aux_loss": P(), "dropped": P()}
+  return (router, experts, x), (x, stats)
+
+
+def sum_over(x, name: str):
+  """psum over the mesh axes of a logical name (no-op when it maps to none)."""
+  axes = mesh_axes(name)
+  return jax.lax.psum(x, axes) if axes else x

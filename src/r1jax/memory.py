@@ -1,0 +1,187 @@
+"""What a mesh costs before it exists: per-device bytes of parameters, gradients, optimizer state and
+activations, the all-to-all traffic of each MoE layer and its time at a link bandwidth (the H800's
+NVLink is 400 GB/s against 900 on an H100, the constraint DualPipe works around: V3 report §3.2), and an
+ahead-of-time lowering of the train step on an abstract mesh from ShapeDtypeStructs (no allocation)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from r1jax import expert_parallel, layers, model, sharding, train
+from r1jax.config import ConfigError, ModelConfig, RunConfig
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`data=1,fsdp=8,expert=32` -> sizes of all four axes (missing ones are 1)."""
+  sizes = dict.fromkeys(sharding.AXES, 1)
+  for item in filter(None, text.split(",")):
+    name, _, value = item.partition("=")
+    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+      raise ConfigError(f"--mesh {text!r}: expected axis=size items with axes {list(sharding.AXES)}, sizes >= 1")
+    sizes[name.strip()] = int(value)
+  return sizes
+
+
+def shard_bytes(shape, dtype, spec: P, sizes: dict[str, int]) -> int:
+  """Bytes of one device's shard (dims split over their mesh axes, rounded up as GSPMD pads)."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  n = 1
+  for dim, axes in zip(shape, spec):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    n *= math.ceil(dim / math.prod(sizes[a] for a in axes))
+  return n * jnp.dtype(dtype).itemsize
+
+
+def abstract_state(cfg: RunConfig, mesh):
+  """The TrainState as ShapeDtypeStructs carrying their NamedShardings on `mesh` (abstract or concrete)."""
+  boxed = model.abstract(cfg.model)
+  specs = jax.tree.map(lambda p: sharding.spec(*p.names), boxed, is_leaf=layers.is_param)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
+  params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
+  tx = train.make_optimizer(cfg.optim, params)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = jax.tree.map(sds, opt_state, sharding.like_params(opt_state, params, specs, P()))
+  step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
+  return train.TrainState(step, params, opt_state, cfg.model, tx), specs
+
+
+def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
+  """Per-device bytes of params, grads (param dtype) and optimizer state under sharding.RULES."""
+  state, _ = abstract_state(cfg, sharding.abstract_mesh(sizes))
+  total = lambda tree: sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, sizes)  # noqa: E731
+                           for x in jax.tree.leaves(tree))
+  params = total(state.params)
+  return {"params": params, "grads": params, "optimizer": total(state.opt_state)}
+
+
+def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> int:
+  """A rough per-device estimate of what the backward pass keeps: each layer's main intermediates
+  (with remat only the layer inputs, plus one layer recomputed), fp32 attention probabilities and logits."""
+  tokens = batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
+  t, b = sizes["tensor"], jnp.dtype(cfg.dtype).itemsize
+  D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_activated_experts, cfg.n_routed_experts
+  q = 2 * cfg.q_lora_rank + H * cfg.qk_head_dim / t
+  kv = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim + H * (cfg.qk_nope_head_dim + 2 * cfg.v_head_dim) / t
+  attn = (4 * D + q + kv) * b + 2 * H * seq * 4 / t  # scores and probs in fp32
+  dense = attn + (2 * D + 3 * cfg.inter_dim / t) * b
+  C = expert_parallel.capacity(max(1, int(tokens)), cfg)
+  rows = C * E / max(tokens, 1)  # padded expert rows per token
+  moe = attn + 2 * E * 4 + (2 * D + rows * (2 * D + 3 * cfg.moe_inter_dim / t)
+                           + 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t) * b
+  n_moe = cfg.n_moe_layers + cfg.n_mtp
+  logits = 2 * (1 + cfg.n_mtp) * cfg.vocab_size / t * 4
+  if cfg.remat == "none":
+    per_token = cfg.n_dense_layers * dense + n_moe * moe
+  else:
+    per_token = (cfg.n_layers + cfg.n_mtp) * D * b + max(dense, moe)
+  return int(tokens * (per_token + logits))
+
+
+def all_to_all(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, link_GBps: float) -> dict:
+  """Bytes one device sends to other devices per MoE layer per step, and the time at `link_GBps`.
+
+  A step has a dispatch and a combine forward and their transposes backward (and the forward again
+  under remat); each moves the [E, C, D] buffer, of which (n_ep - 1) / n_ep leaves the device.
+  """
+  n_ep = sizes["expert"]
+  tokens = batch * seq // math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
+  C = expert_parallel.capacity(tokens, cfg)
+  b = jnp.dtype(cfg.dtype).itemsize
+  leaves = (n_ep - 1) / n_ep
+  n_ops = 4 if cfg.remat == "none" else 6
+  per_op = cfg.n_routed_experts * C * cfg.dim * b * leaves
+  routed = tokens * cfg.n_activated_experts * cfg.dim * b * leaves  # what a ragged (unpadded) exchange moves
+  per_layer = n_ops * per_op
+  n_layers = cfg.n_moe_layers + cfg.n_mtp
+  seconds = per_layer / (link_GBps * 1e9)
+  gemm_flops = 3 * 2 * 3 * cfg.dim * cfg.moe_inter_dim / sizes["tensor"] * cfg.n_routed_experts * C
+  return {"tokens_per_device": tokens, "capacity": C, "exchanges_per_layer": n_ops,
+          "bytes_per_exchange": int(per_op), "bytes_per_layer": int(per_layer),
+          "unpadded_bytes_per_layer": int(n_ops * routed), "moe_layers": n_layers,
+          "bytes_per_step": int(per_layer * n_layers), "link_GBps": link_GBps,
+          "ms_per_layer": 1e3 * seconds, "ms_per_step": 1e3 * seconds * n_layers,
+          "expert_gemm_flops_per_layer": int(gemm_flops)}
+
+
+def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBps: float) -> dict:
+  """The `r1jax info --mesh` numbers for one device of the mesh."""
+  mesh = sharding.abstract_mesh(sizes)
+  sharding.validate_mesh(cfg.model, mesh, batch)
+  mem = state_bytes(cfg, sizes)
+  mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq)
+  mem["total"] = sum(mem.values())
+  out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
+         "bytes_per_device": mem}
+  if cfg.model.n_moe_layers or cfg.model.n_mtp:
+    out["all_to_all"] = all_to_all(cfg.model, sizes, batch, seq, link_GBps)
+  return out
+
+
+def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
+  """Lower the jitted train step on an abstract mesh from ShapeDtypeStructs (nothing is allocated);
+  compile it and read XLA's memory analysis when this backend has enough devices for the mesh."""
+  mesh = sharding.abstract_mesh(sizes)
+  sharding.validate_mesh(cfg.model, mesh, batch)
+  state, _ = abstract_state(cfg, mesh)
+  batch_sharding = NamedSharding(mesh, sharding.spec("batch", "seq"))
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
+  batch_sds = {"tokens": tokens, "targets": tokens, "loss_mask": tokens}
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(train.sft_step, out_shardings=(state_shardings, None), donate_argnums=0)
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = step.trace(state, batch_sds).lower(lowering_platforms=(jax.default_backend(),))
+  out = {"lowered": True, "platform": jax.default_backend(), "hlo_chars": len(lowered.as_text())}
+  n = math.prod(sizes.values())
+  if len(jax.devices()) < n:
+    out["memory_analysis"] = None
+    out["note"] = (f"compiling needs {n} {jax.default_backend()} devices, this process has {len(jax.devices())}"
+                   f" (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    return out
+  compiled = lowered.compile(device_assignment=tuple(jax.devices()[:n]))
+  stats = compiled.memory_analysis()
+  fields = ["argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes"]
+  out["memory_analysis"] = None if stats is None else {f: int(getattr(stats, f)) for f in fields}
+  return out
+
+
+def cli_report(cfg: RunConfig, mesh_text: str | None, batch: int | None, seq: int | None, link_GBps: float,
+               lower_step: bool) -> dict:
+  """`r1jax info --mesh ... [--lower]`: the mesh defaults to the config's, resolved on this host's devices."""
+  if mesh_text:
+    sizes = parse_mesh(mesh_text)
+  else:
+    sizes = sharding.axis_sizes(cfg.mesh, len(jax.devices()))
+  batch, seq = batch or cfg.train.batch_size, seq or cfg.train.seq_len
+  out = report(cfg, sizes, batch, seq, link_GBps)
+  if lower_step:
+    out["lower"] = lower(cfg, sizes, batch, seq)
+  return out
+
+
+def format_report(r: dict) -> str:
+  def gb(n):
+    unit = next(u for u in range(4, -1, -1) if n >= 1024**u or u == 0)
+    return f"{n / 1024**unit:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
+
+  mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"mesh {mesh} ({r['devices']} devices), global batch {r['batch']} x {r['seq_len']}; per device:"]
+  lines += [f"  {k:22s} {gb(v)}" for k, v in r["bytes_per_device"].items()]
+  if "all_to_all" in r:
+    a = r["all_to_all"]
+    lines.append(f"  all-to-all per MoE layer {gb(a['bytes_per_layer'])} ({a['exchanges_per_layer']} exchanges, "
+                 f"capacity {a['capacity']}; unpadded {gb(a['unpadded_bytes_per_layer'])}): "
+                 f"{a['ms_per_layer']:.2f} ms at {a['link_GBps']:g} GB/s, {a['ms_per_step']:.1f} ms/step "
+                 f"over {a['moe_layers']} layers")
+  if "lower" in r:
+    lo = r["lower"]
+    lines.append(f"  lowered on {lo['platform']}: {lo['hlo_chars']} chars of StableHLO")
+    if lo["memory_analysis"]:
+      lines += [f"  XLA {k:28s} {gb(v)}" for k, v in lo["memory_analysis"].items()]
+    else:
+      lines.append(f"  XLA memory analysis: {lo.get('note', 'not provided by this backend')}")
+  return "\n".join(lines)

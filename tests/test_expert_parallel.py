@@ -1,0 +1,168 @@
+"""Expert parallelism on 8 simulated devices: every mesh layout equals the 1-device dropless reference,
+and capacity drops equal an independent numpy count."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from r1jax import expert_parallel as ep
+from r1jax import layers, model, moe, sharding, train
+from r1jax.config import MeshConfig
+
+MESHES = {
+    "ep8": MeshConfig(data=1, expert=8),
+    "dp2_ep4": MeshConfig(data=2, expert=4),
+    "fsdp2_ep2_tp2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+}
+
+
+def _close(got, want, tol=2e-5):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol), got, want)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def test_capacity_rule(tiny):
+  cfg = tiny.model  # E=16, K=4
+  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=0.0)) == 64  # dropless: every token fits
+  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=1.25)) == math.ceil(1.25 * 64 * 4 / 16)
+  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=100.0)) == 64  # a token picks an expert once
+
+
+def test_plan_is_first_come_first_served_in_token_slot_order():
+  experts_TxK = np.array([[0, 1], [1, 2], [1, 0], [3, 1]])
+  E, C, T = 4, 2, 4
+  pl = jax.device_get(ep.plan(jnp.asarray(experts_TxK), n_experts=E, C=C))
+  used, slot_TK, token_EC = np.zeros(E, int), [], np.full(E * C, T)
+  for t, k in np.ndindex(*experts_TxK.shape):  # the rule written out: pairs in t*K+k order, C rows each
+    e = experts_TxK[t, k]
+    slot_TK.append(e * C + used[e] if used[e] < C else E * C)
+    if used[e] < C:
+      token_EC[e * C + used[e]] = t
+    used[e] += 1
+  np.testing.assert_array_equal(pl.slot_TK, slot_TK)
+  np.testing.assert_array_equal(pl.token_EC, token_EC)
+  np.testing.assert_array_equal(pl.kept_E, np.minimum(used, C))
+  assert pl.dropped == 2  # expert 1 is picked by tokens 0, 1, 2, 3: the last two do not fit
+
+
+# ----------------------------------------------------------------------------------------- MoE layer
+
+
+def _moe_loss(p, x, cfg):
+  y, stats = moe.apply(p, x, cfg)
+  return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats)
+
+
+def _moe_grad(p, x, cfg):
+  return jax.jit(jax.value_and_grad(_moe_loss, argnums=(0, 1), has_aux=True), static_argnums=2)(p, x, cfg)
+
+
+@pytest.fixture(scope="module")
+def moe_case(tiny):
+  boxed = moe.init(jax.random.key(0), tiny.model)
+  x = jax.random.normal(jax.random.key(1), (8, 16, tiny.model.dim))
+  return boxed, x, _moe_grad(layers.unbox(boxed), x, tiny.model)  # no mesh: the dropless reference
+
+
+@pytest.mark.parametrize("mesh_name,gemm", [("ep8", "einsum"), ("dp2_ep4", "einsum"), ("fsdp2_ep2_tp2", "einsum"),
+                                            ("fsdp2_ep2_tp2", "ragged_dot")])
+def test_moe_layer_matches_reference(tiny, moe_case, mesh_name, gemm):
+  boxed, x, ((_, (y_ref, stats_ref)), grads_ref) = moe_case
+  cfg = dataclasses.replace(tiny.model, expert_gemm=gemm)
+  mesh = sharding.make_mesh(MESHES[mesh_name])
+  with jax.set_mesh(mesh):
+    p = jax.device_put(layers.unbox(boxed), layers.shardings(boxed, mesh))
+    (_, (y, stats)), grads = _moe_grad(p, x, cfg)
+  assert p["experts"]["w_gate"].sharding.spec == P("expert", "fsdp", "tensor")
+  assert p["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
+  _close(y, y_ref)
+  np.testing.assert_array_equal(stats["load"], stats_ref["load"])
+  assert stats["dropped"] == 0
+  _close(stats["aux_loss"], stats_ref["aux_loss"], 1e-6)
+  _close(grads, grads_ref, 1e-4)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 16.0])
+def test_dropped_pairs_match_numpy_count(tiny, moe_case, capacity_factor):
+  boxed, x, ((_, (y_dropless, _)), _) = moe_case
+  cfg = dataclasses.replace(tiny.model, capacity_factor=capacity_factor)
+  mesh = sharding.make_mesh(MESHES["dp2_ep4"])
+  p = layers.unbox(boxed)
+  B, L, D = x.shape
+  routing = jax.jit(moe.route, static_argnums=2)(p["router"], x.reshape(B * L, D), cfg)
+  # numpy: the batch is split into 8 contiguous shards of T tokens; in each, (token, slot) pairs claim
+  # their expert's C rows in token-slot order.
+  shards, K = 8, cfg.n_activated_experts
+  T = B * L // shards
+  C = min(T, math.ceil(capacity_factor * T * K / cfg.n_routed_experts))
+  experts = np.asarray(routing.experts_TxK).reshape(shards, T * K)
+  keep = np.zeros_like(experts, bool)
+  for s in range(shards):
+    used = np.zeros(cfg.n_routed_experts, int)
+    for i, e in enumerate(experts[s]):
+      keep[s, i] = used[e] < C
+      used[e] += 1
+  with jax.set_mesh(mesh):
+    y, stats = jax.jit(moe.apply, static_argnums=2)(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg)
+  assert int(stats["dropped"]) == (~keep).sum()
+  # Output: the dense reference with the dropped pairs' gates zeroed.
+  kept = routing._replace(weights_TxK=routing.weights_TxK * keep.reshape(B * L, K))
+  y_ref = moe.routed_experts(p["experts"], x.reshape(B * L, D), kept, cfg)[0] + layers.mlp(p["shared"], x.reshape(B * L, D))
+  _close(y, y_ref.reshape(B, L, D))
+  if capacity_factor == 16.0:
+    assert keep.all()
+    _close(y, y_dropless)
+  else:
+    assert (~keep).sum() > 0
+
+
+# -------------------------------------------------------------------------------------- whole model
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny):
+  # No MTP here to halve compile time: its block is the same MoE path (test_multiprocess runs it on expert=8).
+  return dataclasses.replace(tiny.model, n_mtp=0, bias_update_speed=0.01)
+
+
+@pytest.fixture(scope="module")
+def model_case(model_cfg):
+  batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, model_cfg.vocab_size)}
+  batch["targets"] = jnp.roll(batch["tokens"], -1, axis=1)
+  batch["loss_mask"] = jnp.ones_like(batch["tokens"])
+  params = model.init(model_cfg, jax.random.key(0))
+  return params, batch, _model_grad(params, batch, model_cfg)
+
+
+def _model_grad(params, batch, cfg):
+  def fn(params, batch):
+    (loss, (metrics, router)), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(params, batch, cfg)
+    return loss, router, grads, model.update_router_bias(params, router, cfg)
+
+  return jax.jit(fn)(params, batch)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_model_forward_backward_and_bias_match_reference(model_cfg, model_case, mesh_name):
+  params_ref, batch, (loss_ref, router_ref, grads_ref, updated_ref) = model_case
+  cfg = model_cfg
+  mesh = sharding.make_mesh(MESHES[mesh_name])
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params_ref, model.param_shardings(cfg, mesh))
+    loss, router, grads, updated = _model_grad(params, batch, cfg)
+  _close(loss, loss_ref, 1e-5)
+  _close(grads, grads_ref, 1e-4)
+  load = np.asarray(router["moe_layers"]["load"])
+  np.testing.assert_array_equal(load, router_ref["moe_layers"]["load"])
+  assert (load.sum(-1) == 8 * 16 * cfg.n_activated_experts).all()  # loads sum to tokens x top-k
+  bias = updated["moe_layers"]["ffn"]["router"]["bias"]
+  shards = [np.asarray(s.data) for s in bias.addressable_shards]
+  assert len(shards) == 8 and all(np.array_equal(shards[0], s) for s in shards)  # one bias on every replica
+  np.testing.assert_array_equal(shards[0], updated_ref["moe_layers"]["ffn"]["router"]["bias"])

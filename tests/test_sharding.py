@@ -1,0 +1,125 @@
+"""The RULES table, mesh validation and the `info --mesh` memory/traffic report, on 8 simulated devices."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from r1jax import cli, config, layers, memory, model, sharding, train
+from r1jax.config import ConfigError, MeshConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+V3 = str(ROOT / "configs/deepseek_v3_671b.yaml")
+TINY = str(ROOT / "configs/tiny.yaml")
+FSDP_EXPERT = ("fsdp", "expert")
+
+# DeepSeek-V3 671B: where each kind of weight lives (the leading None is the stacked-layers axis).
+GOLDEN_671B = {
+    "embed": P("tensor", FSDP_EXPERT),
+    "head": P(FSDP_EXPERT, "tensor"),
+    "final_norm": P(None),
+    "dense_layers/ffn/w_gate": P(None, FSDP_EXPERT, "tensor"),
+    "dense_layers/ffn/w_down": P(None, "tensor", FSDP_EXPERT),
+    "moe_layers/attn/wq_a": P(None, FSDP_EXPERT, None),
+    "moe_layers/attn/wq_b": P(None, FSDP_EXPERT, "tensor"),
+    "moe_layers/attn/wkv_b": P(None, FSDP_EXPERT, "tensor"),
+    "moe_layers/attn/wo": P(None, "tensor", FSDP_EXPERT),
+    "moe_layers/ffn/router/w": P(None, FSDP_EXPERT, None),
+    "moe_layers/ffn/router/bias": P(None, None),
+    "moe_layers/ffn/shared/w_up": P(None, FSDP_EXPERT, "tensor"),
+    "moe_layers/ffn/experts/w_gate": P(None, "expert", "fsdp", "tensor"),
+    "moe_layers/ffn/experts/w_up": P(None, "expert", "fsdp", "tensor"),
+    "moe_layers/ffn/experts/w_down": P(None, "expert", "tensor", "fsdp"),
+    "mtp/block/ffn/experts/w_gate": P(None, "expert", "fsdp", "tensor"),
+    "mtp/proj": P(None, None, FSDP_EXPERT),
+}
+
+
+def _by_path(tree, is_leaf=None):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def test_spec_maps_logical_names_and_skips_taken_axes():
+  assert sharding.spec("batch", "seq", "act_embed") == P(("data", "fsdp", "expert"), None, None)
+  assert sharding.spec("exp", "embed", "exp_mlp") == P("expert", "fsdp", "tensor")  # expert taken by `exp`
+  assert sharding.spec("embed", "q_lora") == P(FSDP_EXPERT, None)
+  with pytest.raises(KeyError, match="not in sharding.RULES"):
+    sharding.spec("nonsense")
+
+
+def test_671b_params_get_the_intended_specs_abstractly():
+  cfg = config.load(V3).model
+  mesh = sharding.abstract_mesh({"data": 1, "fsdp": 8, "expert": 32, "tensor": 1})
+  boxed = _by_path(model.abstract(cfg), layers.is_param)  # ShapeDtypeStructs only: nothing allocated
+  shardings = _by_path(model.param_shardings(cfg, mesh))
+  for name, want in GOLDEN_671B.items():
+    assert shardings[name].spec == want, name
+  w = boxed["moe_layers/ffn/experts/w_gate"].value
+  assert shardings["moe_layers/ffn/experts/w_gate"].shard_shape(w.shape) == (58, 256 // 32, 7168 // 8, 2048)
+  assert all(shardings[n].spec == P(None, None) for n in boxed if n.endswith("norm") and n.startswith("moe"))
+
+
+def test_bad_meshes_fail_with_one_line(tiny, capsys):
+  with pytest.raises(ConfigError, match=r"^mesh data=3, fsdp=1, expert=1, tensor=1: the axis product 3 != 8 devices$"):
+    sharding.make_mesh(MeshConfig(data=3))
+  with pytest.raises(ConfigError, match="the other axes .3 devices. do not divide 8 devices"):
+    sharding.make_mesh(MeshConfig(data=-1, expert=3))
+  run = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, n_routed_experts=12))
+  mesh = sharding.make_mesh(MeshConfig(data=1, expert=8))
+  with pytest.raises(ConfigError, match=r"^mesh.expert=8: the expert axis must divide model.n_routed_experts=12$"):
+    train.init_state(run, jax.random.key(0), mesh)  # before anything is compiled
+  assert cli.main(["info", TINY, "--mesh", "data=2,expert=3"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "expert axis must divide model.n_routed_experts=16" in err
+
+
+def test_memory_report_equals_the_real_per_device_bytes(tiny, capsys):
+  """The report's params/optimizer bytes equal device 0's shards of a real TrainState on that mesh."""
+  sizes = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+  assert cli.main(["info", TINY, "--mesh", ",".join(f"{k}={v}" for k, v in sizes.items()), "--batch", "8",
+                   "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)["mesh"]
+  mesh = sharding.make_mesh(MeshConfig(**sizes))
+  with jax.set_mesh(mesh):
+    state = train.init_state(config.load(TINY), jax.random.key(0), mesh)
+  dev0 = jax.devices()[0]
+  on_dev0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree)  # noqa: E731
+                             for s in x.addressable_shards if s.device == dev0)
+  assert r["bytes_per_device"]["params"] == on_dev0(state.params)
+  assert r["bytes_per_device"]["optimizer"] == on_dev0(state.opt_state)
+  # All-to-all: 4 exchanges (dispatch, combine and their transposes) of the [E, C, D] bf16 buffer, of
+  # which 1/2 leaves the device on an expert axis of 2; tokens per device 8*32/4, dropless C = tokens.
+  cfg, a = config.load(TINY).model, r["all_to_all"]
+  tokens = 8 * 32 // 4
+  assert a["tokens_per_device"] == a["capacity"] == tokens
+  assert a["bytes_per_layer"] == 4 * cfg.n_routed_experts * tokens * cfg.dim * 2 // 2
+  assert a["moe_layers"] == cfg.n_moe_layers + cfg.n_mtp
+  assert math.isclose(a["ms_per_layer"], 1e3 * a["bytes_per_layer"] / 400e9)
+
+
+def test_lower_reports_xla_memory_when_the_devices_exist(capsys):
+  assert cli.main(["info", TINY, "--mesh", "data=2,expert=4", "--lower", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)["mesh"]
+  stats, mem = r["lower"]["memory_analysis"], r["bytes_per_device"]
+  batch_bytes = 3 * 16 * 32 * 4 // 8  # tokens, targets, loss_mask: int32, split 8 ways
+  assert stats["argument_size_in_bytes"] == mem["params"] + mem["optimizer"] + batch_bytes + 4  # + step counter
+  assert stats["alias_size_in_bytes"] >= mem["params"] + mem["optimizer"]  # the state is donated
+
+
+def test_lower_671b_on_an_abstract_mesh(capsys):
+  """256 devices are not here: the step still lowers from ShapeDtypeStructs, and says why it cannot compile."""
+  assert cli.main(["info", V3, "model.capacity_factor=1.25", "--mesh", "data=1,fsdp=8,expert=32", "--batch", "256",
+                   "--link-gbps", "400", "--lower", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)["mesh"]
+  assert r["lower"]["lowered"] and r["lower"]["memory_analysis"] is None
+  assert "xla_force_host_platform_device_count=256" in r["lower"]["note"]
+  a = r["all_to_all"]
+  assert a["capacity"] == math.ceil(1.25 * 4096 * 8 / 256) == 160
+  assert np.isclose(a["bytes_per_layer"], 6 * 256 * 160 * 7168 * 2 * 31 / 32)  # 6 exchanges under remat
+  assert 9e9 < r["bytes_per_device"]["params"] < 11e9  # 671B fp32 over 256 devices
