@@ -114,7 +114,8 @@ def test_dropped_pairs_match_numpy_count(tiny, moe_case, capacity_factor):
   assert int(stats["dropped"]) == (~keep).sum()
   # Output: the dense reference with the dropped pairs' gates zeroed.
   kept = routing._replace(weights_TxK=routing.weights_TxK * keep.reshape(B * L, K))
-  y_ref = moe.routed_experts(p["experts"], x.reshape(B * L, D), kept, cfg)[0] + layers.mlp(p["shared"], x.reshape(B * L, D))
+  x_TxD = x.reshape(B * L, D)
+  y_ref = moe.routed_experts(p["experts"], x_TxD, kept, cfg)[0] + layers.mlp(p["shared"], x_TxD)
   _close(y, y_ref.reshape(B, L, D))
   if capacity_factor == 16.0:
     assert keep.all()

@@ -1,6 +1,6 @@
 """What a mesh costs before it exists: per-device bytes of parameters, gradients, optimizer state and
 activations, the all-to-all traffic of each MoE layer and its time at a link bandwidth (the H800's
-NVLink is 400 GB/s against 900 on an H100, the constraint DualPipe works around: V3 report §3.2), and an
+NVLink is 400 GB/s against 900 on an H100, the constraint DualPipe works around: V3 report §3.2.1), and an
 ahead-of-time lowering of the train step on an abstract mesh from ShapeDtypeStructs (no allocation)."""
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def abstract_state(cfg: RunConfig, mesh):
   opt_state = jax.eval_shape(tx.init, params)
   opt_state = jax.tree.map(sds, opt_state, sharding.like_params(opt_state, params, specs, P()))
   step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
-  return train.TrainState(step, params, opt_state, cfg.model, tx), specs
+  return train.TrainState(step, params, opt_state, cfg.model, tx)
 
 
 def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
   """Per-device bytes of params, grads (param dtype) and optimizer state under sharding.RULES."""
-  state, _ = abstract_state(cfg, sharding.abstract_mesh(sizes))
+  state = abstract_state(cfg, sharding.abstract_mesh(sizes))
   total = lambda tree: sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, sizes)  # noqa: E731
                            for x in jax.tree.leaves(tree))
   params = total(state.params)
@@ -126,7 +126,7 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
   compile it and read XLA's memory analysis when this backend has enough devices for the mesh."""
   mesh = sharding.abstract_mesh(sizes)
   sharding.validate_mesh(cfg.model, mesh, batch)
-  state, _ = abstract_state(cfg, mesh)
+  state = abstract_state(cfg, mesh)
   batch_sharding = NamedSharding(mesh, sharding.spec("batch", "seq"))
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
   batch_sds = {"tokens": tokens, "targets": tokens, "loss_mask": tokens}

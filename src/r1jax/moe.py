@@ -113,8 +113,8 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, cfg: ModelConfig):
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, cfg)
   y_TxD = ep.sum_over(y_TxD, "exp_mlp")  # the expert FFN width may be split over tensor: add the parts
   stats = _stats(routing, B, L, cfg)
-  n_shards = ep.sum_over(1, "batch")
-  stats = {"load": ep.sum_over(stats["load"], "batch"), "aux_loss": ep.sum_over(stats["aux_loss"], "batch") / n_shards,
+  stats = {"load": ep.sum_over(stats["load"], "batch"),
+           "aux_loss": ep.sum_over(stats["aux_loss"], "batch") / ep.sum_over(1, "batch"),  # mean of equal shards
            "dropped": ep.sum_over(dropped, "batch")}
   return y_TxD.reshape(B, L, D), stats
 
