@@ -5,7 +5,7 @@
 # Env: PYTHON (default python), NPROC (2), DEVICES (4 per process), STEPS (3), PORT (a free one), OUT (JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 if [ $# -eq 0 ]; then set -- configs/tiny.yaml mesh.data=1 mesh.expert=8; fi
 NPROC=${NPROC:-2}
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

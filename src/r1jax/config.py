@@ -295,6 +295,11 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     cfg = _replace(RunConfig(), updates, "")
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
+  return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
+  """Apply `section.field=value` overrides (same checks as YAML) and validate."""
   for text in overrides:
     keys, value = parse_override(text)
     nested: dict = {keys[-1]: value}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -11,6 +12,7 @@ from r1jax.config import ModelConfig
 
 def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL):
   """Mean token cross-entropy over mask; returns (loss, number of tokens)."""
+  chex.assert_equal_shape([logits_BxLxV[..., 0], targets_BxL, mask_BxL])
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
   mask_BxL = mask_BxL.astype(jnp.float32)

@@ -44,7 +44,7 @@ def abstract_state(cfg: RunConfig, mesh):
   params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
   tx = train.make_optimizer(cfg.optim, params)
   opt_state = jax.eval_shape(tx.init, params)
-  opt_state = jax.tree.map(sds, opt_state, sharding.like_params(opt_state, params, specs, P()))
+  opt_state = jax.tree.map(sds, opt_state, train.optimizer_shardings(tx, params, specs, P()))
   step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
   return train.TrainState(step, params, opt_state, cfg.model, tx)
 

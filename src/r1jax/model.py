@@ -11,6 +11,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -72,11 +73,14 @@ def attention_mask(segment_ids_BxL):
 
 def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None) -> Output:
   """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row)."""
+  chex.assert_rank(tokens_BxL, 2)
+  chex.assert_type(tokens_BxL, int)
   B, L = tokens_BxL.shape
   if positions_BxL is None:
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
   if segment_ids_BxL is None:
     segment_ids_BxL = jnp.zeros((B, L), jnp.int32)
+  chex.assert_equal_shape([tokens_BxL, positions_BxL, segment_ids_BxL])
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
   dtype = jnp.dtype(cfg.dtype)
   cos, sin = rope.cos_sin(positions_BxL, cfg)

@@ -43,9 +43,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("config")
   parser.add_argument("overrides", nargs="*", help="section.field=value")
-  parser.add_argument("--process-id", type=int, required=True)
-  parser.add_argument("--num-processes", type=int, required=True)
-  parser.add_argument("--coordinator", required=True, help="host:port of process 0")
+  # Leave these out on TPU pods and SLURM/Open MPI GPU clusters: jax.distributed detects them.
+  parser.add_argument("--process-id", type=int)
+  parser.add_argument("--num-processes", type=int)
+  parser.add_argument("--coordinator", help="host:port of process 0")
   parser.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices per process (0: real devices)")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--out", help="process 0 writes the per-step metrics here as JSON")

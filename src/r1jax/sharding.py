@@ -26,7 +26,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
-    "act_exp": "expert",  # expert-major buffers inside the MoE dispatch
     # weights
     "layers": None,  # the scan axis of stacked identical layers
     "vocab": "tensor",
@@ -130,29 +129,6 @@ def validate_mesh(cfg: ModelConfig, mesh, batch_size: int | None = None):
   if batch_size is not None and batch_size % batch_size_multiple(mesh):
     raise ConfigError(f"train.batch_size={batch_size}: must be a multiple of {batch_size_multiple(mesh)}, the "
                       "devices that shard the batch (data*fsdp*expert)")
-
-
-def _dict_path(path) -> tuple:
-  """The trailing run of dict keys of a pytree path: where a param sits inside an optimizer state."""
-  keys = []
-  for k in reversed(path):
-    if not isinstance(k, jax.tree_util.DictKey):
-      break
-    keys.append(k.key)
-  return tuple(reversed(keys))
-
-
-def like_params(tree, params, param_shardings, default):
-  """Shardings for a tree mirroring params (Adam's moments): a leaf whose path ends like a param's and has
-  its shape takes that param's sharding (or spec); anything else (step counts) takes `default`."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  by_path = {_dict_path(p): (x.shape, s) for (p, x), s in zip(flat, jax.tree.leaves(param_shardings))}
-
-  def pick(path, leaf):
-    shape, s = by_path.get(_dict_path(path), (None, default))
-    return s if shape == leaf.shape else default
-
-  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def global_batch(batch: dict, mesh) -> dict:

@@ -39,6 +39,14 @@ def make_optimizer(cfg: OptimConfig, params: dict) -> optax.GradientTransformati
 
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, default):
+  """Shardings (or specs) for tx.init(params): each param-shaped moment follows its param, the rest
+  (step counts) gets `default`; router-bias slots masked out by multi_transform stay empty."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, jax.eval_shape(tx.init, params),
+                               param_shardings, transform_non_params=lambda _: default, is_leaf=masked)
+
+
 def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   """Params and optimizer state created directly in their shardings (optimizer state follows params)."""
   if mesh is not None:
@@ -47,8 +55,8 @@ def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   tx = make_optimizer(cfg.optim, params)
   # GSPMD does not carry the params' shardings to fresh zeros: without out_shardings Adam's moments
   # would be replicated on every device.
-  opt_shardings = None if mesh is None else sharding.like_params(
-      jax.eval_shape(tx.init, params), params, jax.tree.map(lambda x: x.sharding, params), sharding.named(mesh, ()))
+  opt_shardings = None if mesh is None else optimizer_shardings(
+      tx, params, jax.tree.map(lambda x: x.sharding, params), sharding.named(mesh, ()))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   return TrainState(jnp.zeros((), jnp.int32), params, opt_state, cfg.model, tx)
 

@@ -34,17 +34,6 @@ def _raw_config(model_dir: Path) -> dict:
   return json.loads(path.read_text())
 
 
-def _with_overrides(cfg: RunConfig, overrides) -> RunConfig:
-  """`section.field=value` overrides onto a RunConfig, with config.load's checks."""
-  for text in overrides:
-    keys, value = config_lib.parse_override(text)
-    nested: dict = {keys[-1]: value}
-    for name in reversed(keys[:-1]):
-      nested = {name: nested}
-    cfg = config_lib._replace(cfg, nested, "")
-  return cfg.validate()
-
-
 def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
   """The r1jax config of an HF model directory (model section from config.json), then `overrides`.
 
@@ -59,7 +48,7 @@ def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
     else:
       log.warning("config.json declares %d MTP layer(s) but the checkpoint has no %s* tensors (transformers "
                   "drops MTP when saving): importing without MTP (model.n_mtp=0)", info.n_mtp, first)
-  return _with_overrides(RunConfig(model=ModelConfig(**fields)), overrides)
+  return config_lib.apply_overrides(RunConfig(model=ModelConfig(**fields)), overrides)
 
 
 def _single_device_mesh():
