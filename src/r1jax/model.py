@@ -86,10 +86,10 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   cos, sin = rope.cos_sin(positions_BxL, cfg)
   mask_BxLxL = attention_mask(segment_ids_BxL)
   embed_fn = lambda t: layers.embed(params["embed"], t, dtype)  # noqa: E731
-  head_VxD = params["embed"].T if cfg.tie_embeddings else params["head"]
+  head_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
 
   def head_fn(h_BxLxD):  # the output head stays fp32 (V3 report §3.3.1)
-    logits = layers.dense(h_BxLxD.astype(jnp.float32), head_VxD)
+    logits = layers.dense(h_BxLxD.astype(jnp.float32), head_DxV)
     return constrain(logits, "batch", "seq", "act_vocab")
 
   x_BxLxD = embed_fn(tokens_BxL)
@@ -155,11 +155,7 @@ def _part(path) -> str:
                     ("attn", "attention")]:
     if key in keys:
       return part
-  if "ffn" in keys:
-    return "dense_mlp"
-  if "proj" in keys:
-    return "mtp_proj"
-  return "norms"
+  return "dense_mlp" if "ffn" in keys else "norms"
 
 
 def param_count(cfg: ModelConfig) -> dict:

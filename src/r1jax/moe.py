@@ -67,9 +67,6 @@ def route(router: dict, x_TxD, cfg: ModelConfig) -> Routing:
   return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE)
 
 
-expert_ffn = ep.grouped_ffn  # SwiGLU per expert over rows sorted by expert (ragged_dot)
-
-
 def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
   """Dropless single-device dispatch: sort (token, slot) pairs by expert, grouped GEMM, unsort, combine.
 
@@ -80,7 +77,7 @@ def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
   order = jnp.argsort(flat_expert, stable=True)
   x_sorted = jnp.take(x_TxD, order // K, axis=0)
   group_sizes_E = jnp.bincount(flat_expert, length=cfg.n_routed_experts).astype(jnp.int32)
-  y_sorted = expert_ffn(experts, x_sorted, group_sizes_E)
+  y_sorted = ep.grouped_ffn(experts, x_sorted, group_sizes_E)
   y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
   y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), routing.weights_TxK)
   return y_TxD.astype(x_TxD.dtype), jnp.zeros((), jnp.int32)
