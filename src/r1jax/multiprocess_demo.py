@@ -18,19 +18,12 @@ def train_steps(cfg, steps: int) -> list[dict]:
   import jax
   import numpy as np
 
-  from r1jax import sharding, tasks, train
+  from r1jax import demo, sharding
 
   mesh = sharding.make_mesh(cfg.mesh)
-  sharding.validate_mesh(cfg.model, mesh, cfg.train.batch_size)
-  rng = np.random.default_rng(cfg.train.seed)
-  history, step_fn = [], None
+  history = []
   with jax.set_mesh(mesh):
-    state = train.init_state(cfg, jax.random.key(cfg.train.seed), mesh)
-    for _ in range(steps):
-      batch = sharding.global_batch(tasks.digit_batch(rng, cfg.train.task, cfg.train.batch_size,
-                                                      cfg.train.seq_len), mesh)
-      step_fn = step_fn or train.jit_sft_step(state, batch, mesh)
-      state, metrics = step_fn(state, batch)
+    for _, state, metrics in demo.sft_steps(cfg, mesh, steps):
       history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     if "moe_layers" in state.params:
       bias = state.params["moe_layers"]["ffn"]["router"]["bias"]
