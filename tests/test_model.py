@@ -5,11 +5,10 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import config, layers, model, moe, sharding, tasks, train
+from r1jax import config, model, sharding, tasks, train
 from r1jax.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]

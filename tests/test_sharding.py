@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from r1jax import cli, config, layers, memory, model, sharding, train
+from r1jax import cli, config, layers, model, sharding, train
 from r1jax.config import ConfigError, MeshConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -63,7 +63,7 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
   (with remat only the layer inputs, plus one layer recomputed), fp32 attention probabilities and logits."""
   tokens = batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
   t, b = sizes["tensor"], jnp.dtype(cfg.dtype).itemsize
-  D, H, K, E = cfg.dim, cfg.n_heads, cfg.n_activated_experts, cfg.n_routed_experts
+  D, H, E = cfg.dim, cfg.n_heads, cfg.n_routed_experts
   q = 2 * cfg.q_lora_rank + H * cfg.qk_head_dim / t
   kv = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim + H * (cfg.qk_nope_head_dim + 2 * cfg.v_head_dim) / t
   attn = (4 * D + q + kv) * b + 2 * H * seq * 4 / t  # scores and probs in fp32
