@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from r1jax import expert_parallel as ep
-from r1jax import layers, model, moe, sharding, train
+from r1jax import model, sharding, train
 from r1jax.config import MeshConfig
+from r1jax.nn import expert_parallel as ep
+from r1jax.nn import layers, moe
 
 MESHES = {
     "ep8": MeshConfig(data=1, expert=8),

@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from r1jax import config, layers, model
+from r1jax import config, model
 from r1jax.interop import hf, hf_weights
+from r1jax.nn import layers
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

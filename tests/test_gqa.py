@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import config, gqa, layers, model, rope, sharding
+from r1jax import config, model, sharding
+from r1jax.nn import gqa, layers, rope
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

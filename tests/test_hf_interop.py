@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from r1jax import cli, config, layers, model, rope, sharding
+from r1jax import cli, config, model, sharding
 from r1jax.interop import hf, hf_config
 from r1jax.interop.safetensors_io import Checkpoint
+from r1jax.nn import layers, rope
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import layers, mla, model, rope
+from r1jax import model
+from r1jax.nn import layers, mla, rope
 
 
 def np_rms(x, w, eps):

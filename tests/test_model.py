@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from r1jax import config, model, sharding, tasks, train
+from r1jax import config, model, sharding, train
 from r1jax.config import MeshConfig
+from r1jax.rl import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import moe
 from r1jax.config import ModelConfig
+from r1jax.nn import moe
 
 
 def numpy_gate(logits, bias, cfg):

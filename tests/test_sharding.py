@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from r1jax import cli, config, layers, model, sharding, train
+from r1jax import cli, config, model, sharding, train
 from r1jax.config import ConfigError, MeshConfig
+from r1jax.nn import layers
 
 ROOT = Path(__file__).resolve().parent.parent
 V3 = str(ROOT / "configs/deepseek_v3_671b.yaml")

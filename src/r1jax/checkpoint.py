@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import yaml
 
 from r1jax import config as config_lib
-from r1jax import layers, model
+from r1jax import model
 from r1jax.config import RunConfig
+from r1jax.nn import layers
 
 CONFIG, PARAMS = "config.yaml", "params"
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from r1jax import sharding, tasks, train
+from r1jax import sharding, train
 from r1jax.config import RunConfig
+from r1jax.rl import tasks
 
 
 def sft_steps(cfg: RunConfig, mesh, steps: int) -> Iterator[tuple[int, train.TrainState, dict]]:

@@ -6,8 +6,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax import mtp
 from r1jax.config import ModelConfig
+from r1jax.nn import mtp
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL):

@@ -9,10 +9,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from r1jax import expert_parallel, layers, model, sharding, train
+from r1jax import model, sharding, train
 from r1jax.config import ConfigError, ModelConfig, RunConfig
+from r1jax.nn import expert_parallel, layers
 
 
 def parse_mesh(text: str) -> dict[str, int]:

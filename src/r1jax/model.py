@@ -15,8 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax import block, layers, moe, mtp, rope
 from r1jax.config import ModelConfig
+from r1jax.nn import block, layers, moe, mtp, rope
 from r1jax.sharding import constrain
 
 

@@ -16,11 +16,12 @@ import ml_dtypes
 import numpy as np
 
 from r1jax import config as config_lib
-from r1jax import layers, model, sharding
+from r1jax import model, sharding
 from r1jax.config import ConfigError, MeshConfig, ModelConfig, RunConfig
 from r1jax.interop import hf_config, hf_weights
 from r1jax.interop.hf_weights import CheckpointError
 from r1jax.interop.safetensors_io import Checkpoint, ShardWriter
+from r1jax.nn import layers
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from r1jax import layers
 from r1jax.config import ModelConfig
 from r1jax.interop.hf_config import V2, HFInfo
+from r1jax.nn import layers
 
 log = logging.getLogger(__name__)
 

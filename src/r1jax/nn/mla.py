@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from r1jax import layers, rope
 from r1jax.config import ModelConfig
+from r1jax.nn import layers, rope
 from r1jax.sharding import constrain
 
 

@@ -10,9 +10,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax import expert_parallel as ep
-from r1jax import layers, sharding
+from r1jax import sharding
 from r1jax.config import ModelConfig
+from r1jax.nn import expert_parallel as ep
+from r1jax.nn import layers
 
 
 class Routing(NamedTuple):

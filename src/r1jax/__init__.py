@@ -1,0 +1,1 @@
+"""r1jax: DeepSeek-V3 / R1 in JAX. See README.md for the layout and the public API."""
