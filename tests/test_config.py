@@ -73,3 +73,23 @@ def test_cli_error_before_jax_compiles():
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines() == [
       "r1jax: config error: model.n_expert_groups=5: must divide model.n_routed_experts=16"]
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+  """PyYAML reads `3e-4` as a string (YAML 1.1 wants `3.0e-4`); every learning rate is written that way."""
+  assert config.load(TINY, ["optim.lr=3e-4"]).optim.lr == 3e-4
+  f = tmp_path / "lr.yaml"
+  f.write_text("optim:\n  lr: 1e-3\n  weight_decay: 1E-2\nmodel:\n  norm_eps: 1e-6\n")
+  cfg = config.load(f)
+  assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.model.norm_eps) == (1e-3, 1e-2, 1e-6)
+
+
+@pytest.mark.parametrize("text", ["optim.lr=nan", "optim.lr=inf", "optim.lr=-Infinity", "optim.lr=.nan"])
+def test_nan_and_inf_are_refused_by_name(text):
+  with pytest.raises(config.ConfigError, match=r"optim.lr=.*must be a finite number, not nan or inf"):
+    config.load(TINY, [text])
+
+
+def test_non_numeric_string_for_a_float_is_named():
+  with pytest.raises(config.ConfigError, match=r"optim.lr='fast': must be a number"):
+    config.load(TINY, ["optim.lr=fast"])

@@ -67,6 +67,9 @@ class ModelConfig:
   n_limited_groups: int = 4  # top-k groups
   norm_topk_prob: bool = True
   route_scale: float = 2.5
+  # The aux-loss-free selection bias (V3 report eq. 16): None means on for sigmoid routers (V3) and off for
+  # softmax routers (V2, which has no such bias and whose HF format cannot hold one).
+  router_bias: bool | None = None
   bias_update_speed: float = 0.001  # gamma of the aux-loss-free balancing (V3 report eq. 16 and §4.2)
   aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 report eq. 17-20)
   # Expert parallelism (expert_parallel.py): fixed-capacity all-to-all dispatch over the `expert` mesh axis.
@@ -91,6 +94,10 @@ class ModelConfig:
   def rope_dim(self) -> int:
     """Rotated width per head: the decoupled RoPE key of MLA, or the whole head under GQA."""
     return self.head_dim if self.attention == "gqa" else self.qk_rope_head_dim
+
+  @property
+  def has_router_bias(self) -> bool:
+    return self.score_func == "sigmoid" if self.router_bias is None else self.router_bias
 
   @property
   def n_moe_layers(self) -> int:
@@ -227,8 +234,19 @@ class RunConfig:
     return self
 
 
+def _float_from_str(key: str, text: str) -> float:
+  """PyYAML (YAML 1.1) reads `3e-4` as a string: accept any text Python parses as a finite float."""
+  try:
+    value = float(text)
+  except ValueError:
+    _fail(key, text, "must be a number")
+  if not math.isfinite(value):
+    _fail(key, text, "must be a finite number, not nan or inf")
+  return value
+
+
 def _coerce(key: str, value, hint):
-  """Check `value` against a field's type hint (ints are accepted for floats)."""
+  """Check `value` against a field's type hint (ints and numeric strings such as "3e-4" become floats)."""
   origin = typing.get_origin(hint)
   if origin is Literal:
     if value not in typing.get_args(hint):
@@ -243,12 +261,14 @@ def _coerce(key: str, value, hint):
     _fail(key, value, f"must be {hint}")
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if hint is float and isinstance(value, str):
+    return _float_from_str(key, value)
   if hint is type(None) and value is None:
     return None
   if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
     _fail(key, value, f"must be of type {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
   if hint is float and not math.isfinite(value):
-    _fail(key, value, "must be finite")
+    _fail(key, value, "must be a finite number, not nan or inf")
   return value
 
 
