@@ -44,7 +44,7 @@ def abstract_state(cfg: RunConfig, mesh):
   specs = jax.tree.map(lambda p: sharding.spec(*p.names), boxed, is_leaf=layers.is_param)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
   params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
-  tx = train.make_optimizer(cfg.optim, params)
+  tx = train.make_optimizer(cfg.optim, cfg.model)
   opt_state = jax.eval_shape(tx.init, params)
   opt_state = jax.tree.map(sds, opt_state, train.optimizer_shardings(tx, params, specs, P()))
   step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())

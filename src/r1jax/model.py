@@ -134,6 +134,11 @@ def update_router_bias(params: dict, router: dict, cfg: ModelConfig) -> dict:
   return params
 
 
+def decay_mask(cfg: ModelConfig) -> dict:
+  """True for the leaves AdamW decays: weight matrices, decided from logical names (layers.is_matrix)."""
+  return jax.tree.map(layers.is_matrix, abstract(cfg), is_leaf=layers.is_param)
+
+
 def trainable_mask(params: dict) -> dict:
   """True for gradient-trained leaves; router biases are updated by load, not by the optimizer."""
   mask = jax.tree.map(lambda _: True, params)

@@ -28,15 +28,14 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
                                             max(cfg.decay_steps, cfg.warmup_steps + 1), cfg.lr * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: OptimConfig, params: dict) -> optax.GradientTransformation:
-  """AdamW with warmup-cosine, global-norm clipping; no decay on vectors; router biases frozen."""
-  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+def make_optimizer(cfg: OptimConfig, model_cfg: ModelConfig) -> optax.GradientTransformation:
+  """AdamW with warmup-cosine and global-norm clipping; weight decay on matrices only (model.decay_mask,
+  from logical names, since stacked layers give norm gains a second axis); router biases frozen."""
+  decay = model.decay_mask(model_cfg)
   adamw = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-  labels = jax.tree.map(lambda t: "train" if t else "frozen", model.trainable_mask(params))
+                      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay))
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", model.trainable_mask(decay))
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
-
-
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, default):
@@ -52,7 +51,7 @@ def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   if mesh is not None:
     sharding.validate_mesh(cfg.model, mesh)  # one-line ConfigError before anything compiles
   params = model.init(cfg.model, key, mesh)
-  tx = make_optimizer(cfg.optim, params)
+  tx = make_optimizer(cfg.optim, cfg.model)
   # GSPMD does not carry the params' shardings to fresh zeros: without out_shardings Adam's moments
   # would be replicated on every device.
   opt_shardings = None if mesh is None else optimizer_shardings(

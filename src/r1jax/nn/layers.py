@@ -25,6 +25,15 @@ def is_param(x) -> bool:
   return isinstance(x, Param)
 
 
+STACK_AXES = ("layers",)  # the leading axis of stacked identical layers: not a dimension of one weight
+
+
+def is_matrix(p: Param) -> bool:
+  """Two or more named dimensions besides the layer axis. AdamW decays these; norm gains, biases and the
+  router's selection bias are vectors and are not decayed."""
+  return sum(name not in STACK_AXES for name in p.names) >= 2
+
+
 def normal(key, shape, names, std, dtype) -> Param:
   assert len(shape) == len(names), (shape, names)
   return Param(std * jax.random.normal(key, shape, dtype), tuple(names))
