@@ -50,15 +50,21 @@ def test_plan_is_first_come_first_served_in_token_slot_order():
   np.testing.assert_array_equal(pl.slot_TK, slot_TK)
   np.testing.assert_array_equal(pl.token_EC, token_EC)
   np.testing.assert_array_equal(pl.kept_E, np.minimum(used, C))
-  assert pl.dropped == 2  # expert 1 is picked by tokens 0, 1, 2, 3: the last two do not fit
+  assert pl.dropped_pairs == 2  # expert 1 is picked by tokens 0, 1, 2, 3: the last two do not fit
 
 
 # ----------------------------------------------------------------------------------------- MoE layer
 
 
-def _moe_loss(p, x, cfg):
-  y, stats = moe.apply(p, x, cfg)
-  return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats)
+def _moe_loss_of(apply_fn):
+  def loss(p, x, cfg):
+    y, stats = apply_fn(p, x, cfg)
+    return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats)
+
+  return loss
+
+
+_moe_loss = _moe_loss_of(moe.apply)
 
 
 def _moe_grad(p, x, cfg):
@@ -69,7 +75,9 @@ def _moe_grad(p, x, cfg):
 def moe_case(tiny):
   boxed = moe.init(jax.random.key(0), tiny.model)
   x = jax.random.normal(jax.random.key(1), (8, 16, tiny.model.dim))
-  return boxed, x, _moe_grad(layers.unbox(boxed), x, tiny.model)  # no mesh: the dropless reference
+  ref = jax.jit(jax.value_and_grad(_moe_loss_of(moe.dropless_reference), argnums=(0, 1), has_aux=True),
+                static_argnums=2)(layers.unbox(boxed), x, tiny.model)
+  return boxed, x, ref
 
 
 @pytest.mark.parametrize("mesh_name,gemm", [("ep8", "einsum"), ("dp2_ep4", "einsum"), ("fsdp2_ep2_tp2", "einsum"),
@@ -85,9 +93,20 @@ def test_moe_layer_matches_reference(tiny, moe_case, mesh_name, gemm):
   assert p["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
   _close(y, y_ref)
   np.testing.assert_array_equal(stats["load"], stats_ref["load"])
-  assert stats["dropped"] == 0
+  assert stats["dropped_pairs"] == 0
   _close(stats["aux_loss"], stats_ref["aux_loss"], 1e-6)
   _close(grads, grads_ref, 1e-4)
+
+
+def numpy_kept(experts_SxP, C: int, E: int):
+  """Per shard, (token, slot) pairs claim their expert's C rows in token-slot order; True where one fits."""
+  keep = np.zeros_like(experts_SxP, bool)
+  for s in range(experts_SxP.shape[0]):
+    used = np.zeros(E, int)
+    for i, e in enumerate(experts_SxP[s]):
+      keep[s, i] = used[e] < C
+      used[e] += 1
+  return keep
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 16.0])
@@ -103,26 +122,74 @@ def test_dropped_pairs_match_numpy_count(tiny, moe_case, capacity_factor):
   shards, K = 8, cfg.n_activated_experts
   T = B * L // shards
   C = min(T, math.ceil(capacity_factor * T * K / cfg.n_routed_experts))
-  experts = np.asarray(routing.experts_TxK).reshape(shards, T * K)
-  keep = np.zeros_like(experts, bool)
-  for s in range(shards):
-    used = np.zeros(cfg.n_routed_experts, int)
-    for i, e in enumerate(experts[s]):
-      keep[s, i] = used[e] < C
-      used[e] += 1
+  keep = numpy_kept(np.asarray(routing.experts_TxK).reshape(shards, T * K), C, cfg.n_routed_experts)
   with jax.set_mesh(mesh):
     y, stats = jax.jit(moe.apply, static_argnums=2)(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg)
-  assert int(stats["dropped"]) == (~keep).sum()
+  assert int(stats["dropped_pairs"]) == (~keep).sum()
   # Output: the dense reference with the dropped pairs' gates zeroed.
   kept = routing._replace(weights_TxK=routing.weights_TxK * keep.reshape(B * L, K))
   x_TxD = x.reshape(B * L, D)
-  y_ref = moe.routed_experts(p["experts"], x_TxD, kept, cfg)[0] + layers.mlp(p["shared"], x_TxD)
+  y_ref = moe.routed_experts(p["experts"], x_TxD, kept, cfg) + layers.mlp(p["shared"], x_TxD)
   _close(y, y_ref.reshape(B, L, D))
   if capacity_factor == 16.0:
     assert keep.all()
     _close(y, y_dropless)
   else:
     assert (~keep).sum() > 0
+
+
+def _packed_tokens(B, L, seed=0):
+  """Rows of 1-3 packed segments with padding after some and in one row's middle; the last row is all padding."""
+  rng = np.random.default_rng(seed)
+  seg, mask = np.zeros((B, L), np.int32), np.ones((B, L), np.int32)
+  for b in range(B):
+    cuts = np.sort(rng.choice(np.arange(1, L), rng.integers(0, 3), replace=False))
+    seg[b] = np.searchsorted(cuts, np.arange(L), side="right") * 7  # ids 0, 7, 14: unordered ids work too
+    mask[b, L - rng.integers(0, L // 2):] = 0
+  mask[1, 3:5], mask[-1] = 0, 0
+  return moe.Tokens(jnp.asarray(mask), jnp.asarray(seg))
+
+
+def test_padding_and_packing_on_a_mesh_match_the_reference(tiny, moe_case):
+  """Padding takes no expert rows and no statistics; the balance loss is per packed segment."""
+  boxed, x, _ = moe_case
+  cfg = dataclasses.replace(tiny.model, aux_loss_alpha=0.01)
+  tokens = _packed_tokens(*x.shape[:2])
+  p = layers.unbox(boxed)
+  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=2)(p, x, cfg, tokens)
+  mesh = sharding.make_mesh(MESHES["dp2_ep4"])
+  with jax.set_mesh(mesh):
+    y, stats = jax.jit(moe.apply, static_argnums=2)(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg, tokens)
+  real = np.asarray(tokens.mask_BxL, bool)
+  _close(np.asarray(y)[real], np.asarray(y_ref)[real])
+  np.testing.assert_array_equal(stats["load"], stats_ref["load"])
+  assert stats["load"].sum() == real.sum() * cfg.n_activated_experts
+  _close(stats["aux_loss"], stats_ref["aux_loss"], 1e-6)
+  shared_only = layers.mlp(p["shared"], x)  # padding gets no routed-expert output
+  _close(np.asarray(y)[~real], np.asarray(shared_only)[~real])
+
+
+@pytest.mark.parametrize("B", [3, 5])
+def test_batch_not_dividing_the_mesh_is_padded_not_switched(tiny, moe_case, B):
+  """8 batch shards, B rows: the layer pads to 8 masked rows and runs the same capacity-limited function."""
+  boxed, x, _ = moe_case
+  p, x = layers.unbox(boxed), x[:B]
+  mesh = sharding.make_mesh(MESHES["ep8"])
+  cfg = tiny.model  # dropless first: equal to the reference
+  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=2)(p, x, cfg)
+  with jax.set_mesh(mesh):
+    p_sharded = jax.device_put(p, layers.shardings(boxed, mesh))
+    y, stats = jax.jit(moe.apply, static_argnums=2)(p_sharded, x, cfg)
+    assert y.shape == x.shape and stats["experts"].shape == (B, x.shape[1], cfg.n_activated_experts)
+    _close(y, y_ref)
+    np.testing.assert_array_equal(stats["load"], stats_ref["load"])
+    # With capacity, each real row is one shard's tokens and the padding rows claim no rows.
+    cfg = dataclasses.replace(tiny.model, capacity_factor=0.5)
+    _, stats = jax.jit(moe.apply, static_argnums=2)(p_sharded, x, cfg)
+  L, K, E = x.shape[1], cfg.n_activated_experts, cfg.n_routed_experts
+  C = math.ceil(0.5 * L * K / E)
+  keep = numpy_kept(np.asarray(stats_ref["experts"]).reshape(B, L * K), C, E)
+  assert int(stats["dropped_pairs"]) == (~keep).sum() > 0
 
 
 # -------------------------------------------------------------------------------------- whole model

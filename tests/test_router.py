@@ -116,17 +116,46 @@ def test_bias_update_formula():
   np.testing.assert_allclose(new, [[0.49, 0.01, -0.1, 0.0]], rtol=1e-6)
 
 
-def test_sequence_aux_loss_matches_formula():
+def numpy_router_stats(scores_BxLxE, experts_BxLxK, mask_BxL, seg_BxL, E, K, alpha):
+  """Load and sequence-wise balance loss (V3 eq. 17-20) written out per row and per packed segment,
+  counting real (mask 1) tokens only; the loss is the mean over sequences that have real tokens."""
+  load, losses = np.zeros(E), []
+  B, L, _ = scores_BxLxE.shape
+  for b in range(B):
+    starts = [0] + [t for t in range(1, L) if seg_BxL[b, t] != seg_BxL[b, t - 1]] + [L]
+    for lo, hi in zip(starts[:-1], starts[1:]):
+      real = [t for t in range(lo, hi) if mask_BxL[b, t]]
+      if not real:
+        continue
+      f, p = np.zeros(E), np.zeros(E)
+      for t in real:
+        f[experts_BxLxK[b, t]] += E / (K * len(real))
+        load[experts_BxLxK[b, t]] += 1
+        p += scores_BxLxE[b, t] / scores_BxLxE[b, t].sum() / len(real)
+      losses.append(alpha * (f * p).sum())
+  return load, np.mean(losses)
+
+
+def test_router_stats_count_real_tokens_per_packed_segment():
   cfg = dataclasses.replace(V3_SMALL, aux_loss_alpha=0.01)
+  E, K, B, L = 16, 4, 3, 12
   rng = np.random.default_rng(3)
-  scores = rng.uniform(size=(2, 5, 16))
-  experts = np.stack([rng.permutation(16)[:4] for _ in range(10)]).reshape(2, 5, 4)
-  got = moe.sequence_aux_loss(jnp.asarray(scores), jnp.asarray(experts), cfg)
-  ref = 0.0
-  for b in range(2):
-    f = np.zeros(16)
-    for t in range(5):
-      f[experts[b, t]] += 16 / (4 * 5)
-    p = (scores[b] / scores[b].sum(-1, keepdims=True)).mean(0)
-    ref += 0.01 * (f * p).sum() / 2
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  scores = rng.uniform(size=(B, L, E))
+  experts = np.stack([rng.permutation(E)[:K] for _ in range(B * L)]).reshape(B, L, K)
+  # Row 0: one sequence then right padding; row 1: three packed segments (ids need not be ordered or small)
+  # with padding between and after; row 2: all padding.
+  seg = np.array([[0] * L, [5] * 4 + [2] * 3 + [9] * 5, [0] * L])
+  mask = np.array([[1] * 7 + [0] * 5, [1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0], [0] * L])
+  routing = moe.Routing(None, jnp.asarray(experts.reshape(B * L, K)), jnp.asarray(scores.reshape(B * L, E)))
+  tokens = moe.Tokens(jnp.asarray(mask), jnp.asarray(seg))
+  aux_sum, n_seq = moe.sequence_aux_loss(routing, tokens, cfg)
+  load = moe.expert_load(routing.experts_TxK, tokens.mask_BxL.reshape(-1), E)
+  load_ref, aux_ref = numpy_router_stats(scores, experts, mask, seg, E, K, 0.01)
+  assert n_seq == 4
+  np.testing.assert_array_equal(load, load_ref)
+  np.testing.assert_allclose(aux_sum / n_seq, aux_ref, rtol=1e-5)
+  # Without padding or packing it is the plain per-row formula, averaged over rows.
+  dense = moe.Tokens.dense(B, L)
+  aux_sum, n_seq = moe.sequence_aux_loss(routing, dense, cfg)
+  _, aux_ref = numpy_router_stats(scores, experts, np.ones((B, L)), np.zeros((B, L)), E, K, 0.01)
+  np.testing.assert_allclose(aux_sum / n_seq, aux_ref, rtol=1e-5)

@@ -23,8 +23,10 @@ from r1jax.sharding import constrain
 class Output(NamedTuple):
   logits_BxLxV: jax.Array  # fp32
   mtp_logits_NxBxLxV: jax.Array | None  # depth k (1-based) at position i predicts token i+k+1
-  router: dict  # {"moe_layers": stats, "mtp": stats}; stats = {"load": [N, E], "aux_loss": [N], "dropped": [N]}
-  hidden_BxLxD: jax.Array  # final hidden state before the output norm
+  # {"moe_layers": stats, "mtp": stats}; stats = {"load": [N, E] real (token, slot) pairs per expert,
+  # "aux_loss": [N], "dropped_pairs": [N], "experts": [N, B, L, K] each token's experts (for routing replay)}
+  router: dict
+  hidden_BxLxD: jax.Array  # last hidden state after the final norm: what the head and MTP read
 
 
 def init_boxed(cfg: ModelConfig, key) -> dict:
@@ -71,8 +73,12 @@ def attention_mask(segment_ids_BxL):
   return causal_LxL[None] & same_BxLxL
 
 
-def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None) -> Output:
-  """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row)."""
+def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None,
+          token_mask_BxL=None, routes: dict | None = None) -> Output:
+  """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row);
+  `token_mask` marks real tokens (default: all), the only ones router statistics count. `routes` replays
+  routing: {"moe_layers": [N, B, L, K], "mtp": [n_mtp, B, L, K]} expert ids, e.g. a previous
+  `Output.router[...]["experts"]`; gates are still recomputed from the current weights."""
   chex.assert_rank(tokens_BxL, 2)
   chex.assert_type(tokens_BxL, int)
   B, L = tokens_BxL.shape
@@ -80,11 +86,14 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
   if segment_ids_BxL is None:
     segment_ids_BxL = jnp.zeros((B, L), jnp.int32)
-  chex.assert_equal_shape([tokens_BxL, positions_BxL, segment_ids_BxL])
+  if token_mask_BxL is None:
+    token_mask_BxL = jnp.ones((B, L), jnp.int32)
+  chex.assert_equal_shape([tokens_BxL, positions_BxL, segment_ids_BxL, token_mask_BxL])
+  routes = routes or {}
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
   dtype = jnp.dtype(cfg.dtype)
-  cos, sin = rope.cos_sin(positions_BxL, cfg)
-  mask_BxLxL = attention_mask(segment_ids_BxL)
+  ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), attention_mask(segment_ids_BxL),
+                      moe.Tokens(token_mask_BxL, segment_ids_BxL))
   embed_fn = lambda t: layers.embed(params["embed"], t, dtype)  # noqa: E731
   head_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
 
@@ -95,24 +104,28 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   x_BxLxD = embed_fn(tokens_BxL)
   router = {}
   if cfg.n_dense_layers:
-    x_BxLxD, _ = block.scan(params["dense_layers"], x_BxLxD, cos, sin, mask_BxLxL, cfg, is_moe=False)
+    x_BxLxD, _ = block.scan(params["dense_layers"], x_BxLxD, ctx, cfg, is_moe=False)
   if cfg.n_moe_layers:
-    x_BxLxD, router["moe_layers"] = block.scan(params["moe_layers"], x_BxLxD, cos, sin, mask_BxLxL, cfg,
-                                               is_moe=True)
-  logits_BxLxV = head_fn(layers.rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps))
+    x_BxLxD, router["moe_layers"] = block.scan(params["moe_layers"], x_BxLxD, ctx, cfg, is_moe=True,
+                                               replay_NxBxLxK=routes.get("moe_layers"))
+  h_BxLxD = layers.rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
+  logits_BxLxV = head_fn(h_BxLxD)
   mtp_logits = None
-  if cfg.n_mtp:
-    mtp_logits, router["mtp"] = mtp.apply(params["mtp"], x_BxLxD, tokens_BxL, embed_fn, head_fn, cos, sin,
-                                          mask_BxLxL, cfg)
-  return Output(logits_BxLxV, mtp_logits, router, x_BxLxD)
+  if cfg.n_mtp:  # MTP reads the normed state, as engines serving DeepSeek's MTP weights do (mtp.py)
+    mtp_logits, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx, cfg,
+                                          routes.get("mtp"))
+  return Output(logits_BxLxV, mtp_logits, router, h_BxLxD)
+
+
+ROUTER_BIAS_PATHS = {"moe_layers": ("moe_layers", "ffn", "router", "bias"),
+                     "mtp": ("mtp", "block", "ffn", "router", "bias")}  # keyed like Output.router
 
 
 def _router_bias_paths(params: dict):
-  """(outer key, inner path) of every router bias; the bias lives in each MoE block's router."""
-  if "moe_layers" in params:
-    yield "moe_layers", ("moe_layers", "ffn", "router", "bias")
-  if "mtp" in params:
-    yield "mtp", ("mtp", "block", "ffn", "router", "bias")
+  """(router stats key, path) of every router bias present (softmax routers have none by default)."""
+  for name, path in ROUTER_BIAS_PATHS.items():
+    if name in params and "bias" in _get(params, path[:-1]):
+      yield name, path
 
 
 def _get(tree, path):

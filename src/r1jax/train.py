@@ -64,7 +64,7 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig):
   """Next-token CE + MTP loss + sequence-wise balance loss; returns (loss, (metrics, router stats))."""
   segment_ids = batch.get("segment_ids")
   out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch.get("positions"),
-                    segment_ids_BxL=segment_ids)
+                    segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"))
   ce, n_tokens = losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"])
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
@@ -79,10 +79,11 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig):
 
 
 def load_metrics(router: dict) -> dict:
-  """Routing-collapse watch: max/mean tokens per expert (1.0 is perfectly balanced), and drops."""
+  """Routing-collapse watch: max/mean tokens per expert (1.0 is perfectly balanced), and the (token, slot)
+  pairs dropped by expert capacity."""
   load_NxE = jnp.concatenate([s["load"] for s in router.values()])
   return {"expert_load_max_over_mean": (load_NxE.max(-1) / jnp.maximum(load_NxE.mean(-1), 1e-9)).mean(),
-          "dropped_tokens": sum(s["dropped"].sum() for s in router.values())}
+          "dropped_pairs": sum(s["dropped_pairs"].sum() for s in router.values())}
 
 
 def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

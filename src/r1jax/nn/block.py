@@ -3,12 +3,23 @@ or DeepSeekMoE."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
 from r1jax.nn import gqa, layers, mla, moe
 from r1jax.sharding import constrain
+
+
+class Context(NamedTuple):
+  """What every block needs about the positions of a batch, computed once per forward pass."""
+
+  cos: jax.Array  # rotary tables of each position
+  sin: jax.Array
+  mask_BxLxL: jax.Array  # causal within each packed segment
+  tokens: moe.Tokens  # real-token mask and segment ids for the router statistics
 
 
 def _attention(cfg: ModelConfig):
@@ -31,14 +42,14 @@ def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
   }
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig, is_moe: bool):
-  """Returns (x_BxLxD, router stats or None)."""
+def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK=None):
+  """Returns (x_BxLxD, router stats or None); `replay_BxLxK` fixes an MoE block's experts (routing replay)."""
   h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, cos, sin, mask_BxLxL, cfg)
+  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cfg)
   x_BxLxD = constrain(x_BxLxD, "batch", "seq", "act_embed")
   h = layers.rms_norm(x_BxLxD, p["ffn_norm"], cfg.norm_eps)
   if is_moe:
-    y, stats = moe.apply(p["ffn"], h, cfg)
+    y, stats = moe.apply(p["ffn"], h, cfg, ctx.tokens, replay_BxLxK)
   else:
     y, stats = layers.mlp(p["ffn"], h), None
   return constrain(x_BxLxD + y, "batch", "seq", "act_embed"), stats
@@ -50,12 +61,13 @@ _REMAT_POLICIES = {
 }
 
 
-def scan(stack: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig, is_moe: bool):
+def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_NxBxLxK=None):
   """Run a stack of identical blocks (leading "layers" axis) with lax.scan; returns (x, stacked stats)."""
 
-  def body(x, p):
-    return apply(p, x, cos, sin, mask_BxLxL, cfg, is_moe)
+  def body(x, layer):
+    p, replay = layer
+    return apply(p, x, ctx, cfg, is_moe, replay)
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-  return jax.lax.scan(body, x_BxLxD, stack)
+  return jax.lax.scan(body, x_BxLxD, (stack, replay_NxBxLxK))

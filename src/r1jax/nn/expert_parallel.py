@@ -22,7 +22,7 @@ class Plan(NamedTuple):
   slot_TK: jax.Array  # [T*K] buffer row (expert * C + rank) of each (token, slot) pair; E*C if dropped
   token_EC: jax.Array  # [E*C] token feeding each buffer row; T (a zero row) where the row is empty
   kept_E: jax.Array  # [E] rows in use per expert: min(routed count, C)
-  dropped: jax.Array  # int32 number of (token, slot) pairs that did not fit
+  dropped_pairs: jax.Array  # int32 number of real (token, slot) pairs that did not fit
 
 
 def capacity(n_tokens: int, cfg: ModelConfig) -> int:
@@ -36,21 +36,27 @@ def capacity(n_tokens: int, cfg: ModelConfig) -> int:
   return max(1, min(n_tokens, math.ceil(balanced)))
 
 
-def plan(experts_TxK, n_experts: int, C: int) -> Plan:
-  """Stable sort of the T*K pairs by expert; a pair's rank within its expert is its row if below C."""
+def plan(experts_TxK, n_experts: int, C: int, valid_T=None) -> Plan:
+  """Stable sort of the T*K pairs by expert; a pair's rank within its expert is its row if below C.
+
+  Pairs of invalid tokens (padding, `valid_T` False) sort after every expert: they take no row and are not
+  counted as dropped.
+  """
   T, K = experts_TxK.shape
   flat = experts_TxK.reshape(T * K)
+  if valid_T is not None:
+    flat = jnp.where(jnp.repeat(valid_T, K), flat, n_experts)
   order = jnp.argsort(flat, stable=True)
-  counts_E = jnp.bincount(flat, length=n_experts)
+  counts_E = jnp.bincount(flat, length=n_experts + 1)  # the last bucket holds the padding's pairs
   starts_E = jnp.cumsum(counts_E) - counts_E
   rank_sorted = jnp.arange(T * K, dtype=jnp.int32) - starts_E[flat[order]].astype(jnp.int32)
   rank = jnp.zeros(T * K, jnp.int32).at[order].set(rank_sorted)
-  keep = rank < C
+  keep = (rank < C) & (flat < n_experts)
   slot = jnp.where(keep, flat * C + rank, n_experts * C)
   token_of_pair = jnp.arange(T * K, dtype=jnp.int32) // K
   token_EC = jnp.full(n_experts * C + 1, T, jnp.int32).at[slot].set(token_of_pair)[:-1]
-  dropped = (T * K - keep.sum()).astype(jnp.int32)
-  return Plan(slot, token_EC, jnp.minimum(counts_E, C).astype(jnp.int32), dropped)
+  dropped = (counts_E[:n_experts].sum() - keep.sum()).astype(jnp.int32)
+  return Plan(slot, token_EC, jnp.minimum(counts_E[:n_experts], C).astype(jnp.int32), dropped)
 
 
 def grouped_ffn(experts: dict, x_NxD, group_sizes_E):
@@ -81,7 +87,8 @@ def compact_ffn(experts: dict, x_ExNxD, valid_ExN):
 
 
 def gemm_impl(cfg: ModelConfig) -> str:
-  """The expert-GEMM choice: ragged_dot suits TPU; on GPU it ran 7 vs 647 TFLOP/s for einsum (DESIGN.md)."""
+  """The expert-GEMM choice: ragged_dot suits TPU; on one H100 it ran at 7 TFLOP/s against 647 for the
+  padded einsum (measured, JAX 0.11.2), and ran out of memory at V2-Lite sizes."""
   if cfg.expert_gemm != "auto":
     return cfg.expert_gemm
   return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
@@ -92,16 +99,18 @@ def _exchange(x, axes: tuple[str, ...]):
   return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
 
 
-def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, cfg: ModelConfig):
+def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cfg: ModelConfig,
+                     exp_axes: tuple[str, ...]):
   """One shard's routed-expert output (partial over the tensor axis when F is split) and its drop count.
 
-  Runs inside shard_map: `experts` holds this device's E/n_ep experts.
+  Runs inside shard_map with `exp_axes` the expert mesh axes, `experts` holding this device's E/n_ep
+  experts; with no axes it is the same computation on one device. Invalid (padding) tokens take no rows.
   """
   T, D = x_TxD.shape
-  E, exp_axes = cfg.n_routed_experts, mesh_axes("exp")
+  E = cfg.n_routed_experts
   n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
   E_loc, C = E // n_ep, capacity(T, cfg)
-  pl = plan(experts_TxK, E, C)
+  pl = plan(experts_TxK, E, C, valid_T)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])
   send_ExCxD = jnp.take(x_pad, pl.token_EC, axis=0).reshape(E, C, D)
   recv = _exchange(send_ExCxD, exp_axes).reshape(n_ep, E_loc, C, D)  # [source peer, local expert, ...]
@@ -117,7 +126,7 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, cfg: ModelC
   y_pad = jnp.concatenate([y_ECxD, jnp.zeros((1, D), y_ECxD.dtype)])
   y_TxKxD = jnp.take(y_pad, pl.slot_TK, axis=0).reshape(T, -1, D)
   y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
-  return y_TxD.astype(x_TxD.dtype), pl.dropped
+  return y_TxD.astype(x_TxD.dtype), pl.dropped_pairs
 
 
 def _p(*names):
@@ -125,18 +134,32 @@ def _p(*names):
   return P(*(None if n is None else (mesh_axes(n) or None) for n in names))
 
 
-def specs():
-  """in/out specs of the MoE shard_map. Expert weights arrive split by expert and (F) by tensor; their
-  fsdp-split embed dim is all-gathered on entry (FSDP). The router is small and replicated."""
-  x = _p("batch", None, None)
-  router = {"w": P(), "bias": P()}
+class Axes(NamedTuple):
+  """Mesh axes the MoE layer reduces over: all empty when it runs on one device outside shard_map."""
+
+  batch: tuple[str, ...] = ()  # shard the tokens
+  exp: tuple[str, ...] = ()  # shard the experts (the all-to-all group)
+  exp_mlp: tuple[str, ...] = ()  # split each expert's FFN width
+
+  @classmethod
+  def from_rules(cls) -> Axes:
+    return cls(mesh_axes("batch"), mesh_axes("exp"), mesh_axes("exp_mlp"))
+
+
+def specs(router: dict, replay: bool):
+  """in/out specs of the MoE shard_map over (router, experts, x, token mask, sequence ids[, replayed experts]).
+
+  Expert weights arrive split by expert and (F) by tensor; their fsdp-split embed dim is all-gathered on
+  entry (FSDP). The router is small and replicated; per-token inputs and outputs are split over the batch.
+  """
+  x, per_token = _p("batch", None, None), _p("batch", None)
   experts = {"w_gate": _p("exp", None, "exp_mlp"), "w_up": _p("exp", None, "exp_mlp"),
              "w_down": _p("exp", "exp_mlp", None)}
-  stats = {"load": P(), "aux_loss": P(), "dropped": P()}
-  return (router, experts, x), (x, stats)
+  in_specs = (jax.tree.map(lambda _: P(), router), experts, x, per_token, per_token) + ((x,) if replay else ())
+  stats = {"load": P(), "aux_loss": P(), "dropped_pairs": P(), "experts": x}
+  return in_specs, (x, stats)
 
 
-def sum_over(x, name: str):
-  """psum over the mesh axes of a logical name (no-op when it maps to none)."""
-  axes = mesh_axes(name)
+def sum_over(x, axes: tuple[str, ...]):
+  """psum over mesh axes (no-op for none)."""
   return jax.lax.psum(x, axes) if axes else x

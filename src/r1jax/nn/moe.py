@@ -1,7 +1,8 @@
 """DeepSeekMoE (V3 report §2.1.2): shared experts plus fine-grained routed experts behind a sigmoid
 (or softmax) router with group-limited top-k, a selection-only bias for aux-loss-free balancing,
-and a tiny sequence-wise balance loss. On a mesh the routed experts run expert-parallel
-(expert_parallel.py) inside one `shard_map`; without one, a dropless single-device dispatch is the reference."""
+and a tiny sequence-wise balance loss. The routed experts always run as expert_parallel.dispatch_combine:
+inside one `shard_map` on a mesh, the same function on one device without one. `dropless_reference` is the
+independent ragged_dot formulation tests compare against."""
 
 from __future__ import annotations
 
@@ -22,16 +23,27 @@ class Routing(NamedTuple):
   scores_TxE: jax.Array  # fp32 affinities s_{i,t} before the bias (V3 eq. 15)
 
 
+class Tokens(NamedTuple):
+  """Which positions are real tokens and which sequence each belongs to: router statistics count real
+  tokens only (padding takes no expert capacity), and the balance loss is per sequence (packed segment)."""
+
+  mask_BxL: jax.Array  # 1 for real tokens, 0 for padding
+  segment_ids_BxL: jax.Array  # packed sequences are contiguous runs of one id within a row
+
+  @classmethod
+  def dense(cls, B: int, L: int) -> Tokens:
+    return cls(jnp.ones((B, L), jnp.int32), jnp.zeros((B, L), jnp.int32))
+
+
 def init(key, cfg: ModelConfig) -> dict:
   dt, std, E = jnp.dtype(cfg.param_dtype), cfg.init_std, cfg.n_routed_experts
   k_router, k_shared, k_gate, k_up, k_down = jax.random.split(key, 5)
   F = cfg.moe_inter_dim
+  router = {"w": layers.normal(k_router, (cfg.dim, E), ("embed", None), std, jnp.float32)}
+  if cfg.has_router_bias:  # selection-only bias, updated from observed load (V3 eq. 16), never by gradients
+    router["bias"] = layers.zeros((E,), (None,), jnp.float32)
   p = {
-      "router": {
-          "w": layers.normal(k_router, (cfg.dim, E), ("embed", None), std, jnp.float32),
-          # Selection-only bias, updated from observed load (V3 eq. 16), never by gradients.
-          "bias": layers.zeros((E,), (None,), jnp.float32),
-      },
+      "router": router,
       "experts": {
           "w_gate": layers.normal(k_gate, (E, cfg.dim, F), ("exp", "embed", "exp_mlp"), std, dt),
           "w_up": layers.normal(k_up, (E, cfg.dim, F), ("exp", "embed", "exp_mlp"), std, dt),
@@ -43,15 +55,30 @@ def init(key, cfg: ModelConfig) -> dict:
   return p
 
 
-def route(router: dict, x_TxD, cfg: ModelConfig) -> Routing:
-  """V3 gate: affinities in fp32, bias added for selection only, top-k within the best groups."""
+def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
+  """V3 gate: affinities in fp32, bias added for selection only, top-k within the best groups.
+
+  Routing replay: given `experts_TxK` (e.g. the sampler's choices), those experts are used and only their
+  gates are recomputed (differentiably), so two forward passes compute one function.
+  """
   T, E, G = x_TxD.shape[0], cfg.n_routed_experts, cfg.n_expert_groups
   logits_TxE = x_TxD.astype(jnp.float32) @ router["w"].astype(jnp.float32)
   if cfg.score_func == "sigmoid":
     scores_TxE = jax.nn.sigmoid(logits_TxE)
   else:
     scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-  select_TxE = scores_TxE + jax.lax.stop_gradient(router["bias"])
+  if experts_TxK is None:
+    experts_TxK = _select(scores_TxE, router.get("bias"), cfg)
+  weights_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=1)
+  if cfg.norm_topk_prob:
+    weights_TxK = weights_TxK / (weights_TxK.sum(-1, keepdims=True) + 1e-20)
+  return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE)
+
+
+def _select(scores_TxE, bias_E, cfg: ModelConfig):
+  """Top-k experts of scores (+ the selection bias) within the n_limited_groups best groups (V3 eq. 12-16)."""
+  T, E, G = scores_TxE.shape[0], cfg.n_routed_experts, cfg.n_expert_groups
+  select_TxE = jax.lax.stop_gradient(scores_TxE if bias_E is None else scores_TxE + bias_E)
   if G > 1:
     select_TxGxM = select_TxE.reshape(T, G, E // G)
     if cfg.score_func == "sigmoid":  # V3: a group scores the sum of its two best experts
@@ -61,18 +88,112 @@ def route(router: dict, x_TxD, cfg: ModelConfig) -> Routing:
     top_groups_TxG = jax.lax.top_k(group_TxG, cfg.n_limited_groups)[1]
     keep_TxG = jax.nn.one_hot(top_groups_TxG, G, dtype=jnp.bool_).any(axis=1)
     select_TxE = jnp.where(jnp.repeat(keep_TxG, E // G, axis=1), select_TxE, -jnp.inf)
-  experts_TxK = jax.lax.top_k(jax.lax.stop_gradient(select_TxE), cfg.n_activated_experts)[1]
-  weights_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=1)
-  if cfg.norm_topk_prob:
-    weights_TxK = weights_TxK / (weights_TxK.sum(-1, keepdims=True) + 1e-20)
-  return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE)
+  return jax.lax.top_k(select_TxE, cfg.n_activated_experts)[1]
+
+
+def sequence_ids(tokens: Tokens):
+  """[B*L] index of each token's sequence, in [0, B*L): a new sequence starts at every row and at every
+  change of segment id, so it needs no bound on the ids themselves."""
+  seg_BxL = tokens.segment_ids_BxL
+  B, L = seg_BxL.shape
+  starts_BxL = jnp.concatenate([jnp.ones((B, 1), jnp.int32), (seg_BxL[:, 1:] != seg_BxL[:, :-1]).astype(jnp.int32)],
+                               axis=1)
+  return (jnp.cumsum(starts_BxL, axis=1) - 1 + L * jnp.arange(B)[:, None]).reshape(B * L)
+
+
+def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig):
+  """Sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20) of every sequence (a packed segment,
+  real tokens only). Returns (sum over sequences, number of sequences), so shards can be combined exactly."""
+  E, K = cfg.n_routed_experts, cfg.n_activated_experts
+  T = routing.scores_TxE.shape[0]
+  mask_T = tokens.mask_BxL.reshape(T).astype(jnp.float32)
+  seq_T = sequence_ids(tokens)
+  chosen_TxE = jax.nn.one_hot(routing.experts_TxK, E, dtype=jnp.float32).sum(axis=1) * mask_T[:, None]
+  probs_TxE = routing.scores_TxE / routing.scores_TxE.sum(-1, keepdims=True) * mask_T[:, None]
+  n_S = jax.ops.segment_sum(mask_T, seq_T, num_segments=T)
+  f_SxE = jax.ops.segment_sum(chosen_TxE, seq_T, num_segments=T) * E / (K * jnp.maximum(n_S, 1.0))[:, None]
+  p_SxE = jax.ops.segment_sum(probs_TxE, seq_T, num_segments=T) / jnp.maximum(n_S, 1.0)[:, None]
+  return cfg.aux_loss_alpha * (f_SxE * p_SxE).sum(), (n_S > 0).sum().astype(jnp.float32)
+
+
+def expert_load(experts_TxK, mask_T, n_experts: int):
+  """(token, slot) pairs routed to each expert, counting real tokens only."""
+  weights = jnp.broadcast_to(mask_T[:, None], experts_TxK.shape).reshape(-1).astype(jnp.float32)
+  return jnp.zeros(n_experts, jnp.float32).at[experts_TxK.reshape(-1)].add(weights)
+
+
+def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, replay_BxLxK, cfg: ModelConfig,
+                  axes: ep.Axes):
+  """One shard of the MoE (inside shard_map, or all of it on one device): route its tokens, dispatch,
+  combine. Stats are reduced over the batch axes so every replica sees the global load and updates the
+  same bias."""
+  B, L, D = x_BxLxD.shape
+  tokens = Tokens(mask_BxL, seg_BxL)
+  x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
+  replay_TxK = None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1)
+  routing = route(router, x_TxD, cfg, replay_TxK)
+  y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
+                                       axes.exp)
+  y_TxD = ep.sum_over(y_TxD, axes.exp_mlp)  # the expert FFN width may be split over tensor: add the parts
+  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
+  stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), axes.batch),
+           "aux_loss": ep.sum_over(aux_sum, axes.batch) / jnp.maximum(ep.sum_over(n_seq, axes.batch), 1.0),
+           "dropped_pairs": ep.sum_over(dropped, axes.batch),
+           "experts": routing.experts_TxK.reshape(B, L, -1)}
+  return y_TxD.reshape(B, L, D), stats
+
+
+def _pad_rows(x, n: int):
+  return jnp.pad(x, [(0, n)] + [(0, 0)] * (x.ndim - 1)) if n else x
+
+
+def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
+  """Returns (y_BxLxD, stats): per-expert load (real (token, slot) pairs), the balance loss, dropped pairs
+  and each token's experts [B, L, K]. `replay_BxLxK` routes every token to given experts (routing replay).
+
+  On a mesh, a batch that does not divide over the batch axes is padded with masked rows inside the layer
+  (they take no capacity and no statistics), so small sampling batches run the same function as training.
+  """
+  B, L, D = x_BxLxD.shape
+  tokens = Tokens.dense(B, L) if tokens is None else tokens
+  args = (p["router"], p["experts"], x_BxLxD, tokens.mask_BxL, tokens.segment_ids_BxL)
+  replay = replay_BxLxK is not None
+  if replay:
+    args += (replay_BxLxK,)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    y_BxLxD, stats = _routed_shard(*args[:5], replay_BxLxK, cfg, ep.Axes())
+  else:
+    pad = -B % sharding.batch_size_multiple(mesh)
+    args = args[:2] + tuple(_pad_rows(a, pad) for a in args[2:])
+    in_specs, out_specs = ep.specs(p["router"], replay)
+    shard_fn = lambda r, e, x, m, s, *rep: _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg,  # noqa: E731
+                                                         ep.Axes.from_rules())
+    y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
+    y_BxLxD, stats["experts"] = y_BxLxD[:B], stats["experts"][:B]
+  if "shared" in p:
+    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
+  return y_BxLxD, stats
+
+
+def dropless_reference(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
+  """The same layer written independently: one sort of all (token, slot) pairs and ragged_dot, no capacity.
+  For tests and notebooks; `apply` is what models run."""
+  B, L, D = x_BxLxD.shape
+  tokens = Tokens.dense(B, L) if tokens is None else tokens
+  x_TxD, mask_T = x_BxLxD.reshape(B * L, D), tokens.mask_BxL.reshape(B * L)
+  routing = route(p["router"], x_TxD, cfg, None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1))
+  y_BxLxD = routed_experts(p["experts"], x_TxD, routing, cfg).reshape(B, L, D)
+  if "shared" in p:
+    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
+  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
+  return y_BxLxD, {"load": expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts),
+                   "aux_loss": aux_sum / jnp.maximum(n_seq, 1.0), "dropped_pairs": jnp.zeros((), jnp.int32),
+                   "experts": routing.experts_TxK.reshape(B, L, -1)}
 
 
 def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
-  """Dropless single-device dispatch: sort (token, slot) pairs by expert, grouped GEMM, unsort, combine.
-
-  Returns (y_TxD, dropped pairs = 0). The reference that the expert-parallel path must match.
-  """
+  """Dropless dispatch: sort (token, slot) pairs by expert, grouped GEMM (ragged_dot), unsort, combine."""
   T, K = routing.experts_TxK.shape
   flat_expert = routing.experts_TxK.reshape(T * K)
   order = jnp.argsort(flat_expert, stable=True)
@@ -81,63 +202,7 @@ def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
   y_sorted = ep.grouped_ffn(experts, x_sorted, group_sizes_E)
   y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
   y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), routing.weights_TxK)
-  return y_TxD.astype(x_TxD.dtype), jnp.zeros((), jnp.int32)
-
-
-def sequence_aux_loss(scores_BxLxE, experts_BxLxK, cfg: ModelConfig):
-  """Sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20), averaged over sequences."""
-  E, K, L = cfg.n_routed_experts, cfg.n_activated_experts, scores_BxLxE.shape[1]
-  chosen_BxLxE = jax.nn.one_hot(experts_BxLxK, E, dtype=jnp.float32).sum(axis=2)
-  f_BxE = chosen_BxLxE.sum(axis=1) * E / (K * L)
-  p_BxE = (scores_BxLxE / scores_BxLxE.sum(-1, keepdims=True)).mean(axis=1)
-  return cfg.aux_loss_alpha * (f_BxE * p_BxE).sum(-1).mean()
-
-
-def _stats(routing: Routing, B: int, L: int, cfg: ModelConfig) -> dict:
-  """This shard's router statistics: per-expert load (pairs routed), balance loss."""
-  return {"load": jnp.bincount(routing.experts_TxK.reshape(-1), length=cfg.n_routed_experts).astype(jnp.float32),
-          "aux_loss": sequence_aux_loss(routing.scores_TxE.reshape(B, L, -1),
-                                        routing.experts_TxK.reshape(B, L, -1), cfg)}
-
-
-def _routed_shard(router: dict, experts: dict, x_BxLxD, cfg: ModelConfig):
-  """One shard of the expert-parallel MoE (inside shard_map): route its own tokens, dispatch, combine.
-
-  Stats are reduced over the batch axes so every replica sees the global load and updates the same bias.
-  """
-  B, L, D = x_BxLxD.shape
-  x_TxD = x_BxLxD.reshape(B * L, D)
-  routing = route(router, x_TxD, cfg)
-  y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, cfg)
-  y_TxD = ep.sum_over(y_TxD, "exp_mlp")  # the expert FFN width may be split over tensor: add the parts
-  stats = _stats(routing, B, L, cfg)
-  stats = {"load": ep.sum_over(stats["load"], "batch"),
-           "aux_loss": ep.sum_over(stats["aux_loss"], "batch") / ep.sum_over(1, "batch"),  # mean of equal shards
-           "dropped": ep.sum_over(dropped, "batch")}
-  return y_TxD.reshape(B, L, D), stats
-
-
-def _use_expert_parallel(B: int) -> bool:
-  """On a mesh, unless the batch does not split over the batch axes (e.g. decoding one prompt)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and B % sharding.batch_size_multiple(mesh) == 0
-
-
-def apply(p: dict, x_BxLxD, cfg: ModelConfig):
-  """Returns (y_BxLxD, stats): stats has per-expert load (pairs routed), aux_loss and dropped pairs."""
-  B, L, D = x_BxLxD.shape
-  if _use_expert_parallel(B):
-    in_specs, out_specs = ep.specs()
-    y_BxLxD, stats = jax.shard_map(lambda r, e, x: _routed_shard(r, e, x, cfg), in_specs=in_specs,
-                                   out_specs=out_specs)(p["router"], p["experts"], x_BxLxD)
-  else:
-    x_TxD = x_BxLxD.reshape(B * L, D)
-    routing = route(p["router"], x_TxD, cfg)
-    y_TxD, dropped = routed_experts(p["experts"], x_TxD, routing, cfg)
-    y_BxLxD, stats = y_TxD.reshape(B, L, D), {**_stats(routing, B, L, cfg), "dropped": dropped}
-  if "shared" in p:
-    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
-  return y_BxLxD, stats
+  return y_TxD.astype(x_TxD.dtype)
 
 
 def update_bias(bias_E, load_E, speed: float):

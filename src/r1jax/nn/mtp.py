@@ -1,6 +1,13 @@
 """Multi-token prediction (V3 report §2.2, eq. 21-25): depth k combines the previous depth's hidden
 state with the embedding of token i+k, runs one transformer block, and predicts token i+k+1 through the
-shared output head. Depths are sequential, so they run in a Python loop (there is usually one)."""
+shared output head. Depths are sequential, so they run in a Python loop (there is usually one).
+
+Which hidden state depth 1 reads (eq. 21's h^0) the report leaves open; DeepSeek's own inference code has
+no MTP. We feed the main model's last hidden state after its final RMSNorm, as the serving engines that
+run DeepSeek's released MTP weights do: vLLM (DeepseekV2Model.forward returns the output of `self.norm`,
+which both the LM head and the MTP proposer receive) and SGLang (deepseek_nextn reads the hidden states
+the logits processor stored, taken after `self.norm`); llama.cpp's DeepSeek/GLM MTP graphs also take the
+state after `output_norm`. Matching them keeps imported MTP weights usable for speculative decoding."""
 
 from __future__ import annotations
 
@@ -33,15 +40,20 @@ def shift_left(x_BxL, k: int, fill=0):
   return jnp.concatenate([x_BxL[:, k:], pad], axis=1)
 
 
-def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, cos, sin, mask_BxLxL, cfg: ModelConfig):
-  """Returns (logits [n_mtp, B, L, V] where depth k (1-based) at i predicts token i+k+1, stacked stats)."""
+def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx: block.Context, cfg: ModelConfig,
+          replay_NxBxLxK=None):
+  """Returns (logits [n_mtp, B, L, V] where depth k (1-based) at i predicts token i+k+1, stacked stats).
+
+  `h_BxLxD` is the main model's last hidden state after its final norm (see the note at the top).
+  """
   logits, stats = [], []
   for k in range(1, cfg.n_mtp + 1):
     p = jax.tree.map(lambda a, k=k: a[k - 1], stack)
+    replay = None if replay_NxBxLxK is None else replay_NxBxLxK[k - 1]
     e_BxLxD = layers.rms_norm(embed_fn(shift_left(tokens_BxL, k)), p["enorm"], cfg.norm_eps)
     h_norm = layers.rms_norm(h_BxLxD, p["hnorm"], cfg.norm_eps)
     h_BxLxD = layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"])
-    h_BxLxD, s = block.apply(p["block"], h_BxLxD, cos, sin, mask_BxLxL, cfg, is_moe=True)
+    h_BxLxD, s = block.apply(p["block"], h_BxLxD, ctx, cfg, is_moe=True, replay_BxLxK=replay)
     logits.append(head_fn(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps)))
     stats.append(s)
   return jnp.stack(logits), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
