@@ -43,9 +43,17 @@ def _info(args) -> int:
 
 def _sft(args) -> int:
   cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import distributed  # before jax initialises its backends
+
+  joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
   from r1jax import demo
 
-  return demo.run_sft(cfg)
+  demo.run_sft(cfg, args.metrics)
+  if joined:
+    import jax
+
+    jax.distributed.shutdown()
+  return 0
 
 
 def _import_hf(args) -> int:
@@ -76,9 +84,16 @@ def main(argv=None) -> int:
                  help="also lower the train step on an abstract mesh; compile for XLA's memory analysis if the "
                       "backend has that many devices")
   p.set_defaults(fn=_info)
-  p = sub.add_parser("sft", help="supervised training of a config on a built-in task")
+  p = sub.add_parser("sft", help="supervised training of a config on a built-in task (one process or many)")
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--metrics", help="process 0 writes every step's metrics here (JSON lines)")
+  multi = p.add_argument_group("multi-process runs (TPU pods, SLURM, Open MPI and JAX_COORDINATOR_ADDRESS are "
+                               "detected; elsewhere give all three)")
+  multi.add_argument("--coordinator", help="host:port of process 0")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
+  multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
   p.set_defaults(fn=_sft)
   p = sub.add_parser("import-hf", help="Hugging Face model directory -> r1jax checkpoint")
   p.add_argument("dir")
