@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from r1jax import cli, config
@@ -93,3 +94,11 @@ def test_nan_and_inf_are_refused_by_name(text):
 def test_non_numeric_string_for_a_float_is_named():
   with pytest.raises(config.ConfigError, match=r"optim.lr='fast': must be a number"):
     config.load(TINY, ["optim.lr=fast"])
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(hypothesis.strategies.floats(min_value=1e-12, max_value=1e6, allow_nan=False, allow_infinity=False),
+                  hypothesis.strategies.sampled_from(["{:e}", "{:E}", "{!r}", "{:.3e}"]))
+def test_any_written_float_reads_back(value, fmt):
+  text = fmt.format(value)
+  assert config.load(TINY, [f"optim.lr={text}"]).optim.lr == float(text)

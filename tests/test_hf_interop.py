@@ -272,6 +272,23 @@ def test_cli_reports_config_errors(built, tmp_path, capsys):
   assert "mlp_bias" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,where", [
+    ('{\n  "architectures": ["LlamaForCausalLM"],\n  "vocab_size" 96\n}\n',
+     ":3:16: invalid JSON (Expecting ':' delimiter)"),
+    ('{"vocab_size": 96,}', ":1:19: invalid JSON (Expecting property name enclosed in double quotes)"),
+    ('["LlamaForCausalLM"]', ": expected a JSON object of config fields, got an array"),
+    ('"LlamaForCausalLM"', ": expected a JSON object of config fields, got a string"),
+])
+def test_cli_reports_malformed_config_json_in_one_line(tmp_path, capsys, text, where):
+  d = tmp_path / "bad"
+  d.mkdir()
+  (d / "config.json").write_text(text)
+  assert cli.main(["import-hf", str(d), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err == f"r1jax: config error: {d / 'config.json'}{where}\n"
+  assert not (tmp_path / "out").exists()
+
+
 # ---- RoPE frequencies and scales against transformers' own functions ----
 
 @pytest.mark.parametrize("theta,rope_scaling", [
@@ -354,12 +371,29 @@ QWEN2_5_CONFIG = {
 
 @pytest.mark.parametrize("raw,preset", [(V3_CONFIG, "deepseek_v3_671b"), (V2_LITE_CONFIG, "deepseek_v2_lite_16b"),
                                         (QWEN2_5_CONFIG, "qwen2_5_1_5b")])
-def test_published_configs_map_onto_presets(raw, preset):
-  fields, info = hf_config.from_hf(raw)
+def test_published_configs_map_onto_presets(raw, preset, caplog, monkeypatch):
+  # Exactly one capture, whatever earlier CLI tests left on the r1jax logger (hf._cli_logging) and pytest version.
+  logger = logging.getLogger("r1jax.interop.hf_config")
+  monkeypatch.setattr(logger, "propagate", False)
+  monkeypatch.setattr(logger, "handlers", [caplog.handler])
+  with caplog.at_level(logging.INFO, logger="r1jax.interop.hf_config"):
+    fields, info = hf_config.from_hf(raw)
   path = Path(__file__).parent.parent / "configs" / f"{preset}.yaml"
   want = config.load(path).model
   for name in yaml.safe_load(path.read_text())["model"]:
-    if name not in ("remat", "capacity_factor", "n_mtp", "aux_loss_alpha"):  # not in config.json
+    if name not in ("remat", "capacity_factor", "n_mtp"):  # training knobs; n_mtp: read_config checks the tensors
       assert fields[name] == getattr(want, name), name
   assert info.fp8_block == ((128, 128) if raw is V3_CONFIG else None)
   assert info.n_mtp == (1 if raw is V3_CONFIG else 0)
+  # aux_loss_alpha: config.json's value (DeepSeek's MoEGate trains with it), not the V3 report's 1e-4.
+  note = ("aux_loss_alpha=0.001 from config.json (the V3 report §4.2 trained with 1e-4; override with "
+          "model.aux_loss_alpha=1e-4)")
+  assert fields.get("aux_loss_alpha") == raw.get("aux_loss_alpha") == (None if raw is QWEN2_5_CONFIG else 0.001)
+  assert [r.getMessage() for r in caplog.records if "aux_loss_alpha" in r.getMessage()] == (
+      [note] if raw is V3_CONFIG else [])
+  if raw is not QWEN2_5_CONFIG:  # absent from config.json: r1jax's default stays
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="r1jax.interop.hf_config"):
+      fields, _ = hf_config.from_hf({k: v for k, v in raw.items() if k != "aux_loss_alpha"})
+    assert "aux_loss_alpha" not in fields and "aux_loss_alpha" not in caplog.text
+    assert config.ModelConfig(**fields).aux_loss_alpha == config.ModelConfig().aux_loss_alpha

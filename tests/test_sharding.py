@@ -80,6 +80,22 @@ def test_bad_meshes_fail_with_one_line(tiny, capsys):
   assert err.count("\n") == 1 and "expert axis must divide model.n_routed_experts=16" in err
 
 
+@pytest.mark.parametrize("field,value", [("n_heads", 6), ("vocab_size", 510), ("inter_dim", 250)])
+def test_tensor_axis_must_divide_heads_vocab_and_mlp_width(tiny, field, value):
+  cfg = dataclasses.replace(tiny.model, **{field: value})
+  mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
+  with pytest.raises(ConfigError, match=rf"^mesh.tensor=4: the tensor axis must divide model.{field}={value}$"):
+    sharding.validate_mesh(cfg, mesh)
+  sharding.validate_mesh(tiny.model, mesh)  # 4 heads, vocab 512, inter_dim 256 all split 4 ways
+
+
+def test_tensor_axis_must_divide_kv_heads_of_gqa():
+  cfg = config.load(ROOT / "configs/tiny_dense_student.yaml").model  # 4 query heads, 2 kv heads
+  with pytest.raises(ConfigError, match=r"^mesh.tensor=4: the tensor axis must divide model.n_kv_heads=2$"):
+    sharding.validate_mesh(cfg, sharding.make_mesh(MeshConfig(data=2, tensor=4)))
+  sharding.validate_mesh(cfg, sharding.make_mesh(MeshConfig(data=4, tensor=2)))
+
+
 def test_memory_report_equals_the_real_per_device_bytes(tiny, capsys):
   """The report's params/optimizer bytes equal device 0's shards of a real TrainState on that mesh."""
   sizes = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}

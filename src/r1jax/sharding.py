@@ -120,6 +120,15 @@ def batch_size_multiple(mesh) -> int:
 
 def validate_mesh(cfg: ModelConfig, mesh, batch_size: int | None = None):
   """Model-vs-mesh checks that must fail with one line before anything is traced or compiled."""
+  n_tensor = mesh.shape["tensor"]
+  split = [("n_heads", cfg.n_heads, "heads"), ("vocab_size", cfg.vocab_size, "vocab")]
+  if cfg.n_dense_layers:
+    split.append(("inter_dim", cfg.inter_dim, "mlp"))
+  if cfg.attention == "gqa":
+    split.append(("n_kv_heads", cfg.n_kv_heads, "kv_heads"))
+  for field, size, name in split:
+    if size % _size(mesh, name):
+      raise ConfigError(f"mesh.tensor={n_tensor}: the tensor axis must divide model.{field}={size}")
   if cfg.n_moe_layers or cfg.n_mtp:
     n_exp, n_mlp = _size(mesh, "exp"), _size(mesh, "exp_mlp")
     if cfg.n_routed_experts % n_exp:

@@ -6,14 +6,18 @@ Supported: DeepseekV3ForCausalLM (V3/R1, FP8 block-scaled or not, with MTP layer
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from r1jax import config as config_lib
 from r1jax import model, sharding
@@ -29,10 +33,20 @@ __all__ = ["CheckpointError", "read_config", "load_params", "import_hf", "export
 
 
 def _raw_config(model_dir: Path) -> dict:
+  """Parsed config.json; a malformed one is a one-line ConfigError at file:line:col, not a traceback."""
   path = Path(model_dir) / "config.json"
   if not path.exists():
     raise ConfigError(f"{path} does not exist")
-  return json.loads(path.read_text())
+  try:
+    raw = json.loads(path.read_bytes())  # bytes: JSON's own UTF-8/16/32 detection, not the locale's encoding
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: invalid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+  if not isinstance(raw, dict):
+    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(raw), "a number")
+    raise ConfigError(f"{path}: expected a JSON object of config fields, got {kind}")
+  return raw
 
 
 def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
@@ -63,10 +77,10 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, mesh=None, keep_fp8: bo
   fly), so host memory stays near one HF tensor plus the slices being placed.
   """
   model_dir = Path(model_dir)
-  info = hf_config.from_hf(_raw_config(model_dir))[1]
+  info = hf_config.from_hf(_raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
   if keep_fp8:
-    raise ConfigError("keep_fp8: keeping FP8 weights needs FP8 training support (fp8.py), which this build "
-                      "lacks; import dequantises FP8 checkpoints to model.param_dtype")
+    raise ConfigError("keep_fp8: keeping FP8 weights needs FP8 training, which r1jax does not have yet; "
+                      "import dequantises FP8 checkpoints to model.param_dtype")
   ckpt = Checkpoint(model_dir)
   abstract = model.abstract(cfg)
   leaves = hf_weights.plan(cfg, abstract, info)
@@ -101,28 +115,95 @@ def import_hf(model_dir: str | Path, mesh=None, overrides=(), keep_fp8: bool = F
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+def _piece_to_host(x) -> np.ndarray:
+  """The one device->host copy of export: a fully replicated piece, so every process holds all of it."""
+  return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _exact_from_owner(x, is_owner, axes):
+  """The value held where `is_owner`, on every device of `axes`: a psum of its bits (zeros elsewhere), so
+  -0.0 and NaN payloads survive."""
+  width = x.dtype.itemsize
+  bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.int32, 8: jnp.int64}[width])
+  total = jax.lax.psum(jnp.where(is_owner, bits, 0).astype(jnp.int32 if width < 4 else bits.dtype), axes)
+  return jax.lax.bitcast_convert_type(total.astype(bits.dtype), x.dtype)
+
+
+def _piece_fn(leaf: hf_weights.Leaf, value):
+  """f(value, idx) = value[idx] for idx over the leaf's lead (layer, expert) axes, replicated on every device of
+  `value`'s mesh; idx is traced, so no piece compiles anew."""
+  if not isinstance(value, jax.Array):  # host numpy: nothing to gather
+    return lambda x, idx: x[tuple(idx)]
+  s = value.sharding
+  if isinstance(s, NamedSharding):
+    return _extractor(s.mesh, tuple(s.spec) + (None,) * (value.ndim - len(s.spec)), leaf.n_lead)
+  if len(s.device_set) == 1:
+    return _extractor(Mesh(np.array(list(s.device_set)), ("device",)), (None,) * value.ndim, leaf.n_lead)
+  raise ValueError(f"parameter {'/'.join(leaf.path)}: export needs a NamedSharding (as model.init and "
+                   f"load_params place parameters), got {s}")
+
+
+@functools.lru_cache(maxsize=64)  # leaves alike in layout share one; a repeated export compiles nothing
+def _extractor(mesh: Mesh, spec: tuple, n_lead: int):
+  """jit(shard_map) behind _piece_fn. A plain dynamic slice along a sharded axis makes XLA all-gather that whole
+  axis first (every layer's experts on each device); here the owning shard slices and one piece crosses devices."""
+
+  def local(x, idx):
+    for d in range(n_lead):  # x's leading axis is always the next lead axis
+      axes, n_local = _mesh_axes(spec[d]), x.shape[0]
+      x = jax.lax.dynamic_index_in_dim(x, idx[d] % n_local, 0, keepdims=False)
+      if axes:
+        x = _exact_from_owner(x, jax.lax.axis_index(axes) == idx[d] // n_local, axes)
+    for d, entry in enumerate(spec[n_lead:]):
+      if _mesh_axes(entry):
+        x = jax.lax.all_gather(x, _mesh_axes(entry), axis=d, tiled=True)
+    return x
+
+  # check_vma=False: the public all_gather's result is typed as still varying, though it is replicated.
+  take = jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P()), out_specs=P(), check_vma=False)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(take, in_shardings=(NamedSharding(mesh, P(*spec)), replicated), out_shardings=replicated)
+
+
+def _pieces(leaf: hf_weights.Leaf, value, take):
+  """(layer, expert, piece in r1jax layout) for each HF tensor of one leaf, one piece on the host at a time."""
+  for idx, (layer, e) in zip(np.ndindex(*leaf.shape[:leaf.n_lead]), leaf.indices()):
+    yield layer, e, _piece_to_host(take(value, np.asarray(idx, np.int32)))
+
+
 def _hf_tensors(params: dict, cfg: ModelConfig, arch: str, dtype: np.dtype):
-  """(name, array) of every HF tensor, one r1jax leaf on the host at a time."""
+  """(name, array) of every HF tensor, extracted on device and copied to the host one HF tensor at a time.
+
+  Every process must run this in the same order (the extractions are collectives).
+  """
   info = hf_config.HFInfo(arch=arch)
   leaves = hf_weights.plan(cfg, model.abstract(cfg), info)
-  host = {}
+  top = {}
   for leaf, value in zip(leaves, jax.tree.leaves(params)):
-    value = np.asarray(jax.device_get(value))
-    if leaf.path[0] in ("embed", "head") and cfg.n_mtp:
-      host[leaf.path[0]] = value
+    take = _piece_fn(leaf, value)
+    if leaf.path[0] in ("embed", "head"):
+      top[leaf.path[0]] = (leaf, value, take)  # not their host copies: the MTP copies pull them again at the end
     if leaf.template is None:
-      if np.any(value):
+      if any(np.any(piece) for _, _, piece in _pieces(leaf, value, take)):
         raise ConfigError(f"parameter {'/'.join(leaf.path)} is nonzero but {arch} has no such tensor")
       continue
     keep_fp32 = "router" in leaf.path  # transformers keeps the router in float32 (_keep_in_fp32_modules)
     out_dtype = np.dtype(np.float32) if keep_fp32 else dtype
-    for i, (layer, e) in enumerate(leaf.indices()):
-      piece = value.reshape(-1, *leaf.piece_shape)[i] if leaf.n_lead else value
+    for layer, e, piece in _pieces(leaf, value, take):
       yield leaf.name(layer, e), hf_weights.to_hf(leaf, piece).astype(out_dtype)
-  head = host.get("embed") if cfg.tie_embeddings else host.get("head", np.zeros(0)).T
-  for layer in range(cfg.n_layers, cfg.n_layers + cfg.n_mtp):  # DeepSeek's layout repeats them per MTP layer
-    yield f"model.layers.{layer}.embed_tokens.weight", host["embed"].astype(dtype)
-    yield f"model.layers.{layer}.shared_head.head.weight", np.ascontiguousarray(head).astype(dtype)
+  if not cfg.n_mtp:
+    return
+  mtp_layers = range(cfg.n_layers, cfg.n_layers + cfg.n_mtp)  # DeepSeek's layout repeats them per MTP layer
+  for src, name in [("embed", "embed_tokens.weight"), ("head", "shared_head.head.weight")]:
+    leaf, value, take = top["embed" if cfg.tie_embeddings else src]
+    [(_, _, piece)] = _pieces(leaf, value, take)
+    t = hf_weights.to_hf(leaf, piece).astype(dtype)
+    for layer in mtp_layers:
+      yield f"model.layers.{layer}.{name}", t
 
 
 def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | None = None,
@@ -130,6 +211,8 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
   """Write config.json, safetensors shards and their index for `arch` (default: the one `cfg` describes).
 
   `dtype` ("float32"/"bfloat16", default: cfg.param_dtype) applies to all weights but the router (float32).
+  Host memory stays near one HF tensor plus the shard being filled; in multi-process runs every process must
+  call this, and process 0 writes.
   """
   arch = arch or hf_config.default_arch(cfg)
   dtype = dtype or cfg.param_dtype
@@ -139,11 +222,13 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
   hf_cfg = hf_config.to_hf(cfg, arch, dtype)  # raises before anything is written
   if out_dir.exists() and any(out_dir.glob("*.safetensors")):
     raise FileExistsError(f"{out_dir} already holds safetensors files; choose a new directory")
-  writer = ShardWriter(out_dir, max_shard_bytes)
-  for name, t in _hf_tensors(params, cfg, arch, _DTYPES[dtype]):
-    writer.add(name, t)
-  writer.close()
-  (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+  writer = ShardWriter(out_dir, max_shard_bytes) if jax.process_index() == 0 else None
+  for name, t in _hf_tensors(params, cfg, arch, _DTYPES[dtype]):  # every process runs the same extractions
+    if writer:
+      writer.add(name, t)
+  if writer:
+    writer.close()
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
   return out_dir
 
 

@@ -7,8 +7,11 @@ or listed as metadata that changes no math; anything else is an error that names
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from r1jax.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 V3, V2, QWEN2, LLAMA = "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"
 ARCHS = (V3, V2, QWEN2, LLAMA)
@@ -159,6 +162,8 @@ def _mla(f: _Fields, arch: str) -> tuple[dict, dict]:
             "n_shared_experts": f.get("n_shared_experts"), "n_activated_experts": f.get("num_experts_per_tok"),
             "moe_inter_dim": f.get("moe_intermediate_size"), "route_scale": float(f.get("routed_scaling_factor")),
             "n_mtp": 0}  # hf.read_config enables the declared MTP layers when the checkpoint has them
+  # Kept as published: DeepSeek's MoEGate trains with it as the seq_aux alpha (V2-Lite's 0.001 is the V2
+  # paper's expert-level alpha_1); absent, r1jax's default (V3 report §4.2) stays.
   if "aux_loss_alpha" in f.raw:
     fields["aux_loss_alpha"] = float(f.get("aux_loss_alpha"))
   if arch == V3:
@@ -218,8 +223,11 @@ _SHARED_DEFAULTS = {"initializer_range": 0.02, "tie_word_embeddings": False, "at
                     "seq_aux": True}
 
 
-def from_hf(raw: dict) -> tuple[dict, HFInfo]:
-  """(ModelConfig field values, layout info) from a parsed config.json; raises ConfigError naming a field."""
+def from_hf(raw: dict, *, quiet: bool = False) -> tuple[dict, HFInfo]:
+  """(ModelConfig field values, layout info) from a parsed config.json; raises ConfigError naming a field.
+
+  `quiet` skips INFO notes on the mapping, for callers that only need the layout (hf.load_params).
+  """
   arch = architecture(raw)
   f = _Fields(raw, {**_SHARED_DEFAULTS, **_DEFAULTS[arch]})
   fields = {**_common(f), **_rope(f, arch)}
@@ -241,6 +249,9 @@ def from_hf(raw: dict) -> tuple[dict, HFInfo]:
     ModelConfig(**{**fields, "n_mtp": 0}).validate("model")
   except ConfigError as e:
     raise ConfigError(f"config.json maps to an invalid r1jax config: {e}") from None
+  if arch == V3 and "aux_loss_alpha" in raw and not quiet:
+    log.info("aux_loss_alpha=%g from config.json (the V3 report §4.2 trained with 1e-4; override with "
+             "model.aux_loss_alpha=1e-4)", fields["aux_loss_alpha"])
   return fields, HFInfo(arch=arch, **info)
 
 
@@ -308,6 +319,7 @@ def to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
              seq_aux=True)
   if arch == V3:
     need(cfg.score_func == "sigmoid", "score_func", "DeepseekV3 scores experts with a sigmoid")
+    need(cfg.has_router_bias, "router_bias", "DeepseekV3's gate always has an e_score_correction_bias")
     out.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=True,
                num_nextn_predict_layers=cfg.n_mtp)
   else:
