@@ -61,7 +61,6 @@ def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
   Routing replay: given `experts_TxK` (e.g. the sampler's choices), those experts are used and only their
   gates are recomputed (differentiably), so two forward passes compute one function.
   """
-  T, E, G = x_TxD.shape[0], cfg.n_routed_experts, cfg.n_expert_groups
   logits_TxE = x_TxD.astype(jnp.float32) @ router["w"].astype(jnp.float32)
   if cfg.score_func == "sigmoid":
     scores_TxE = jax.nn.sigmoid(logits_TxE)
