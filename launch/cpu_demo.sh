@@ -5,4 +5,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
 export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_PLATFORMS=cpu
-exec .venv/bin/r1jax sft configs/tiny.yaml "$@"
+# Each demo run gets its own run directory under runs/ (config, checkpoints, metrics.jsonl, events, plots).
+exec .venv/bin/r1jax sft configs/tiny.yaml "train.name=demo-$(date +%Y%m%d-%H%M%S)" "$@"

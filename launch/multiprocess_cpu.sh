@@ -2,8 +2,8 @@
 # Two local JAX processes x 4 fake CPU devices, joined by jax.distributed on 127.0.0.1 with gloo
 # collectives, train a few steps of the tiny model on one 8-device mesh whose expert axis spans both.
 # Usage: launch/multiprocess_cpu.sh [CONFIG [section.field=value ...]]
-# Env: PYTHON (default python), NPROC (2), DEVICES (4 per process), STEPS (3), PORT (a free one),
-# OUT (process 0 writes every step's metrics there as JSON lines).
+# Env: PYTHON (default python), NPROC (2), DEVICES (4 per process), STEPS (3), PORT (a free one).
+# The run directory comes from the config (train.run_dir/train.name); process 0 writes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -13,7 +13,7 @@ PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.
 pids=()
 for ((i = 0; i < NPROC; i++)); do
   "$PYTHON" -m r1jax.cli sft --process-id "$i" --num-processes "$NPROC" --coordinator "127.0.0.1:$PORT" \
-    --cpu-devices "${DEVICES:-4}" ${OUT:+--metrics "$OUT"} "$@" "train.steps=${STEPS:-3}" &
+    --cpu-devices "${DEVICES:-4}" "$@" "train.steps=${STEPS:-3}" &
   pids+=($!)
 done
 # If one process fails the others would wait on it forever: stop them.

@@ -1,47 +1,151 @@
-"""Parameter checkpoints: an orbax save of the params pytree plus the model config as a YAML of overrides
-beside it, so a checkpoint is self-describing (`r1jax import-hf` writes one, `r1jax export-hf` reads one).
+"""Checkpoints over orbax's CheckpointManager: each step directory holds the params, the rest of the
+TrainState (optimizer state, step, rng, non-finite counters) and every process's data-iterator state;
+DIR/config.yaml beside them makes the directory self-describing. Orbax writes a step to a temporary
+directory and renames it when complete, so a killed save never looks like a checkpoint.
 
-Layout: DIR/config.yaml (`model:` section, loadable with config.load) and DIR/params/ (orbax)."""
+Training runs write RUN/checkpoints/; `r1jax import-hf` writes the same format with params only (step 0),
+and `r1jax export-hf` reads the newest step's params."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
 from r1jax import config as config_lib
-from r1jax import model
-from r1jax.config import RunConfig
+from r1jax import memory, model
+from r1jax.config import CheckpointConfig, RunConfig
 from r1jax.nn import layers
 
-CONFIG, PARAMS = "config.yaml", "params"
+log = logging.getLogger(__name__)
+CONFIG = "config.yaml"
+_TRAIN_FIELDS = ("step", "opt_state", "rng", "bad_steps", "skipped_steps")
 
 
-def save_params(directory: str | Path, params: dict, cfg: RunConfig) -> Path:
-  """Write params (sharded arrays; each process writes its own shards) and the model config."""
-  directory = Path(directory).absolute()
-  if (directory / PARAMS).exists():
-    raise FileExistsError(f"{directory / PARAMS} already exists; choose a new checkpoint directory")
-  directory.mkdir(parents=True, exist_ok=True)
+def checkpoint_dir(path: str | Path) -> Path:
+  """A run directory or a checkpoint directory -> the checkpoint directory."""
+  path = Path(path).absolute()
+  return path / "checkpoints" if (path / "checkpoints" / CONFIG).exists() else path
+
+
+def write_config(directory: Path, cfg: RunConfig):
   if jax.process_index() == 0:
-    text = yaml.safe_dump({"model": dataclasses.asdict(cfg.model)}, sort_keys=False)
-    (directory / CONFIG).write_text(text)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / PARAMS, params)
-  checkpointer.wait_until_finished()
-  return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def load_config(directory: str | Path, overrides=()) -> RunConfig:
-  return config_lib.load(Path(directory) / CONFIG, overrides)
+  return config_lib.load(checkpoint_dir(directory) / CONFIG, overrides)
+
+
+def gather_process_states(state: dict | None) -> list | None:
+  """Every process's JSON-able iterator state, on every process (one small all-gather of bytes)."""
+  if state is None:
+    return None
+  if jax.process_count() == 1:
+    return [state]
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  size = int(multihost_utils.process_allgather(np.array([raw.size])).max())
+  padded = np.zeros(size, np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(r).rstrip(b"\0")) for r in rows]
+
+
+class Manager:
+  """Save every `every` steps (asynchronously), keep the newest `keep`, restore the newest readable one."""
+
+  def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                           create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self.every = cfg.every
+
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def save(self, step: int, state, data_states: list | None = None, force: bool = False) -> bool:
+    """Save at multiples of `every` (or when forced); the write finishes in the background."""
+    if not force and step % self.every:
+      return False
+    items = {"params": ocp.args.StandardSave(state.params),
+             "train": ocp.args.StandardSave({k: getattr(state, k) for k in _TRAIN_FIELDS})}
+    if data_states is not None:
+      items["data"] = ocp.args.JsonSave({"processes": data_states})
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def save_params(self, params: dict):
+    """A params-only checkpoint at step 0 (what `r1jax import-hf` writes)."""
+    self._mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+
+  def restore_params(self, cfg: RunConfig, mesh, step: int | None = None) -> dict:
+    step = self.steps()[-1] if step is None else step
+    target = _abstract_params(cfg, mesh)
+    return self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+  def restore(self, cfg: RunConfig, mesh) -> tuple[object, list | None] | None:
+    """(TrainState, data states) of the newest complete, readable checkpoint, placed in the shardings of
+    `mesh` (any mesh: 8 devices -> 2, expert axis -> data axis); None if there is none. An unreadable newest
+    step is reported by name and the one before it is used."""
+    for step in reversed(self.steps()):
+      try:
+        return self._restore_step(step, cfg, mesh)
+      except Exception as e:  # noqa: BLE001  (orbax raises many kinds on a damaged step)
+        log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", self.directory / str(step),
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    return None
+
+  def _restore_step(self, step: int, cfg: RunConfig, mesh):
+    abstract = memory.abstract_state(cfg, mesh)
+    train_target = {k: getattr(abstract, k) for k in _TRAIN_FIELDS}
+    items = {"params": ocp.args.StandardRestore(abstract.params), "train": ocp.args.StandardRestore(train_target)}
+    has_data = (self.directory / str(step) / "data").exists()
+    if has_data:
+      items["data"] = ocp.args.JsonRestore()
+    got = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    state = abstract.replace(params=got["params"], **got["train"])
+    return state, got["data"]["processes"] if has_data else None
+
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def _abstract_params(cfg: RunConfig, mesh) -> dict:
+  abstract = model.abstract(cfg.model)
+  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.value.shape, p.value.dtype, sharding=s), abstract,
+                      layers.shardings(abstract, mesh), is_leaf=layers.is_param)
+
+
+def save_params(directory: str | Path, params: dict, cfg: RunConfig) -> Path:
+  """A params-only checkpoint with its config (each process writes its own shards)."""
+  directory = Path(directory).absolute()
+  if directory.exists() and any(directory.iterdir()):
+    raise FileExistsError(f"{directory} is not empty; choose a new checkpoint directory")
+  write_config(directory, cfg)
+  mngr = Manager(directory, CheckpointConfig(async_save=False))
+  mngr.save_params(params)
+  mngr.close()
+  return directory
 
 
 def load_params(directory: str | Path, cfg: RunConfig, mesh) -> dict:
-  """Restore params straight into their shardings on `mesh` (from sharding.RULES)."""
-  abstract = model.abstract(cfg.model)
-  target = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.value.shape, p.value.dtype, sharding=s), abstract,
-                        layers.shardings(abstract, mesh), is_leaf=layers.is_param)
-  return ocp.StandardCheckpointer().restore(Path(directory).absolute() / PARAMS, target)
+  """The newest checkpoint's params, restored straight into their shardings on `mesh` (sharding.RULES)."""
+  mngr = Manager(checkpoint_dir(directory), CheckpointConfig(async_save=False))
+  if not mngr.steps():
+    raise FileNotFoundError(f"{checkpoint_dir(directory)} holds no checkpoint")
+  params = mngr.restore_params(cfg, mesh)
+  mngr.close()
+  return params

@@ -46,13 +46,40 @@ def _sft(args) -> int:
   from r1jax import distributed  # before jax initialises its backends
 
   joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
-  from r1jax import demo
+  from r1jax import loop
 
-  demo.run_sft(cfg, args.metrics)
-  if joined:
-    import jax
+  run_dir = loop.run_directory(cfg, args.config)
+  try:
+    loop.fit(cfg, run_dir, resume=args.resume)
+  except loop.TrainingStopped as e:
+    print(f"r1jax: {e}", file=sys.stderr)
+    return 3
+  finally:
+    if joined:
+      import jax
 
-    jax.distributed.shutdown()
+      jax.distributed.shutdown()
+  print(f"run directory: {run_dir} (metrics.jsonl, events/, plots/, checkpoints/)")
+  return 0
+
+
+def _generate(args) -> int:
+  from r1jax import checkpoint, sampler, sharding, tokenizer
+
+  cfg = checkpoint.load_config(args.ckpt, args.overrides)
+  prompts = list(args.prompt or []) + (sampler.read_prompts(args.prompts) if args.prompts else [])
+  if not prompts:
+    raise config_lib.ConfigError("generate: give --prompt TEXT or --prompts FILE.jsonl")
+  tok = tokenizer.load(cfg.data.tokenizer)
+  mesh = sharding.make_mesh(cfg.mesh)
+  import jax
+
+  with jax.set_mesh(mesh):
+    params = checkpoint.load_params(args.ckpt, cfg, mesh)
+    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    outs = sampler.greedy_full_forward(params, ids, cfg.model, args.max_new_tokens, tok.eos_id, tok.pad_id)
+  for prompt, out in zip(prompts, outs):
+    print(f"{prompt}{tok.decode([i for i in out if i != tok.eos_id])}")
   return 0
 
 
@@ -87,7 +114,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("sft", help="supervised training of a config on a built-in task (one process or many)")
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
-  p.add_argument("--metrics", help="process 0 writes every step's metrics here (JSON lines)")
+  p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir/train.name")
   multi = p.add_argument_group("multi-process runs (TPU pods, SLURM, Open MPI and JAX_COORDINATOR_ADDRESS are "
                                "detected; elsewhere give all three)")
   multi.add_argument("--coordinator", help="host:port of process 0")
@@ -95,6 +122,13 @@ def main(argv=None) -> int:
   multi.add_argument("--process-id", type=int)
   multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
   p.set_defaults(fn=_sft)
+  p = sub.add_parser("generate", help="greedy completions of prompts from a checkpoint (or run directory)")
+  p.add_argument("ckpt")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+  p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} records")
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.set_defaults(fn=_generate)
   p = sub.add_parser("import-hf", help="Hugging Face model directory -> r1jax checkpoint")
   p.add_argument("dir")
   p.add_argument("out")

@@ -207,14 +207,54 @@ class TrainConfig:
   """The training loop: how long, how big a batch, where to write."""
 
   steps: int = 60
-  batch_size: int = 16
+  batch_size: int = 16  # global rows per optimizer step (all micro-batches together)
   seq_len: int = 64
+  grad_accum: int = 1  # micro-batches per optimizer step; batch_size must divide by it
   seed: int = 0
   log_every: int = 5
-  task: Literal["copy", "reverse", "sort"] = "reverse"
+  max_bad_steps: int = 3  # non-finite loss/grads this many steps in a row stops the run
+  run_dir: str = "runs"  # a run writes to run_dir/name
+  name: str = ""  # "": the config file's stem
 
   def validate(self, prefix: str = "train"):
-    for name in ["steps", "batch_size", "seq_len", "log_every"]:
+    for name in ["steps", "batch_size", "seq_len", "log_every", "grad_accum", "max_bad_steps"]:
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
+    if self.batch_size % self.grad_accum:
+      _fail(f"{prefix}.grad_accum", self.grad_accum, f"must divide train.batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where SFT examples come from and how they become token batches (data.py, tokenizer.py)."""
+
+  source: str = "task:copy"  # "task:<copy|reverse|sort>" (generated, no files) or a JSONL file
+  eval_source: str = ""  # optional held-out JSONL or task
+  tokenizer: str = "bytes"  # "bytes" (built in, no files) or a `tokenizers` JSON file
+  pack: bool = True  # several examples per row, with segment ids and per-segment positions
+  shuffle: bool = True
+  seed: int = 0
+  task_examples: int = 100_000  # examples a generated task dataset holds (an epoch)
+  task_digits: int = 8  # digits per generated task example
+
+  def validate(self, prefix: str = "data"):
+    if not self.source:
+      _fail(f"{prefix}.source", self.source, "must be task:<name> or a JSONL path")
+    for name in ["task_examples", "task_digits"]:
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints of a run (checkpoint.py): TrainState, data iterator state and config."""
+
+  every: int = 50  # steps between saves (and one at the end, and on SIGTERM/SIGINT)
+  keep: int = 3  # newest complete checkpoints kept
+  async_save: bool = True
+
+  def validate(self, prefix: str = "checkpoint"):
+    for name in ["every", "keep"]:
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
 
@@ -225,6 +265,8 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
+  data: DataConfig = DataConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
 
   def validate(self):
     for f in dataclasses.fields(self):

@@ -48,7 +48,8 @@ def abstract_state(cfg: RunConfig, mesh):
   opt_state = jax.eval_shape(tx.init, params)
   opt_state = jax.tree.map(sds, opt_state, train.optimizer_shardings(tx, params, specs, P()))
   step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
-  return train.TrainState(step, params, opt_state, cfg.model, tx)
+  rng = sds(jax.ShapeDtypeStruct((2,), jnp.uint32), P())
+  return train.TrainState(step, params, opt_state, rng, step, step, cfg.model, tx, cfg.train.grad_accum)
 
 
 def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:

@@ -15,11 +15,17 @@ from r1jax.config import ModelConfig, OptimConfig, RunConfig
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  """Everything a resume needs: a restored state continues bit-exactly."""
+
+  step: jax.Array  # optimizer steps taken (skipped ones included: their data was consumed)
   params: dict
   opt_state: Any
+  rng: jax.Array  # uint32 key data (checkpointable); wrap with jax.random.wrap_key_data
+  bad_steps: jax.Array  # non-finite steps in a row (the update was not applied)
+  skipped_steps: jax.Array  # non-finite steps in all
   cfg: ModelConfig = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  grad_accum: int = flax.struct.field(pytree_node=False, default=1)  # micro-batches per step
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -57,25 +63,78 @@ def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   opt_shardings = None if mesh is None else optimizer_shardings(
       tx, params, jax.tree.map(lambda x: x.sharding, params), sharding.named(mesh, ()))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  return TrainState(jnp.zeros((), jnp.int32), params, opt_state, cfg.model, tx)
+  zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
+  rng = jax.random.key_data(jax.random.fold_in(key, 1))
+  return TrainState(zero(), params, opt_state, rng, zero(), zero(), cfg.model, tx, cfg.train.grad_accum)
 
 
-def loss_fn(params: dict, batch: dict, cfg: ModelConfig):
-  """Next-token CE + MTP loss + sequence-wise balance loss; returns (loss, (metrics, router stats))."""
+def loss_totals(batch: dict, cfg: ModelConfig) -> dict:
+  """Units each loss averages over, for the whole batch: passed to loss_fn of each micro-batch so that
+  accumulated micro-batch gradients equal the large batch's."""
+  tokens = batch["tokens"]
+  seg = batch.get("segment_ids", jnp.zeros_like(tokens))
+  token_mask = batch.get("token_mask", jnp.ones_like(tokens))
+  totals = {"tokens": batch["loss_mask"].astype(jnp.float32).sum(),
+            "sequences": losses.count_sequences(token_mask, seg)}
+  if cfg.n_mtp:
+    totals["mtp_tokens"] = jnp.stack([m.sum() for m in losses.mtp_masks(batch["loss_mask"], seg, cfg.n_mtp)])
+  return totals
+
+
+def loss_fn(params: dict, batch: dict, cfg: ModelConfig, totals: dict | None = None):
+  """Next-token CE + MTP loss + sequence-wise balance loss; returns (loss, (metrics, router stats)).
+
+  With `totals` (loss_totals of a larger batch) each term is this batch's share of that batch's mean.
+  """
   segment_ids = batch.get("segment_ids")
   out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch.get("positions"),
                     segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"))
-  ce, n_tokens = losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"])
+  totals = totals or {}
+  ce, n_tokens = losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"], totals.get("tokens"))
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
     seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
-    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_logits_NxBxLxV, batch["targets"], batch["loss_mask"], seg, cfg)
+    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_logits_NxBxLxV, batch["targets"], batch["loss_mask"], seg, cfg,
+                                          totals.get("mtp_tokens"))
     loss = loss + metrics["mtp_loss"]
   if out.router:
-    metrics["aux_loss"] = losses.router_aux_loss(out.router)
-    loss = loss + metrics["aux_loss"]
+    aux = losses.router_aux_loss(out.router)
+    if "sequences" in totals:
+      seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
+      token_mask = batch.get("token_mask", jnp.ones_like(batch["tokens"]))
+      aux = aux * losses.count_sequences(token_mask, seg) / jnp.maximum(totals["sequences"], 1.0)
+    metrics["aux_loss"] = aux
+    loss = loss + aux
   metrics["loss"] = loss
   return loss, (metrics, out.router)
+
+
+def accumulated_grads(params: dict, batch: dict, cfg: ModelConfig, n_micro: int):
+  """Gradients of loss_fn over `n_micro` micro-batches (rows split in order), run one after another with
+  lax.scan so activations are held for one micro-batch only. Equals one large batch up to fp32 rounding.
+
+  Returns (metrics, router stats with loads and drops summed), grads.
+  """
+  totals = loss_totals(batch, cfg)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if n_micro == 1:
+    (_, (metrics, router)), grads = grad_fn(params, batch, cfg, totals)
+    return (metrics, router), grads
+  micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+
+  def body(acc, mb):
+    mb = jax.tree.map(lambda x: sharding.constrain(x, "batch", *([None] * (x.ndim - 1))), mb)
+    (_, (metrics, router)), grads = grad_fn(params, mb, cfg, totals)
+    stats = {k: {"load": s["load"], "dropped_pairs": s["dropped_pairs"], "aux_loss": s["aux_loss"]}
+             for k, s in router.items()}
+    out = (metrics, stats, grads)
+    return jax.tree.map(jnp.add, acc, out) if acc is not None else out, None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  acc, _ = body(None, first)
+  acc, _ = jax.lax.scan(body, acc, jax.tree.map(lambda x: x[1:], micro))
+  metrics, router, grads = acc
+  return (metrics, router), grads
 
 
 def load_metrics(router: dict) -> dict:
@@ -87,15 +146,23 @@ def load_metrics(router: dict) -> dict:
 
 
 def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One supervised step: gradients, optimizer update, then the aux-loss-free router-bias update."""
-  (_, (metrics, router)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, state.cfg)
+  """One supervised step: gradients (accumulated over micro-batches), the optimizer update, then the
+  aux-loss-free router-bias update. A non-finite loss or gradient norm leaves params, optimizer state and
+  biases untouched and is counted (bad_steps in a row, skipped_steps in all)."""
+  (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.grad_accum)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if router:
     params = model.update_router_bias(params, router, state.cfg)
     metrics.update(load_metrics(router))
   metrics["grad_norm"] = optax.tree.norm(grads)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  bad = jnp.where(finite, 0, state.bad_steps + 1)
+  skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+  metrics.update(skipped_steps=skipped, bad_steps=bad)
+  return state.replace(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state), bad_steps=bad, skipped_steps=skipped), metrics
 
 
 def state_shardings(state: TrainState):
@@ -106,8 +173,13 @@ def batch_shardings(batch: dict, mesh) -> dict:
   return {k: sharding.named(mesh, ("batch", "seq")) for k in batch}
 
 
-def jit_sft_step(state: TrainState, batch: dict, mesh):
-  """sft_step compiled once: state keeps its shardings and is donated; the batch is split over "batch"."""
+def jit_step(step_fn, state: TrainState, batch: dict, mesh):
+  """A pure (state, batch) -> (state, metrics) step compiled once: the state keeps its shardings and is
+  donated; every batch array is split over "batch" (rows) and replicated along the sequence."""
   shardings = state_shardings(state)
-  return jax.jit(sft_step, in_shardings=(shardings, batch_shardings(batch, mesh)),
+  return jax.jit(step_fn, in_shardings=(shardings, batch_shardings(batch, mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)
+
+
+def jit_sft_step(state: TrainState, batch: dict, mesh):
+  return jit_step(sft_step, state, batch, mesh)

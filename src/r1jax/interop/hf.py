@@ -254,8 +254,8 @@ def import_command(model_dir: str, out: str, overrides=()) -> int:
 
   _cli_logging()
   cfg = read_config(model_dir, overrides)
-  if (Path(out) / checkpoint.PARAMS).exists():
-    return _fail(f"{Path(out) / checkpoint.PARAMS} already exists; choose a new checkpoint directory")
+  if Path(out).exists() and any(Path(out).iterdir()):
+    return _fail(f"{out} is not empty; choose a new checkpoint directory")
   try:
     params = load_params(model_dir, cfg.model, sharding.make_mesh(cfg.mesh))
   except CheckpointError as e:
