@@ -152,7 +152,7 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path):
   small = sharding.make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])  # 2 devices, experts whole
   state, iterator, _ = _train(cfg, big, 2)
   mngr = checkpoint.Manager(tmp_path, cfg.checkpoint)
-  mngr.save(2, state, checkpoint.gather_process_states(iterator.get_state()), force=True)
+  mngr.save(2, state, checkpoint.gather_process_states(iterator.get_state()))
   mngr.wait()
   _, _, next_big = _train(cfg, big, 1, state, iterator)
   with jax.set_mesh(small):
@@ -170,7 +170,7 @@ def test_damaged_newest_checkpoint_falls_back_by_name(tmp_path, caplog):
   state, iterator, _ = _train(cfg, mesh, 1)
   mngr = checkpoint.Manager(tmp_path, cfg.checkpoint)
   for step in (1, 2):
-    mngr.save(step, state.replace(step=state.step * 0 + step), [iterator.get_state()], force=True)
+    mngr.save(step, state.replace(step=state.step * 0 + step), [iterator.get_state()])
   mngr.wait()
   for f in (tmp_path / "2" / "params").rglob("*"):  # truncate every data file of the newest step
     if f.is_file() and f.stat().st_size > 64:

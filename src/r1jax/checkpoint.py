@@ -19,9 +19,8 @@ import orbax.checkpoint as ocp
 import yaml
 
 from r1jax import config as config_lib
-from r1jax import memory, model
+from r1jax import memory
 from r1jax.config import CheckpointConfig, RunConfig
-from r1jax.nn import layers
 
 log = logging.getLogger(__name__)
 CONFIG = "config.yaml"
@@ -73,10 +72,11 @@ class Manager:
   def steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
-  def save(self, step: int, state, data_states: list | None = None, force: bool = False) -> bool:
-    """Save at multiples of `every` (or when forced); the write finishes in the background."""
-    if not force and step % self.every:
-      return False
+  def due(self, step: int) -> bool:
+    return step % self.every == 0
+
+  def save(self, step: int, state, data_states: list | None = None) -> bool:
+    """Save `state` (and the data states) as `step`; the write finishes in the background."""
     items = {"params": ocp.args.StandardSave(state.params),
              "train": ocp.args.StandardSave({k: getattr(state, k) for k in _TRAIN_FIELDS})}
     if data_states is not None:
@@ -89,7 +89,7 @@ class Manager:
 
   def restore_params(self, cfg: RunConfig, mesh, step: int | None = None) -> dict:
     step = self.steps()[-1] if step is None else step
-    target = _abstract_params(cfg, mesh)
+    target = memory.abstract_state(cfg, mesh).params
     return self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
 
   def restore(self, cfg: RunConfig, mesh) -> tuple[object, list | None] | None:
@@ -121,12 +121,6 @@ class Manager:
   def close(self):
     self._mngr.wait_until_finished()
     self._mngr.close()
-
-
-def _abstract_params(cfg: RunConfig, mesh) -> dict:
-  abstract = model.abstract(cfg.model)
-  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.value.shape, p.value.dtype, sharding=s), abstract,
-                      layers.shardings(abstract, mesh), is_leaf=layers.is_param)
 
 
 def save_params(directory: str | Path, params: dict, cfg: RunConfig) -> Path:

@@ -5,7 +5,6 @@ checkpoints/, metrics.jsonl, events/, plots/) and resumes from it exactly, data 
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import time
 from pathlib import Path
@@ -15,8 +14,6 @@ import numpy as np
 
 from r1jax import checkpoint, data, metrics, sharding, train
 from r1jax.config import ConfigError, RunConfig
-
-log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
@@ -100,8 +97,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
                                 f"(train.max_bad_steps={cfg.train.max_bad_steps}); updates were skipped, the last "
                                 f"good checkpoint is {mngr.steps()[-1] if mngr.steps() else 'none'}")
         last = step == cfg.train.steps or _any_process(bool(stop))
-        if m["bad_steps"] == 0:  # never checkpoint in the middle of a non-finite streak
-          mngr.save(step, state, checkpoint.gather_process_states(iterator.get_state()), force=last)
+        if m["bad_steps"] == 0 and (last or mngr.due(step)):  # never in the middle of a non-finite streak
+          mngr.save(step, state, checkpoint.gather_process_states(iterator.get_state()))
         if last and step < cfg.train.steps:
           writer.log_line(f"stop signal: saved step {step} to {run_dir / 'checkpoints'}; --resume continues")
           break

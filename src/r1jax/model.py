@@ -140,11 +140,6 @@ def _set(tree: dict, path, value) -> dict:
   return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
-def router_biases(params: dict) -> dict:
-  """{router stats key: stacked selection bias} of every MoE stack that has one."""
-  return {name: _get(params, path) for name, path in _router_bias_paths(params)}
-
-
 def update_router_bias(params: dict, router: dict, cfg: ModelConfig) -> dict:
   """Apply the aux-loss-free bias update (moe.update_bias) to every MoE layer from its observed load."""
   for name, path in _router_bias_paths(params):
