@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from r1jax import config, data, model, sharding, tokenizer, train
+from r1jax import cli, config, data, losses, model, sharding, tokenizer, train
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 BYTES = tokenizer.ByteTokenizer()
@@ -76,6 +76,20 @@ def test_prompt_masking(tmp_path):
     learned = batch["targets"][r][batch["loss_mask"][r] == 1]
     assert BYTES.decode(learned[:-1]) == record["completion"] and learned[-1] == BYTES.eos_id
   assert not batch["token_mask"][2:].any() and not batch["loss_mask"][2:].any()  # eval-style padded rows
+  # the loss's gradient w.r.t. the logits vanishes exactly at prompt (and padding) positions, not elsewhere
+  logits = jax.random.normal(jax.random.key(0), (*batch["tokens"].shape, 300))
+  g = jax.grad(lambda x: losses.cross_entropy(x, batch["targets"], batch["loss_mask"])[0])(logits)
+  per_position = np.abs(np.asarray(g)).sum(-1)
+  assert (per_position[batch["loss_mask"] == 0] == 0).all() and (per_position[batch["loss_mask"] == 1] > 0).all()
+
+
+def test_cli_reports_a_bad_record_in_one_line(tmp_path, capsys):
+  path = _write(tmp_path / "bad.jsonl", [*_records(3), {"prompt": "x"}])
+  argv = ["sft", str(TINY), f"data.source={path}", "data.shuffle=false", "train.steps=1", "train.seq_len=31",
+          f"train.run_dir={tmp_path}", "mesh.data=8", "train.batch_size=8"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"r1jax: data error: {path}:4: ")
 
 
 def test_packing_keeps_every_example_intact_once_per_epoch(tmp_path):

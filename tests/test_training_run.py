@@ -176,9 +176,21 @@ def test_damaged_newest_checkpoint_falls_back_by_name(tmp_path, caplog):
     if f.is_file() and f.stat().st_size > 64:
       f.write_bytes(f.read_bytes()[:16])
   with caplog.at_level(logging.WARNING, logger="r1jax.checkpoint"), jax.set_mesh(mesh):
-    restored, _ = checkpoint.Manager(tmp_path, cfg.checkpoint).restore(cfg, mesh)
-  assert int(restored.step) == 1
-  assert any(str(tmp_path / "2") in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    resumed = checkpoint.Manager(tmp_path, cfg.checkpoint)
+    restored, _ = resumed.restore(cfg, mesh)
+    assert int(restored.step) == 1
+    assert any(str(tmp_path / "2") in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    # the damaged step is kept aside, and the resumed run can write step 2 again
+    assert (tmp_path / "unreadable-2").is_dir() and resumed.steps() == [1]
+    resumed.save(2, restored.replace(step=restored.step + 1), [iterator.get_state()])
+    resumed.wait()
+    assert resumed.steps() == [1, 2] and int(resumed.restore(cfg, mesh)[0].step) == 2
+    for f in (tmp_path / "1" / "params").rglob("*"):  # nothing readable left: an error, not a fresh start
+      if f.is_file() and f.stat().st_size > 64:
+        f.write_bytes(f.read_bytes()[:16])
+    (tmp_path / "2").rename(tmp_path / "moved")
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+      checkpoint.Manager(tmp_path, cfg.checkpoint).restore(cfg, mesh)
 
 
 def test_existing_run_without_resume_is_refused(tmp_path, capsys):

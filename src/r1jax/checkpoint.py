@@ -96,13 +96,32 @@ class Manager:
     """(TrainState, data states) of the newest complete, readable checkpoint, placed in the shardings of
     `mesh` (any mesh: 8 devices -> 2, expert axis -> data axis); None if there is none. An unreadable newest
     step is reported by name and the one before it is used."""
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    for step in reversed(steps):
       try:
         return self._restore_step(step, cfg, mesh)
       except Exception as e:  # noqa: BLE001  (orbax raises many kinds on a damaged step)
-        log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", self.directory / str(step),
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        aside = self._set_aside(step)
+        log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
+                    self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                    aside)
+    if steps:
+      raise RuntimeError(f"{self.directory}: none of the checkpoints {steps} is readable (moved aside as "
+                         "unreadable-STEP); nothing to resume from")
     return None
+
+  def _set_aside(self, step: int) -> Path:
+    """Move an unreadable step out of orbax's sight (kept for inspection, not deleted), so the resumed run
+    can save that step number again."""
+    aside = self.directory / f"unreadable-{step}"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"r1jax checkpoint set aside {step}")
+    self._mngr.reload()
+    return aside
 
   def _restore_step(self, step: int, cfg: RunConfig, mesh):
     abstract = memory.abstract_state(cfg, mesh)

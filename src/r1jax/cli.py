@@ -46,7 +46,7 @@ def _sft(args) -> int:
   from r1jax import distributed  # before jax initialises its backends
 
   joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
-  from r1jax import loop
+  from r1jax import data, loop
 
   run_dir = loop.run_directory(cfg, args.config)
   try:
@@ -54,6 +54,9 @@ def _sft(args) -> int:
   except loop.TrainingStopped as e:
     print(f"r1jax: {e}", file=sys.stderr)
     return 3
+  except data.DataError as e:  # a bad record: `file:line: reason`, no traceback
+    print(f"r1jax: data error: {e}", file=sys.stderr)
+    return 2
   finally:
     if joined:
       import jax
@@ -80,6 +83,14 @@ def _generate(args) -> int:
     outs = sampler.greedy_full_forward(params, ids, cfg.model, args.max_new_tokens, tok.eos_id, tok.pad_id)
   for prompt, out in zip(prompts, outs):
     print(f"{prompt}{tok.decode([i for i in out if i != tok.eos_id])}")
+  return 0
+
+
+def _plot(args) -> int:
+  from r1jax import metrics
+
+  for path in metrics.plot_run(args.run):
+    print(path)
   return 0
 
 
@@ -129,6 +140,9 @@ def main(argv=None) -> int:
   p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} records")
   p.add_argument("--max-new-tokens", type=int, default=32)
   p.set_defaults(fn=_generate)
+  p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")
+  p.add_argument("run")
+  p.set_defaults(fn=_plot)
   p = sub.add_parser("import-hf", help="Hugging Face model directory -> r1jax checkpoint")
   p.add_argument("dir")
   p.add_argument("out")
@@ -148,6 +162,9 @@ def main(argv=None) -> int:
     return args.fn(args)
   except config_lib.ConfigError as e:
     print(f"r1jax: config error: {e}", file=sys.stderr)
+    return 2
+  except FileNotFoundError as e:
+    print(f"r1jax: {e}", file=sys.stderr)
     return 2
 
 

@@ -40,6 +40,13 @@ def shift_left(x_BxL, k: int, fill=0):
   return jnp.concatenate([x_BxL[:, k:], pad], axis=1)
 
 
+def _input(p: dict, h_BxLxD, next_tokens_BxL, embed_fn, cfg: ModelConfig):
+  """eq. 21: M [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]."""
+  e_BxLxD = layers.rms_norm(embed_fn(next_tokens_BxL), p["enorm"], cfg.norm_eps)
+  h_norm = layers.rms_norm(h_BxLxD, p["hnorm"], cfg.norm_eps)
+  return layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"])
+
+
 def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx: block.Context, cfg: ModelConfig,
           replay_NxBxLxK=None):
   """Returns (logits [n_mtp, B, L, V] where depth k (1-based) at i predicts token i+k+1, stacked stats).
@@ -50,10 +57,20 @@ def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx: block.Contex
   for k in range(1, cfg.n_mtp + 1):
     p = jax.tree.map(lambda a, k=k: a[k - 1], stack)
     replay = None if replay_NxBxLxK is None else replay_NxBxLxK[k - 1]
-    e_BxLxD = layers.rms_norm(embed_fn(shift_left(tokens_BxL, k)), p["enorm"], cfg.norm_eps)
-    h_norm = layers.rms_norm(h_BxLxD, p["hnorm"], cfg.norm_eps)
-    h_BxLxD = layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"])
+    h_BxLxD = _input(p, h_BxLxD, shift_left(tokens_BxL, k), embed_fn, cfg)
     h_BxLxD, s = block.apply(p["block"], h_BxLxD, ctx, cfg, is_moe=True, replay_BxLxK=replay)
     logits.append(head_fn(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps)))
     stats.append(s)
   return jnp.stack(logits), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def draft(stack: dict, h_BxTxD, next_tokens_BxT, cache: dict, embed_fn, head_fn, ctx: block.Context,
+          cfg: ModelConfig):
+  """Depth 1 as a draft model for speculative decoding: at slot i, from the main model's state h_i and the
+  token t_{i+1}, logits for t_{i+2}. Its block keeps its own KV cache ([n_mtp, ...], depth 1 used).
+  Returns (logits_BxTxV, cache)."""
+  p = jax.tree.map(lambda a: a[0], stack)
+  x_BxTxD = _input(p, h_BxTxD, next_tokens_BxT, embed_fn, cfg)
+  x_BxTxD, _, c = block.apply_cached(p["block"], x_BxTxD, jax.tree.map(lambda a: a[0], cache), ctx, cfg, is_moe=True)
+  cache = jax.tree.map(lambda a, new: a.at[0].set(new), cache, c)
+  return head_fn(layers.rms_norm(x_BxTxD, p["norm"], cfg.norm_eps)), cache
