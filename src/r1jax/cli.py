@@ -75,14 +75,37 @@ def _generate(args) -> int:
     raise config_lib.ConfigError("generate: give --prompt TEXT or --prompts FILE.jsonl")
   tok = tokenizer.load(cfg.data.tokenizer)
   mesh = sharding.make_mesh(cfg.mesh)
+  import time
+
   import jax
+  from rich.progress import Progress
 
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(args.ckpt, cfg, mesh)
     ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    outs = sampler.greedy_full_forward(params, ids, cfg.model, args.max_new_tokens, tok.eos_id, tok.pad_id)
-  for prompt, out in zip(prompts, outs):
-    print(f"{prompt}{tok.decode([i for i in out if i != tok.eos_id])}")
+    budget = len(prompts) * cfg.sampler.max_new_tokens
+    with Progress(transient=True) as bar:
+      task = bar.add_task("generating", total=budget)
+      t0 = time.perf_counter()
+      out = sampler.generate(params, ids, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                             key=jax.random.key(args.seed), on_chunk=lambda n: bar.update(task, completed=n))
+      texts = sampler.completions(out)
+      seconds = time.perf_counter() - t0
+  n_tokens = sum(len(t) for t in texts)
+  for prompt, completion in zip(prompts, texts):
+    print(f"{prompt}{tok.decode([i for i in completion if i != tok.eos_id])}")
+  print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / seconds:.1f} tokens/s, compilation included)",
+        file=sys.stderr)
+  return 0
+
+
+def _bench(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import bench
+
+  if args.what == "sampler":
+    result = bench.bench_sampler(cfg, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.speculative)
+  print(json.dumps(result, indent=None if args.json else 2))
   return 0
 
 
@@ -133,13 +156,25 @@ def main(argv=None) -> int:
   multi.add_argument("--process-id", type=int)
   multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
   p.set_defaults(fn=_sft)
-  p = sub.add_parser("generate", help="greedy completions of prompts from a checkpoint (or run directory)")
+  p = sub.add_parser("generate", help="completions of prompts from a checkpoint or run directory (KV-cache sampler; "
+                     "sampler.temperature=0 is greedy, sampler.max_new_tokens=N the budget)")
   p.add_argument("ckpt")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
   p.add_argument("--prompts", help="JSONL file of {\"prompt\": ...} records")
-  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=_generate)
+  p = sub.add_parser("bench", help="benchmarks with JSON output")
+  p.add_argument("what", choices=["sampler"])
+  p.add_argument("--config", default="configs/bench_gpu.yaml")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--prompt-len", type=int, default=64)
+  p.add_argument("--new-tokens", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--speculative", action="store_true", help="sampler: MTP speculative decoding (greedy)")
+  p.add_argument("--json", action="store_true", help="one line of JSON")
+  p.set_defaults(fn=_bench)
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")
   p.add_argument("run")
   p.set_defaults(fn=_plot)

@@ -260,6 +260,74 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Generation with a KV cache (sampler.py). temperature 0 is greedy."""
+
+  max_new_tokens: int = 64  # the token budget of each call (per row)
+  temperature: float = 1.0
+  top_p: float = 1.0  # nucleus: the smallest set of tokens with probability >= top_p (1: off)
+  top_k: int = 0  # 0: off
+  steps_per_call: int = 16  # decode steps per compiled call (progress is reported between calls)
+  speculative: bool = False  # greedy only: the MTP module drafts one token per step (V3 report §5.4.3)
+
+  def validate(self, prefix: str = "sampler"):
+    if self.max_new_tokens <= 0 or self.steps_per_call <= 0:
+      _fail(f"{prefix}.max_new_tokens", self.max_new_tokens, "must be positive (and steps_per_call too)")
+    if self.temperature < 0:
+      _fail(f"{prefix}.temperature", self.temperature, "must be >= 0 (0: greedy)")
+    if not 0 < self.top_p <= 1:
+      _fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
+    if self.top_k < 0:
+      _fail(f"{prefix}.top_k", self.top_k, "must be >= 0 (0: off)")
+    if self.speculative and self.temperature != 0:
+      _fail(f"{prefix}.speculative", self.speculative, "MTP speculative decoding is greedy: set sampler.temperature=0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Group-relative policy optimisation (DeepSeekMath §4; R1) and its variants (DAPO, Dr.GRPO, GSPO, RLOO)."""
+
+  task: str = "reverse"  # rl.tasks name: countdown, arith, copy, reverse, sort
+  template: Literal["r1zero", "short"] = "short"  # prompt template (rl.tasks); "short" fits tiny models
+  rewards: str = "accuracy:1.0,format:0.1"  # name:weight, comma-separated (rl.rewards registry)
+  prompts_per_step: int = 8
+  group_size: int = 8  # completions per prompt
+  advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+  adv_eps: float = 1e-6  # GRPO: (r - mean) / (std + eps)
+  zero_variance: Literal["count", "filter"] = "count"  # filter: DAPO dynamic sampling, resample to fill
+  max_resample_rounds: int = 3
+  loss: Literal["token", "sequence"] = "token"  # token: GRPO/DAPO clipped ratio; sequence: GSPO
+  aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+  clip_low: float = 0.2
+  clip_high: float = 0.28  # DAPO clip-higher
+  kl_beta: float = 0.0  # k3 KL to the frozen reference; 0 skips the reference forward
+  mu: int = 1  # optimisation iterations per batch of rollouts (on stored old log-probs)
+  tis_cap: float = 2.0  # truncated importance sampling cap C for the sampler/learner gap (0: off)
+  routing_replay: bool = True  # the learner routes completion tokens to the sampler's experts
+  mask_truncated: bool = False  # completions cut by the token budget leave the loss
+  overlong_buffer: int = 0  # DAPO overlong shaping over the last this-many tokens of the budget (0: off)
+  eval_every: int = 10
+  eval_prompts: int = 64
+  log_samples_every: int = 10
+
+  def validate(self, prefix: str = "grpo"):
+    for name in ["prompts_per_step", "group_size", "mu", "eval_every", "eval_prompts", "log_samples_every",
+                 "max_resample_rounds"]:
+      if getattr(self, name) <= 0:
+        _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
+    if self.group_size < 2:
+      _fail(f"{prefix}.group_size", self.group_size, "group advantages need >= 2 completions per prompt")
+    for name in ["clip_low", "clip_high", "kl_beta", "tis_cap", "adv_eps", "overlong_buffer"]:
+      if getattr(self, name) < 0:
+        _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+    for item in self.rewards.split(","):
+      name, sep, weight = item.partition(":")
+      if not name.strip() or not sep:
+        _fail(f"{prefix}.rewards", self.rewards, f"entry {item!r}: expected name:weight")
+      _float_from_str(f"{prefix}.rewards", weight)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
@@ -267,6 +335,8 @@ class RunConfig:
   train: TrainConfig = TrainConfig()
   data: DataConfig = DataConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  sampler: SamplerConfig = SamplerConfig()
+  grpo: GRPOConfig = GRPOConfig()
 
   def validate(self):
     for f in dataclasses.fields(self):

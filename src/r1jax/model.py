@@ -91,16 +91,9 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   chex.assert_equal_shape([tokens_BxL, positions_BxL, segment_ids_BxL, token_mask_BxL])
   routes = routes or {}
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
-  dtype = jnp.dtype(cfg.dtype)
   ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), attention_mask(segment_ids_BxL),
                       moe.Tokens(token_mask_BxL, segment_ids_BxL))
-  embed_fn = lambda t: layers.embed(params["embed"], t, dtype)  # noqa: E731
-  head_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
-
-  def head_fn(h_BxLxD):  # the output head stays fp32 (V3 report §3.3.1)
-    logits = layers.dense(h_BxLxD.astype(jnp.float32), head_DxV)
-    return constrain(logits, "batch", "seq", "act_vocab")
-
+  embed_fn, head_fn = _embed_fn(params, cfg), _head_fn(params, cfg)
   x_BxLxD = embed_fn(tokens_BxL)
   router = {}
   if cfg.n_dense_layers:
@@ -115,6 +108,78 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
     mtp_logits, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx, cfg,
                                           routes.get("mtp"))
   return Output(logits_BxLxV, mtp_logits, router, h_BxLxD)
+
+
+def _embed_fn(params: dict, cfg: ModelConfig):
+  return lambda tokens: layers.embed(params["embed"], tokens, jnp.dtype(cfg.dtype))
+
+
+def _head_fn(params: dict, cfg: ModelConfig):
+  """The output head; it stays fp32 (V3 report §3.3.1)."""
+  head_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
+  return lambda h: constrain(layers.dense(h.astype(jnp.float32), head_DxV), "batch", "seq", "act_vocab")
+
+
+class DecodeOutput(NamedTuple):
+  logits_BxTxV: jax.Array  # fp32
+  hidden_BxTxD: jax.Array  # after the final norm (what MTP drafts from)
+  router: dict  # {"moe_layers": stats} as in Output.router, over the T new tokens
+  cache: dict
+
+
+_STACKS = ("dense_layers", "moe_layers")
+
+
+def init_cache(cfg: ModelConfig, B: int, S: int) -> dict:
+  """Zero KV caches of S slots for B rows, one stacked cache per stack of blocks (and the MTP blocks),
+  in the compute dtype, laid out by logical names (rows over the batch axes)."""
+  counts = {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers, "mtp": cfg.n_mtp}
+  names = block.cache_names(cfg)
+  cache = {}
+  for stack, n in counts.items():
+    if n:
+      one = block.init_cache(cfg, B, S, jnp.dtype(cfg.dtype))
+      cache[stack] = {k: constrain(jnp.broadcast_to(v, (n, *v.shape)), "layers", *names[k]) for k, v in one.items()}
+  return cache
+
+
+def decode_context(write_B, T: int, S: int, cfg: ModelConfig, token_mask_BxT=None) -> block.Context:
+  """Positions write_B + [0, T) attending to every cache slot at or before their own."""
+  positions_BxT = write_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+  mask_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+  if token_mask_BxT is None:
+    token_mask_BxT = jnp.ones_like(positions_BxT)
+  tokens = moe.Tokens(token_mask_BxT.astype(jnp.int32), jnp.zeros_like(positions_BxT))
+  return block.Context(*rope.cos_sin(positions_BxT, cfg), mask_BxTxS, tokens, write_B)
+
+
+def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, token_mask_BxT=None) -> DecodeOutput:
+  """Run T new tokens per row at cache slots write_B + [0, T) (prefill: the prompt at 0; decode: one token),
+  extending the caches. Row b sees its slots <= its own position, so slots beyond a row's length may hold
+  anything: they are overwritten before they become visible. `token_mask` marks rows' real tokens (router
+  statistics and expert capacity count only those)."""
+  chex.assert_rank(tokens_BxT, 2)
+  S = jax.tree.leaves(cache)[0].shape[2]
+  ctx = decode_context(write_B, tokens_BxT.shape[1], S, cfg, token_mask_BxT)
+  x_BxTxD = _embed_fn(params, cfg)(constrain(tokens_BxT, "batch", "seq"))
+  router, new_cache = {}, dict(cache)
+  for stack in _STACKS:
+    if stack in params:
+      x_BxTxD, stats, new_cache[stack] = block.scan_cached(params[stack], x_BxTxD, cache[stack], ctx, cfg,
+                                                           is_moe=stack == "moe_layers")
+      if stats is not None:
+        router[stack] = stats
+  h_BxTxD = layers.rms_norm(x_BxTxD, params["final_norm"], cfg.norm_eps)
+  return DecodeOutput(_head_fn(params, cfg)(h_BxTxD), h_BxTxD, router, new_cache)
+
+
+def mtp_draft(params: dict, cache: dict, h_BxTxD, next_tokens_BxT, write_B, cfg: ModelConfig):
+  """The first MTP module as a one-token draft model (nn.mtp.draft); returns (logits_BxTxV, cache)."""
+  S = cache["mtp"]["ckv" if cfg.attention == "mla" else "k"].shape[2]
+  ctx = decode_context(write_B, h_BxTxD.shape[1], S, cfg)
+  logits, mtp_cache = mtp.draft(params["mtp"], h_BxTxD, next_tokens_BxT, cache["mtp"], _embed_fn(params, cfg),
+                                _head_fn(params, cfg), ctx, cfg)
+  return logits, {**cache, "mtp": mtp_cache}
 
 
 ROUTER_BIAS_PATHS = {"moe_layers": ("moe_layers", "ffn", "router", "bias"),

@@ -18,8 +18,9 @@ class Context(NamedTuple):
 
   cos: jax.Array  # rotary tables of each position
   sin: jax.Array
-  mask_BxLxL: jax.Array  # causal within each packed segment
+  mask_BxLxL: jax.Array  # causal within each packed segment; when decoding, [B, T, S] over the cache slots
   tokens: moe.Tokens  # real-token mask and segment ids for the router statistics
+  write_B: jax.Array | None = None  # decoding: the cache slot of each row's first new token
 
 
 def _attention(cfg: ModelConfig):
@@ -42,17 +43,37 @@ def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
   }
 
 
-def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK=None):
-  """Returns (x_BxLxD, router stats or None); `replay_BxLxK` fixes an MoE block's experts (routing replay)."""
-  h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cfg)
-  x_BxLxD = constrain(x_BxLxD, "batch", "seq", "act_embed")
+def _ffn(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK):
   h = layers.rms_norm(x_BxLxD, p["ffn_norm"], cfg.norm_eps)
   if is_moe:
     y, stats = moe.apply(p["ffn"], h, cfg, ctx.tokens, replay_BxLxK)
   else:
     y, stats = layers.mlp(p["ffn"], h), None
   return constrain(x_BxLxD + y, "batch", "seq", "act_embed"), stats
+
+
+def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK=None):
+  """Returns (x_BxLxD, router stats or None); `replay_BxLxK` fixes an MoE block's experts (routing replay)."""
+  h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
+  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cfg)
+  return _ffn(p, constrain(x_BxLxD, "batch", "seq", "act_embed"), ctx, cfg, is_moe, replay_BxLxK)
+
+
+def apply_cached(p: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, is_moe: bool):
+  """Decoding: attention reads and extends this block's KV cache. Returns (x_BxTxD, stats, cache)."""
+  h = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+  a, cache = _attention(cfg).apply_cached(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cache, ctx.write_B, cfg)
+  x_BxTxD, stats = _ffn(p, constrain(x_BxTxD + a, "batch", "seq", "act_embed"), ctx, cfg, is_moe, None)
+  return x_BxTxD, stats, cache
+
+
+def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
+  return _attention(cfg).init_cache(cfg, B, S, dtype)
+
+
+def cache_names(cfg: ModelConfig) -> dict:
+  """Logical axis names of one block's cache entries (a stacked cache adds "layers" in front)."""
+  return _attention(cfg).CACHE_NAMES
 
 
 _REMAT_POLICIES = {
@@ -71,3 +92,15 @@ def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, rep
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
   return jax.lax.scan(body, x_BxLxD, (stack, replay_NxBxLxK))
+
+
+def scan_cached(stack: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, is_moe: bool):
+  """Decode through a stack of blocks and their stacked caches; returns (x, stacked stats, caches)."""
+
+  def body(x, layer):
+    p, c = layer
+    x, stats, c = apply_cached(p, x, c, ctx, cfg, is_moe)
+    return x, (stats, c)
+
+  x_BxTxD, (stats, cache) = jax.lax.scan(body, x_BxTxD, (stack, cache))
+  return x_BxTxD, stats, cache

@@ -34,23 +34,49 @@ def _project(p: dict, name: str, x_BxLxD):
   return y + p[f"b{name}"].astype(y.dtype) if f"b{name}" in p else y
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
-  """Causal GQA with fp32 softmax; query heads are grouped per key/value head, never copied."""
+def _qkv(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
+  """Roped queries [B, L, H, Dh], roped keys and values [B, L, Hkv, Dh]."""
   B, L, _ = x_BxLxD.shape
-  H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   q_BxLxHxDh = constrain(_project(p, "q", x_BxLxD).reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
-  k_BxLxKxDh = _project(p, "k", x_BxLxD).reshape(B, L, K, Dh)
-  v_BxLxKxDh = _project(p, "v", x_BxLxD).reshape(B, L, K, Dh)
-  q_BxLxHxDh = rope.apply_rotate_half(q_BxLxHxDh, cos, sin)
-  k_BxLxKxDh = rope.apply_rotate_half(k_BxLxKxDh, cos, sin)
+  k_BxLxHkvxDh = _project(p, "k", x_BxLxD).reshape(B, L, Hkv, Dh)
+  v_BxLxHkvxDh = _project(p, "v", x_BxLxD).reshape(B, L, Hkv, Dh)
+  return (rope.apply_rotate_half(q_BxLxHxDh, cos, sin), rope.apply_rotate_half(k_BxLxHkvxDh, cos, sin),
+          v_BxLxHkvxDh)
 
+
+def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask_BxLxS, cfg: ModelConfig):
+  """Causal GQA with fp32 softmax; query heads are grouped per key/value head, never copied."""
+  B, L, H, Dh = q_BxLxHxDh.shape
+  Hkv = cfg.n_kv_heads
   f32 = jnp.float32
-  q_BxLxKxGxDh = q_BxLxHxDh.reshape(B, L, K, H // K, Dh)  # head h uses key/value head h // (H / K), as HF
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxDh, k_BxLxKxDh, preferred_element_type=f32)
+  q_BxLxHkvxGqxDh = q_BxLxHxDh.reshape(B, L, Hkv, H // Hkv, Dh)  # head h uses kv head h // (H / Hkv), as HF
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxHkvxGqxDh, k_BxSxHkvxDh, preferred_element_type=f32)
   # Llama/Qwen scale by 1/sqrt(head_dim) only; YaRN's temperature lives in cos/sin (rope.cos_sin_scale).
   scores = scores * Dh**-0.5
-  scores = jnp.where(mask_BxLxL[:, None, None], scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(x_BxLxD.dtype)
-  o_BxLxKxGxDh = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxLxKxDh)
-  o_BxLxHxDh = constrain(o_BxLxKxGxDh.reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
+  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxLxHxDh.dtype)
+  o_BxLxHkvxGqxDh = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxHkvxDh)
+  o_BxLxHxDh = constrain(o_BxLxHkvxGqxDh.reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDh.reshape(B, L, H * Dh), p["wo"])
+
+
+def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
+  q, k, v = _qkv(p, x_BxLxD, cos, sin, cfg)
+  return _attend(p, q, k, v, mask_BxLxL, cfg)
+
+
+def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
+  """A per-head key/value cache: 2 * n_kv_heads * head_dim values per token."""
+  shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_NAMES = {"k": ("batch", None, "act_heads", None), "v": ("batch", None, "act_heads", None)}
+
+
+def apply_cached(p: dict, x_BxTxD, cos, sin, mask_BxTxS, cache: dict, write_B, cfg: ModelConfig):
+  """Decode path: write this step's keys/values at slots write_B + [0, T), attend over the cache."""
+  q, k, v = _qkv(p, x_BxTxD, cos, sin, cfg)
+  cache = {"k": layers.write_rows(cache["k"], k, write_B), "v": layers.write_rows(cache["v"], v, write_B)}
+  return _attend(p, q, cache["k"], cache["v"], mask_BxTxS, cfg), cache

@@ -92,3 +92,10 @@ def mlp(p: dict, x_NxD):
 def embed(table_VxD, tokens_BxL, dtype):
   x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dtype)
   return sharding.constrain(x_BxLxD, "batch", "seq", "act_embed")
+
+
+def write_rows(cache_BxSx, new_BxTx, write_B):
+  """cache[b, write_B[b] + t] = new[b, t]: each row of a KV cache writes at its own position."""
+  zeros = (0,) * (cache_BxSx.ndim - 2)
+  put = lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, *zeros))  # noqa: E731
+  return jax.vmap(put)(cache_BxSx, new_BxTx, write_B)

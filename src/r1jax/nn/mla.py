@@ -30,31 +30,76 @@ def init(key, cfg: ModelConfig) -> dict:
   return p
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
-  """Training/prefill path: decompress per-head keys and values from the latent, causal softmax in fp32."""
+def _queries(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
+  """Per-head queries: (q_nope [B, L, H, Dn], roped q_pe [B, L, H, Dr])."""
   B, L, _ = x_BxLxD.shape
-  H, Dn, Dr, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
   if cfg.q_lora_rank:
     cq_BxLxRq = layers.rms_norm(layers.dense(x_BxLxD, p["wq_a"]), p["q_norm"], cfg.norm_eps)
     q = layers.dense(cq_BxLxRq, p["wq_b"])
   else:
     q = layers.dense(x_BxLxD, p["wq"])
-  q_BxLxHxDqk = constrain(q.reshape(B, L, H, Dn + Dr), "batch", "seq", "act_heads", None)
-  q_nope, q_pe = q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin)
+  q_BxLxHxDqk = constrain(q.reshape(B, L, cfg.n_heads, cfg.qk_head_dim), "batch", "seq", "act_heads", None)
+  Dn = cfg.qk_nope_head_dim
+  return q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin)
 
+
+def _latents(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
+  """What MLA caches per token: the normalised kv latent [B, L, R] and the roped shared key [B, L, Dr]."""
   kv_a = layers.dense(x_BxLxD, p["wkv_a"])
   ckv_BxLxR = layers.rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.norm_eps)
-  k_pe_BxLx1xDr = rope.apply(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)
+  k_pe_BxLxDr = rope.apply(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
+  return ckv_BxLxR, k_pe_BxLxDr
+
+
+def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
+  """Training/prefill path: decompress per-head keys and values from the latent, causal softmax in fp32."""
+  B, L, _ = x_BxLxD.shape
+  H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+  q_nope, q_pe = _queries(p, x_BxLxD, cos, sin, cfg)
+  ckv_BxLxR, k_pe_BxLxDr = _latents(p, x_BxLxD, cos, sin, cfg)
   kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"]).reshape(B, L, H, Dn + Dv)
   kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
   k_nope, v_BxLxHxDv = kv_BxLxHx[..., :Dn], kv_BxLxHx[..., Dn:]
 
   f32 = jnp.float32
   scores_BxHxLxL = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
-                    + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe_BxLx1xDr[:, :, 0], preferred_element_type=f32))
+                    + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe_BxLxDr, preferred_element_type=f32))
   scores_BxHxLxL = scores_BxHxLxL * rope.softmax_scale(cfg)
   scores_BxHxLxL = jnp.where(mask_BxLxL[:, None], scores_BxHxLxL, jnp.finfo(f32).min)
   probs = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(x_BxLxD.dtype)
   o_BxLxHxDv = jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxLxHxDv)
   o_BxLxHxDv = constrain(o_BxLxHxDv, "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"])
+
+
+def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
+  """The latent cache: kv_lora_rank + qk_rope_head_dim values per token (V2 paper §2.1.4), not per head."""
+  return {"ckv": jnp.zeros((B, S, cfg.kv_lora_rank), dtype), "kpe": jnp.zeros((B, S, cfg.qk_rope_head_dim), dtype)}
+
+
+CACHE_NAMES = {"ckv": ("batch", None, None), "kpe": ("batch", None, None)}  # logical axes of each cache entry
+
+
+def apply_cached(p: dict, x_BxTxD, cos, sin, mask_BxTxS, cache: dict, write_B, cfg: ModelConfig):
+  """Decode path: write this step's latents at slots write_B + [0, T), attend over the whole cache in the
+  absorbed form (V2 paper §2.1.2; DeepSeek's attn_impl="absorb"): W_UK is folded into the query and W_UV
+  applied after attention, so keys and values are never decompressed. Returns (y_BxTxD, cache)."""
+  B, T, _ = x_BxTxD.shape
+  H, Dn, Dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  q_nope, q_pe = _queries(p, x_BxTxD, cos, sin, cfg)
+  ckv_BxTxR, k_pe_BxTxDr = _latents(p, x_BxTxD, cos, sin, cfg)
+  cache = {"ckv": layers.write_rows(cache["ckv"], ckv_BxTxR, write_B), "kpe": layers.write_rows(cache["kpe"], k_pe_BxTxDr, write_B)}
+  wkv_b_RxHxDnv = p["wkv_b"].astype(x_BxTxD.dtype).reshape(R, H, Dn + Dv)
+  w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
+
+  f32 = jnp.float32
+  q_lat_BxTxHxR = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk_RxHxDn)
+  scores_BxHxTxS = (jnp.einsum("bthr,bsr->bhts", q_lat_BxTxHxR, cache["ckv"], preferred_element_type=f32)
+                    + jnp.einsum("bthd,bsd->bhts", q_pe, cache["kpe"], preferred_element_type=f32))
+  scores_BxHxTxS = scores_BxHxTxS * rope.softmax_scale(cfg)
+  scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(x_BxTxD.dtype)
+  o_lat_BxTxHxR = jnp.einsum("bhts,bsr->bthr", probs, cache["ckv"])
+  o_BxTxHxDv = constrain(jnp.einsum("bthr,rhd->bthd", o_lat_BxTxHxR, w_uv_RxHxDv), "batch", "seq", "act_heads", None)
+  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"]), cache
+

@@ -59,7 +59,8 @@ def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
   """V3 gate: affinities in fp32, bias added for selection only, top-k within the best groups.
 
   Routing replay: given `experts_TxK` (e.g. the sampler's choices), those experts are used and only their
-  gates are recomputed (differentiably), so two forward passes compute one function.
+  gates are recomputed (differentiably), so two forward passes compute one function. A row with a negative
+  id (a token the sampler never fed) is routed freely.
   """
   logits_TxE = x_TxD.astype(jnp.float32) @ router["w"].astype(jnp.float32)
   if cfg.score_func == "sigmoid":
@@ -68,6 +69,9 @@ def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
     scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   if experts_TxK is None:
     experts_TxK = _select(scores_TxE, router.get("bias"), cfg)
+  else:
+    free_T1 = (experts_TxK < 0).any(axis=-1, keepdims=True)
+    experts_TxK = jnp.where(free_T1, _select(scores_TxE, router.get("bias"), cfg), experts_TxK)
   weights_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=1)
   if cfg.norm_topk_prob:
     weights_TxK = weights_TxK / (weights_TxK.sum(-1, keepdims=True) + 1e-20)

@@ -6,8 +6,8 @@ Which hidden state depth 1 reads (eq. 21's h^0) the report leaves open; DeepSeek
 no MTP. We feed the main model's last hidden state after its final RMSNorm, as the serving engines that
 run DeepSeek's released MTP weights do: vLLM (DeepseekV2Model.forward returns the output of `self.norm`,
 which both the LM head and the MTP proposer receive) and SGLang (deepseek_nextn reads the hidden states
-the logits processor stored, taken after `self.norm`); llama.cpp's DeepSeek/GLM MTP graphs also take the
-state after `output_norm`. Matching them keeps imported MTP weights usable for speculative decoding."""
+the logits processor stored, taken after `self.norm`). Which state llama.cpp feeds was not confirmed here.
+Matching vLLM and SGLang keeps imported MTP weights usable for speculative decoding (sampler.py)."""
 
 from __future__ import annotations
 
