@@ -66,6 +66,48 @@ def _sft(args) -> int:
   return 0
 
 
+def _grpo(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import distributed
+
+  joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+  from r1jax import data, loop
+  from r1jax.rl import pipeline
+
+  run_dir = loop.run_directory(cfg, args.config)
+  try:
+    pipeline.r1_zero(cfg, run_dir, resume=args.resume)
+  except loop.TrainingStopped as e:
+    print(f"r1jax: {e}", file=sys.stderr)
+    return 3
+  except data.DataError as e:
+    print(f"r1jax: data error: {e}", file=sys.stderr)
+    return 2
+  finally:
+    if joined:
+      import jax
+
+      jax.distributed.shutdown()
+  print(f"run directory: {run_dir} (base/ and grpo/: metrics.jsonl, events/, plots/, checkpoints/; "
+        "grpo/samples.jsonl)")
+  return 0
+
+
+def _eval(args) -> int:
+  from r1jax import checkpoint, sharding
+  from r1jax.rl import rollouts
+
+  cfg = checkpoint.load_config(args.ckpt, args.overrides)
+  mesh = sharding.make_mesh(cfg.mesh)
+  import jax
+
+  with jax.set_mesh(mesh):
+    params = checkpoint.load_params(args.ckpt, cfg, mesh)
+    result = rollouts.evaluate(params, cfg, args.n, args.k, args.split)
+  print(json.dumps({"task": cfg.grpo.task, "split": args.split, **result}))
+  return 0
+
+
 def _generate(args) -> int:
   from r1jax import checkpoint, sampler, sharding, tokenizer
 
@@ -129,6 +171,15 @@ def _export_hf(args) -> int:
   return hf.export_command(args.ckpt, args.dir, args.overrides, args.arch, args.dtype, args.max_shard_gb)
 
 
+def _multiprocess_args(p):
+  multi = p.add_argument_group("multi-process runs (TPU pods, SLURM, Open MPI and JAX_COORDINATOR_ADDRESS are "
+                               "detected; elsewhere give all three)")
+  multi.add_argument("--coordinator", help="host:port of process 0")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
+  multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="r1jax", description="DeepSeek-V3 / R1 in JAX")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -149,13 +200,21 @@ def main(argv=None) -> int:
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir/train.name")
-  multi = p.add_argument_group("multi-process runs (TPU pods, SLURM, Open MPI and JAX_COORDINATOR_ADDRESS are "
-                               "detected; elsewhere give all three)")
-  multi.add_argument("--coordinator", help="host:port of process 0")
-  multi.add_argument("--num-processes", type=int)
-  multi.add_argument("--process-id", type=int)
-  multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
+  _multiprocess_args(p)
   p.set_defaults(fn=_sft)
+  p = sub.add_parser("grpo", help="R1-Zero: optional base SFT on task text, then GRPO with rule-based rewards")
+  p.add_argument("config")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir/train.name")
+  _multiprocess_args(p)
+  p.set_defaults(fn=_grpo)
+  p = sub.add_parser("eval", help="greedy accuracy, format rate and pass@k of a checkpoint on grpo.task")
+  p.add_argument("ckpt")
+  p.add_argument("overrides", nargs="*", help="section.field=value (e.g. grpo.task=reverse)")
+  p.add_argument("--n", type=int, default=100, help="problems")
+  p.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (1: greedy only)")
+  p.add_argument("--split", choices=["eval", "train"], default="eval")
+  p.set_defaults(fn=_eval)
   p = sub.add_parser("generate", help="completions of prompts from a checkpoint or run directory (KV-cache sampler; "
                      "sampler.temperature=0 is greedy, sampler.max_new_tokens=N the budget)")
   p.add_argument("ckpt")

@@ -228,7 +228,10 @@ class TrainConfig:
 class DataConfig:
   """Where SFT examples come from and how they become token batches (data.py, tokenizer.py)."""
 
-  source: str = "task:copy"  # "task:<copy|reverse|sort>" (generated, no files) or a JSONL file
+  # "task:<copy|reverse|sort>" (generated digit strings, no files), "rl:<task>" (an rl.tasks problem in
+  # `template` with its cold-start completion `<think>trace</think><answer>...</answer>`), or a JSONL file
+  source: str = "task:copy"
+  template: Literal["r1zero", "short"] = "short"  # prompt template of rl.tasks problems
   eval_source: str = ""  # optional held-out JSONL or task
   tokenizer: str = "bytes"  # "bytes" (built in, no files) or a `tokenizers` JSON file
   pack: bool = True  # several examples per row, with segment ids and per-segment positions
@@ -239,7 +242,7 @@ class DataConfig:
 
   def validate(self, prefix: str = "data"):
     if not self.source:
-      _fail(f"{prefix}.source", self.source, "must be task:<name> or a JSONL path")
+      _fail(f"{prefix}.source", self.source, "must be task:<name>, rl:<task> or a JSONL path")
     for name in ["task_examples", "task_digits"]:
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
@@ -287,8 +290,10 @@ class SamplerConfig:
 class GRPOConfig:
   """Group-relative policy optimisation (DeepSeekMath §4; R1) and its variants (DAPO, Dr.GRPO, GSPO, RLOO)."""
 
-  task: str = "reverse"  # rl.tasks name: countdown, arith, copy, reverse, sort
-  template: Literal["r1zero", "short"] = "short"  # prompt template (rl.tasks); "short" fits tiny models
+  task: str = "reverse"  # rl.tasks name: countdown, arith, copy, reverse, sort (prompt template: data.template)
+  init: str = ""  # checkpoint or run directory to start from; "" trains from scratch, base_steps of SFT first
+  base_steps: int = 0  # without init: SFT steps on the task's cold-start text (R1-Zero's "base model" stage)
+  lr: float = 0.0  # the GRPO stage's peak learning rate (0: optim.lr); RL wants far smaller steps than SFT
   rewards: str = "accuracy:1.0,format:0.1"  # name:weight, comma-separated (rl.rewards registry)
   prompts_per_step: int = 8
   group_size: int = 8  # completions per prompt
@@ -311,13 +316,15 @@ class GRPOConfig:
   log_samples_every: int = 10
 
   def validate(self, prefix: str = "grpo"):
+    if self.base_steps < 0:
+      _fail(f"{prefix}.base_steps", self.base_steps, "must be >= 0")
     for name in ["prompts_per_step", "group_size", "mu", "eval_every", "eval_prompts", "log_samples_every",
                  "max_resample_rounds"]:
       if getattr(self, name) <= 0:
         _fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
     if self.group_size < 2:
       _fail(f"{prefix}.group_size", self.group_size, "group advantages need >= 2 completions per prompt")
-    for name in ["clip_low", "clip_high", "kl_beta", "tis_cap", "adv_eps", "overlong_buffer"]:
+    for name in ["clip_low", "clip_high", "kl_beta", "tis_cap", "adv_eps", "overlong_buffer", "lr"]:
       if getattr(self, name) < 0:
         _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
     for item in self.rewards.split(","):

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 
 from r1jax import sharding, tokenizer
 from r1jax.config import ConfigError, DataConfig, RunConfig
+from r1jax.rl import tasks as rl_tasks
 from r1jax.rl.tasks import digit_answer
 
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask")  # per example, before padding/packing
@@ -106,10 +107,38 @@ class TaskSource:
             "where": f"task:{self.task}#{i}"}
 
 
-def make_source(spec: str, cfg: DataConfig, *, eval: bool = False) -> TaskSource | JsonlSource:
-  """`task:<name>` or a JSONL path; a task's eval split draws different examples than its train split."""
+class RLTaskSource:
+  """Problems of an rl.tasks task with their cold-start completions (`<think>trace</think><answer>..`):
+  the text a base model is trained on before RL, in the prompt format GRPO samples from."""
+
+  def __init__(self, task: str, cfg: DataConfig, split: str):
+    try:
+      self.examples = rl_tasks.make(task, cfg.task_examples, cfg.seed, split, cfg.template,
+                                    **rl_tasks_difficulty(task, cfg))
+    except ValueError as e:
+      raise ConfigError(f"data.source=rl:{task}: {e}") from None
+    self.task = task
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, i: int) -> dict:
+    ex = self.examples[i]
+    return {"prompt": ex.prompt, "completion": rl_tasks.cold_start_completion(ex), "where": f"rl:{self.task}#{i}"}
+
+
+def rl_tasks_difficulty(task: str, cfg: DataConfig) -> dict:
+  """data.task_digits sets the size of digit and arithmetic problems."""
+  return {"digits": cfg.task_digits} if task in ("copy", "reverse", "sort", "arith") else {}
+
+
+def make_source(spec: str, cfg: DataConfig, *, eval: bool = False):
+  """`task:<name>`, `rl:<task>` or a JSONL path; a task's eval split draws different examples than its
+  train split."""
   if spec.startswith("task:"):
     return TaskSource(spec.removeprefix("task:"), cfg.task_examples, cfg.task_digits, cfg.seed, split=int(eval))
+  if spec.startswith("rl:"):
+    return RLTaskSource(spec.removeprefix("rl:"), cfg, "eval" if eval else "train")
   return JsonlSource(spec)
 
 

@@ -47,11 +47,32 @@ def _any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.array([flag])).any())
 
 
-def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=None) -> list[dict]:
-  """Train cfg.train.steps optimizer steps in `run_dir`; returns the metrics of the steps run here.
+class SFTSource:
+  """SFT batches: this process's rows from the grain iterator (data.py), as global arrays."""
+
+  def __init__(self, cfg: RunConfig, mesh):
+    self.iterator = data.make_iterator(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    self.mesh = mesh
+
+  def next_batch(self, state) -> tuple[dict, dict]:
+    return data.global_batch(next(self.iterator), self.mesh), {}
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=None, source=None,
+        init_params=None, after_step=None) -> list[dict]:
+  """Train cfg.train.steps steps in `run_dir`; returns the metrics of the steps run here.
 
   `resume` continues from the newest readable checkpoint (a run directory with checkpoints and no
-  `resume` is an error rather than being overwritten). `step_fn(state, batch)` defaults to train.sft_step.
+  `resume` is an error rather than being overwritten). `step_fn(state, batch)` defaults to train.sft_step;
+  `source` (default SFTSource) gives `next_batch(state) -> (batch, host metrics)` and a JSON-able
+  `get_state`/`set_state` that checkpoints hold; a fresh run starts from `init_params` if given (params on
+  the mesh, e.g. checkpoint.load_params). `after_step(step, state) -> dict` adds metrics (evaluations).
   """
   run_dir = Path(run_dir).absolute()
   mesh = sharding.make_mesh(cfg.mesh)
@@ -63,16 +84,18 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
   if mngr.steps() and not resume:
     raise ConfigError(f"{run_dir} already holds checkpoints (steps {mngr.steps()}); pass --resume or choose "
                       "another train.name")
-  iterator = data.make_iterator(cfg, process_index=pid, process_count=jax.process_count())
   history = []
   with jax.set_mesh(mesh):
+    source = SFTSource(cfg, mesh) if source is None else source
     restored = mngr.restore(cfg, mesh) if resume else None
     if restored is not None:
       state, data_states = restored
       if data_states is not None:
-        iterator.set_state(data_states[pid])
+        source.set_state(data_states[pid])
     else:
       state = train.init_state(cfg, jax.random.key(cfg.train.seed), mesh)
+      if init_params is not None:
+        state = state.replace(params=init_params)
       checkpoint.write_config(run_dir, cfg)
       checkpoint.write_config(run_dir / "checkpoints", cfg)
     start = int(jax.device_get(state.step))
@@ -82,10 +105,12 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
     step_jit, t0 = None, time.perf_counter()
     with writer, _stop_signals() as stop:
       for step in range(start + 1, cfg.train.steps + 1):
-        batch = data.global_batch(next(iterator), mesh)
+        batch, host_metrics = source.next_batch(state)
         step_jit = step_jit or train.jit_step(step_fn or train.sft_step, state, batch, mesh)
         state, m = step_jit(state, batch)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        m = {**host_metrics, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        if after_step is not None:
+          m.update(after_step(step, state))
         history.append(m)
         writer.write(step, m)
         if step == start + 1:
@@ -98,7 +123,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
                                 f"good checkpoint is {mngr.steps()[-1] if mngr.steps() else 'none'}")
         last = step == cfg.train.steps or _any_process(bool(stop))
         if m["bad_steps"] == 0 and (last or mngr.due(step)):  # never in the middle of a non-finite streak
-          mngr.save(step, state, checkpoint.gather_process_states(iterator.get_state()))
+          mngr.save(step, state, checkpoint.gather_process_states(source.get_state()))
         if last and step < cfg.train.steps:
           writer.log_line(f"stop signal: saved step {step} to {run_dir / 'checkpoints'}; --resume continues")
           break
@@ -107,7 +132,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
 
 
 def _format(step: int, m: dict) -> str:
-  line = f"step {step:5d}  loss {m['loss']:.4f}  ce {m['ce']:.4f}  mtp {m.get('mtp_loss', 0):.4f}"
+  line = f"step {step:5d}  loss {m['loss']:.4f}"
+  for key, name in (("ce", "ce"), ("mtp_loss", "mtp"), ("reward_mean", "reward"), ("accuracy", "acc"),
+                    ("eval_accuracy", "eval acc"), ("completion_len_mean", "len"), ("kl", "kl")):
+    if key in m:
+      line += f"  {name} {m[key]:.4f}"
   if "expert_load_max_over_mean" in m:
     line += f"  load max/mean {m['expert_load_max_over_mean']:.2f}  dropped {m['dropped_pairs']:g}"
   return line + (f"  skipped {m['skipped_steps']:g}" if m.get("skipped_steps") else "")

@@ -24,7 +24,8 @@ class Output(NamedTuple):
   logits_BxLxV: jax.Array  # fp32
   mtp_logits_NxBxLxV: jax.Array | None  # depth k (1-based) at position i predicts token i+k+1
   # {"moe_layers": stats, "mtp": stats}; stats = {"load": [N, E] real (token, slot) pairs per expert,
-  # "aux_loss": [N], "dropped_pairs": [N], "experts": [N, B, L, K] each token's experts (for routing replay)}
+  # "aux_loss": [N], "dropped_pairs": [N], "replay_differs": [N] real tokens whose replayed experts differ
+  # from the router's own choice, "experts": [N, B, L, K] each token's experts (for routing replay)}
   router: dict
   hidden_BxLxD: jax.Array  # last hidden state after the final norm: what the head and MTP read
 
@@ -208,7 +209,8 @@ def _set(tree: dict, path, value) -> dict:
 def update_router_bias(params: dict, router: dict, cfg: ModelConfig) -> dict:
   """Apply the aux-loss-free bias update (moe.update_bias) to every MoE layer from its observed load."""
   for name, path in _router_bias_paths(params):
-    params = _set(params, path, moe.update_bias(_get(params, path), router[name]["load"], cfg.bias_update_speed))
+    if name in router:  # a forward without MTP (RL) observes no MTP load
+      params = _set(params, path, moe.update_bias(_get(params, path), router[name]["load"], cfg.bias_update_speed))
   return params
 
 

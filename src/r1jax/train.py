@@ -145,11 +145,10 @@ def load_metrics(router: dict) -> dict:
           "dropped_pairs": sum(s["dropped_pairs"].sum() for s in router.values())}
 
 
-def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One supervised step: gradients (accumulated over micro-batches), the optimizer update, then the
-  aux-loss-free router-bias update. A non-finite loss or gradient norm leaves params, optimizer state and
-  biases untouched and is counted (bad_steps in a row, skipped_steps in all)."""
-  (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.grad_accum)
+def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict) -> tuple[TrainState, dict]:
+  """The optimizer update, then the aux-loss-free router-bias update from the observed load. A non-finite
+  loss or gradient norm leaves params, optimizer state and biases untouched and is counted (bad_steps in a
+  row, skipped_steps in all). The step counter is the caller's."""
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if router:
@@ -161,8 +160,15 @@ def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   bad = jnp.where(finite, 0, state.bad_steps + 1)
   skipped = state.skipped_steps + (~finite).astype(jnp.int32)
   metrics.update(skipped_steps=skipped, bad_steps=bad)
-  return state.replace(step=state.step + 1, params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state), bad_steps=bad, skipped_steps=skipped), metrics
+  return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                       bad_steps=bad, skipped_steps=skipped), metrics
+
+
+def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One supervised step: gradients (accumulated over micro-batches), then apply_gradients."""
+  (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.grad_accum)
+  state, metrics = apply_gradients(state, grads, router, metrics)
+  return state.replace(step=state.step + 1), metrics
 
 
 def state_shardings(state: TrainState):
@@ -170,12 +176,13 @@ def state_shardings(state: TrainState):
 
 
 def batch_shardings(batch: dict, mesh) -> dict:
-  return {k: sharding.named(mesh, ("batch", "seq")) for k in batch}
+  """Every batch array is split over "batch" along its first axis and replicated along the others."""
+  return {k: sharding.named(mesh, ("batch",) + (None,) * (x.ndim - 1)) for k, x in batch.items()}
 
 
 def jit_step(step_fn, state: TrainState, batch: dict, mesh):
   """A pure (state, batch) -> (state, metrics) step compiled once: the state keeps its shardings and is
-  donated; every batch array is split over "batch" (rows) and replicated along the sequence."""
+  donated; every batch array is split over "batch" (rows) and replicated along its other axes."""
   shardings = state_shardings(state)
   return jax.jit(step_fn, in_shardings=(shardings, batch_shardings(batch, mesh)),
                  out_shardings=(shardings, None), donate_argnums=0)

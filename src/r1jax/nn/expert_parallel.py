@@ -156,7 +156,7 @@ def specs(router: dict, replay: bool):
   experts = {"w_gate": _p("exp", None, "exp_mlp"), "w_up": _p("exp", None, "exp_mlp"),
              "w_down": _p("exp", "exp_mlp", None)}
   in_specs = (jax.tree.map(lambda _: P(), router), experts, x, per_token, per_token) + ((x,) if replay else ())
-  stats = {"load": P(), "aux_loss": P(), "dropped_pairs": P(), "experts": x}
+  stats = {"load": P(), "aux_loss": P(), "dropped_pairs": P(), "replay_differs": P(), "experts": x}
   return in_specs, (x, stats)
 
 

@@ -21,6 +21,7 @@ class Routing(NamedTuple):
   weights_TxK: jax.Array  # fp32 gate values of the chosen experts (normalised, times route_scale)
   experts_TxK: jax.Array  # int32 chosen expert ids
   scores_TxE: jax.Array  # fp32 affinities s_{i,t} before the bias (V3 eq. 15)
+  selected_TxK: jax.Array  # the router's own choice: equals experts_TxK unless routing is replayed
 
 
 class Tokens(NamedTuple):
@@ -67,15 +68,23 @@ def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
     scores_TxE = jax.nn.sigmoid(logits_TxE)
   else:
     scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+  selected_TxK = _select(scores_TxE, router.get("bias"), cfg)
   if experts_TxK is None:
-    experts_TxK = _select(scores_TxE, router.get("bias"), cfg)
+    experts_TxK = selected_TxK
   else:
-    free_T1 = (experts_TxK < 0).any(axis=-1, keepdims=True)
-    experts_TxK = jnp.where(free_T1, _select(scores_TxE, router.get("bias"), cfg), experts_TxK)
+    experts_TxK = jnp.where((experts_TxK < 0).any(axis=-1, keepdims=True), selected_TxK, experts_TxK)
   weights_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=1)
   if cfg.norm_topk_prob:
     weights_TxK = weights_TxK / (weights_TxK.sum(-1, keepdims=True) + 1e-20)
-  return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE)
+  return Routing(weights_TxK * cfg.route_scale, experts_TxK.astype(jnp.int32), scores_TxE,
+                 selected_TxK.astype(jnp.int32))
+
+
+def replay_differs(routing: Routing, mask_T):
+  """Real tokens whose replayed expert set differs from the router's own choice (V3.2's keep-routing
+  watch): how far the learner's router has drifted from the sampler's."""
+  differs_T = (jnp.sort(routing.experts_TxK, -1) != jnp.sort(routing.selected_TxK, -1)).any(-1)
+  return (differs_T * mask_T).sum().astype(jnp.float32)
 
 
 def _select(scores_TxE, bias_E, cfg: ModelConfig):
@@ -142,6 +151,7 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), axes.batch),
            "aux_loss": ep.sum_over(aux_sum, axes.batch) / jnp.maximum(ep.sum_over(n_seq, axes.batch), 1.0),
            "dropped_pairs": ep.sum_over(dropped, axes.batch),
+           "replay_differs": ep.sum_over(replay_differs(routing, mask_T), axes.batch),
            "experts": routing.experts_TxK.reshape(B, L, -1)}
   return y_TxD.reshape(B, L, D), stats
 
@@ -192,6 +202,7 @@ def dropless_reference(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None
   aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
   return y_BxLxD, {"load": expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts),
                    "aux_loss": aux_sum / jnp.maximum(n_seq, 1.0), "dropped_pairs": jnp.zeros((), jnp.int32),
+                   "replay_differs": replay_differs(routing, mask_T),
                    "experts": routing.experts_TxK.reshape(B, L, -1)}
 
 

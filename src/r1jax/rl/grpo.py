@@ -1,0 +1,289 @@
+"""The math of GRPO (DeepSeekMath §4.1) and its variants: group advantages, clipped token (GRPO/DAPO) and
+sequence (GSPO) ratio losses, aggregations, k3 KL and truncated importance sampling. Pure jnp, jit-able.
+
+Letters: P prompts, G completions per prompt, B = P*G rows (prompt-major: row p*G + g), L completion
+positions. `mask_BxL` marks completion tokens (EOS included); nothing at a padded position reaches a loss,
+a metric or a gradient, whatever garbage (inf, nan) the inputs hold there. Inputs are upcast to at least
+float32 (float64 stays float64, which the tests use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from r1jax import model
+from r1jax.config import GRPOConfig, ModelConfig
+
+# Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
+# backward pass); exp(20) ~ 5e8 is far outside any clip range, so the clamp never changes a clipped loss.
+_MAX_LOG_RATIO = 20.0
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _float(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _masked(x_BxL, mask_BxL, fill=0.0):
+  """x where the mask is set, `fill` elsewhere; a `where` (not a product) so nan/inf padding never leaks."""
+  return jnp.where(mask_BxL > 0, _float(x_BxL), fill)
+
+
+def _log_ratio(logp_BxL, old_logp_BxL, mask_BxL):
+  return _masked(logp_BxL, mask_BxL) - _masked(old_logp_BxL, mask_BxL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def advantages(rewards_PxG, kind: str = "grpo", eps: float = 1e-6):
+  """Group-relative advantages and the zero-variance flag per group; adv is exactly 0 in a flagged group.
+
+  grpo: (r - mean) / (std + eps), population std (ddof=0) over the G completions (DeepSeekMath §4.1.2).
+  dr_grpo: r - mean, no std division (Dr.GRPO, arXiv 2503.20783).
+  rloo: r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean) (leave-one-out baseline).
+  """
+  r_PxG = _float(rewards_PxG)
+  G = r_PxG.shape[-1]
+  centred_PxG = r_PxG - r_PxG.mean(axis=-1, keepdims=True)
+  if kind == "grpo":
+    adv_PxG = centred_PxG / (r_PxG.std(axis=-1, keepdims=True) + eps)
+  elif kind == "dr_grpo":
+    adv_PxG = centred_PxG
+  elif kind == "rloo":
+    adv_PxG = centred_PxG * (G / (G - 1))
+  else:
+    raise ValueError(f"advantage kind {kind!r}: expected one of grpo, dr_grpo, rloo")
+  # Rounding in the mean can leave r - mean a few ulps off 0; such groups carry no signal, so force 0.
+  zero_var_P = jnp.all(r_PxG == r_PxG[:, :1], axis=-1)
+  return jnp.where(zero_var_P[:, None], 0.0, adv_PxG), zero_var_P
+
+
+def group_stats(rewards_PxG) -> dict:
+  """Reward metrics: mean, mean within-group std (ddof=0), fraction of zero-variance groups."""
+  r_PxG = _float(rewards_PxG)
+  zero_var_P = jnp.all(r_PxG == r_PxG[:, :1], axis=-1)
+  return {"reward_mean": r_PxG.mean(), "reward_group_std": r_PxG.std(axis=-1).mean(),
+          "zero_var_frac": zero_var_P.astype(r_PxG.dtype).mean()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy losses (per token, so every aggregation applies to both)
+
+
+class RatioLoss(NamedTuple):
+  """Per-token loss (0 at padding), the ratio it used, and where the clipped branch won on each side."""
+  loss_BxL: jax.Array
+  ratio_BxL: jax.Array
+  clipped_low_BxL: jax.Array  # A < 0 and ratio < 1 - clip_low: no gradient
+  clipped_high_BxL: jax.Array  # A > 0 and ratio > 1 + clip_high: no gradient
+
+
+def _clipped_objective(ratio_BxL, adv_B, mask_BxL, clip_low, clip_high) -> RatioLoss:
+  """-min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A): PPO's clip, asymmetric as in DAPO §3.1."""
+  adv_Bx1 = _float(adv_B)[:, None]
+  unclipped_BxL = ratio_BxL * adv_Bx1
+  clipped_BxL = jnp.clip(ratio_BxL, 1.0 - clip_low, 1.0 + clip_high) * adv_Bx1
+  loss_BxL = jnp.where(mask_BxL > 0, -jnp.minimum(unclipped_BxL, clipped_BxL), 0.0)
+  low_BxL = (mask_BxL > 0) & (adv_Bx1 < 0) & (ratio_BxL < 1.0 - clip_low)
+  high_BxL = (mask_BxL > 0) & (adv_Bx1 > 0) & (ratio_BxL > 1.0 + clip_high)
+  return RatioLoss(loss_BxL, ratio_BxL, low_BxL, high_BxL)
+
+
+def token_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float, clip_high: float) -> RatioLoss:
+  """Per-token clipped surrogate with ratio_t = exp(logp_t - old_logp_t) (DeepSeekMath eq. 3; DAPO §3.1
+  clip-higher); the loss is the negated objective."""
+  chex.assert_equal_shape([logp_BxL, old_logp_BxL, mask_BxL])
+  ratio_BxL = jnp.exp(jnp.clip(_log_ratio(logp_BxL, old_logp_BxL, mask_BxL), -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  return _clipped_objective(ratio_BxL, adv_B, mask_BxL, clip_low, clip_high)
+
+
+def sequence_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float,
+                        clip_high: float) -> RatioLoss:
+  """GSPO (arXiv 2507.18071 §4.2), written per token as GSPO-token (§4.4) with A_i,t = A_i.
+
+  s_i = exp(mean_t (logp_t - old_logp_t)) over the sequence's n_i tokens (eq. 7); per token
+  s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]), equal to s_i with d s_i,t / d logp_t = s_i. Every token of a
+  sequence carries l_i = -min(s_i A_i, clip(s_i) A_i) and the clip decision is per sequence. An aggregation
+  with per-token weight c_i then gives, in value and gradient, sum_i c_i n_i l_i(theta): the sequence
+  objective with sequence weight c_i n_i. "seq_mean_token_mean" (c_i n_i = 1/#sequences) is exactly GSPO's;
+  "token_mean" weights sequences by length. The GSPO paper clips at 3e-4 / 4e-4, not 0.2 / 0.28.
+  """
+  chex.assert_equal_shape([logp_BxL, old_logp_BxL, mask_BxL])
+  logp_BxL = _masked(logp_BxL, mask_BxL)
+  n_B = jnp.maximum((mask_BxL > 0).sum(axis=-1), 1)
+  mean_log_ratio_B = _log_ratio(logp_BxL, old_logp_BxL, mask_BxL).sum(axis=-1) / n_B
+  s_B = jnp.exp(jnp.clip(mean_log_ratio_B, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+  s_BxL = jax.lax.stop_gradient(s_B)[:, None] * jnp.exp(logp_BxL - jax.lax.stop_gradient(logp_BxL))
+  return _clipped_objective(s_BxL, adv_B, mask_BxL, clip_low, clip_high)
+
+
+def aggregate(loss_BxL, mask_BxL, kind: str, norm_len: int | None = None, total=None):
+  """Reduce a per-token loss to a scalar.
+
+  token_mean: sum over all tokens / number of tokens (DAPO §3.3).
+  seq_mean_token_mean: mean over sequences of each sequence's token mean (DeepSeekMath eq. 3).
+  seq_mean_token_sum_norm: mean over sequences of token sum / norm_len, norm_len the generation budget
+    (Dr.GRPO, arXiv 2503.20783: a constant in place of |o_i|).
+  Sequences are rows with at least one token. `total` replaces the count (tokens for token_mean, sequences
+  otherwise) when this batch is a micro-batch of a larger step, so micro-batch losses add up to the step's.
+  """
+  m_BxL = mask_BxL > 0
+  loss_BxL = jnp.where(m_BxL, _float(loss_BxL), 0.0)
+  n_B = m_BxL.sum(axis=-1).astype(loss_BxL.dtype)
+  sum_B = loss_BxL.sum(axis=-1)
+  if kind == "token_mean":
+    return sum_B.sum() / jnp.maximum(n_B.sum() if total is None else total, 1.0)
+  if kind == "seq_mean_token_mean":
+    per_seq_B = sum_B / jnp.maximum(n_B, 1.0)
+  elif kind == "seq_mean_token_sum_norm":
+    if norm_len is None or norm_len <= 0:
+      raise ValueError(f"aggregation seq_mean_token_sum_norm needs norm_len > 0 (the generation budget), "
+                       f"got {norm_len}")
+    per_seq_B = sum_B / norm_len
+  else:
+    raise ValueError(f"aggregation {kind!r}: expected one of {', '.join(AGGREGATIONS)}")
+  n_seqs = (n_B > 0).sum().astype(loss_BxL.dtype) if total is None else total
+  return per_seq_B.sum() / jnp.maximum(n_seqs, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL to the reference and sampler/learner correction
+
+
+def k3_kl(logp_BxL, ref_logp_BxL, mask_BxL=None):
+  """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1, d = ref - logp (Schulman 2020; DeepSeekMath
+  eq. 4); >= 0, 0 where logp == ref. expm1 keeps it exact for small d; 0 at padding when a mask is given."""
+  d_BxL = _float(ref_logp_BxL) - _float(logp_BxL)
+  if mask_BxL is not None:
+    d_BxL = jnp.where(mask_BxL > 0, d_BxL, 0.0)
+  d_BxL = jnp.clip(d_BxL, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+  return jnp.maximum(jnp.expm1(d_BxL) - d_BxL, 0.0)
+
+
+def tis_weights(old_logp_learner_BxL, logp_sampler_BxL, cap: float, mask_BxL=None):
+  """Truncated importance sampling weights min(exp(learner_old - sampler), cap), stop-gradient; they
+  correct for the sampler's numerics differing from the learner's. cap 0 (off) gives ones, as does padding."""
+  shape = jnp.shape(old_logp_learner_BxL)
+  if cap <= 0:
+    return jnp.ones(shape, _float(old_logp_learner_BxL).dtype)
+  d_BxL = _float(old_logp_learner_BxL) - _float(logp_sampler_BxL)
+  if mask_BxL is not None:
+    d_BxL = jnp.where(mask_BxL > 0, d_BxL, 0.0)
+  w_BxL = jnp.minimum(jnp.exp(jnp.clip(d_BxL, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)), cap)
+  return jax.lax.stop_gradient(w_BxL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss the learner minimises
+
+
+def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, norm_len: int | None = None,
+                ref_logp_BxL=None, tis_BxL=None, total=None):
+  """Scalar loss and metrics: aggregate(tis * ratio loss + kl_beta * k3) per cfg.loss / cfg.aggregation.
+
+  The k3 term joins per token (DeepSeekMath eq. 3) when ref_logp_BxL is given and cfg.kl_beta > 0; TIS
+  weights (stop-gradient) multiply only the policy term, token by token; with the sequence loss each token's
+  gradient is weighted (GSPO-token form), not the sequence as a whole. `total`: see `aggregate`.
+  """
+  m_BxL = mask_BxL > 0
+  logp_BxL = _masked(logp_BxL, m_BxL)
+  old_logp_BxL = _masked(old_logp_BxL, m_BxL)
+  ratio_loss = {"token": token_ratio_loss, "sequence": sequence_ratio_loss}.get(cfg.loss)
+  if ratio_loss is None:
+    raise ValueError(f"grpo.loss {cfg.loss!r}: expected token or sequence")
+  out = ratio_loss(logp_BxL, old_logp_BxL, adv_B, m_BxL, cfg.clip_low, cfg.clip_high)
+  loss_BxL = out.loss_BxL
+  if tis_BxL is not None:
+    loss_BxL = loss_BxL * _masked(jax.lax.stop_gradient(tis_BxL), m_BxL, fill=1.0)
+
+  n = jnp.maximum(m_BxL.sum(), 1).astype(loss_BxL.dtype)
+  token_mean = lambda x_BxL: jnp.where(m_BxL, x_BxL, 0.0).sum() / n  # noqa: E731
+  metrics = {
+      "clip_frac": token_mean(out.clipped_low_BxL | out.clipped_high_BxL),
+      "clip_frac_low": token_mean(out.clipped_low_BxL),
+      "clip_frac_high": token_mean(out.clipped_high_BxL),
+      "ratio_mean": token_mean(out.ratio_BxL),
+      "ratio_max": jnp.where(m_BxL, out.ratio_BxL, 0.0).max(),
+  }
+  if ref_logp_BxL is not None:
+    kl_BxL = k3_kl(logp_BxL, ref_logp_BxL, m_BxL)
+    metrics["kl"] = token_mean(kl_BxL)
+    if cfg.kl_beta > 0:
+      loss_BxL = loss_BxL + cfg.kl_beta * kl_BxL
+  if tis_BxL is not None:
+    metrics["tis_mean"] = token_mean(jax.lax.stop_gradient(tis_BxL))
+
+  loss = aggregate(loss_BxL, m_BxL, cfg.aggregation, norm_len, total)
+  metrics["policy_loss"] = loss
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The learner step. A batch holds B = P*G sampled rows over the learner's L positions (prompt + completion,
+# right-padded): tokens/targets/positions/segment_ids/token_mask as in SFT, loss_mask on completion targets
+# (EOS included), sampler_logp (the sampler's log-prob of each target), advantages [B], and optionally routes
+# [B, N, L, K] (the sampler's experts per MoE layer, for routing replay) and ref_logp (for the KL term).
+
+def learner_logp(params: dict, batch: dict, cfg: ModelConfig, temperature: float, replay: bool):
+  """Per-target log-probs and entropies under softmax(logits / temperature), the distribution the sampler
+  drew from (before top-k/top-p, whose gap truncated importance sampling corrects), and router stats."""
+  routes = {"moe_layers": jnp.moveaxis(batch["routes"], 1, 0)} if replay and "routes" in batch else None
+  out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch["positions"],
+                    segment_ids_BxL=batch["segment_ids"], token_mask_BxL=batch["token_mask"], routes=routes)
+  logp_BxLxV = jax.nn.log_softmax(out.logits_BxLxV / (temperature or 1.0), axis=-1)
+  logp_BxL = jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  entropy_BxL = -(jnp.exp(logp_BxLxV) * logp_BxLxV).sum(-1)
+  return logp_BxL, entropy_BxL, out.router
+
+
+def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_len: int):
+  """mu optimiser updates on one batch of rollouts (pure; bind the keywords with functools.partial and jit
+  with train.jit_step). The ratio's denominator is the learner's log-prob before the first update, so at
+  mu = 1 the ratio is exactly 1 and the gradient is the plain policy gradient. The MTP module is not run
+  (RL trains the main model; MTP weights only see weight decay). Router biases move with the load as in SFT;
+  the sequence-wise balance loss is logged but not optimised (with zero advantages Adam would rescale its
+  tiny gradient into full-size updates that wreck the policy: seen in the tiny demo)."""
+  from r1jax import losses, train  # the step sits on train's machinery; imported here to keep rl.grpo light
+
+  cfg = dataclasses.replace(state.cfg, n_mtp=0)
+  mask_BxL = batch["loss_mask"]
+  n_real = jnp.maximum(mask_BxL.sum(), 1)
+  token_mean = lambda x: jnp.where(mask_BxL > 0, x, 0.0).sum() / n_real  # noqa: E731
+  fixed_old = None
+  if gcfg.mu > 1:  # stored old log-probs for every inner iteration
+    fixed_old = jax.lax.stop_gradient(learner_logp(state.params, batch, cfg, temperature, gcfg.routing_replay)[0])
+
+  def loss_fn(params):
+    logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, temperature, gcfg.routing_replay)
+    old_BxL = jax.lax.stop_gradient(logp_BxL) if fixed_old is None else fixed_old
+    tis_BxL = tis_weights(old_BxL, batch["sampler_logp"], gcfg.tis_cap, mask_BxL) if gcfg.tis_cap > 0 else None
+    loss, metrics = policy_loss(logp_BxL, old_BxL, batch["advantages"], mask_BxL, gcfg, norm_len=norm_len,
+                                ref_logp_BxL=batch.get("ref_logp"), tis_BxL=tis_BxL)
+    metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy_BxL))
+    metrics["sampler_learner_logp_gap"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp_BxL) - batch["sampler_logp"]))
+    if router:  # logged, not optimised: when advantages vanish, Adam would blow this tiny term up to full steps
+      metrics["aux_loss"] = jax.lax.stop_gradient(losses.router_aux_loss(router))
+    if router and "routes" in batch and gcfg.routing_replay:  # how far the learner's own routing has drifted
+      differs_N = router["moe_layers"]["replay_differs"]
+      metrics["replay_mismatch_frac"] = differs_N.sum() / (differs_N.shape[0] * jnp.maximum(batch["token_mask"].sum(), 1))
+    metrics["loss"] = loss
+    return loss, (metrics, router)
+
+  def update(st, _):
+    (_, (metrics, router)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    router = {k: {"load": s["load"], "dropped_pairs": s["dropped_pairs"]} for k, s in router.items()}
+    return train.apply_gradients(st, grads, router, metrics)
+
+  state, metrics = jax.lax.scan(update, state, None, length=gcfg.mu)
+  last = ("skipped_steps", "bad_steps")  # counters: the value after the last update; the rest: mean over mu
+  metrics = {k: v[-1] if k in last else v.mean(0) for k, v in metrics.items()}
+  return state.replace(step=state.step + 1), metrics

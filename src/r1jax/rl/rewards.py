@@ -1,0 +1,129 @@
+"""Rule-based rewards for GRPO (DeepSeek-R1 sec. 2.2.2: accuracy and format rewards, no reward model), plus
+DAPO's overlong shaping. A reward is `fn(example, completion, info) -> float`, registered by name; a spec such
+as "accuracy:1.0,format:0.1" picks them and their weights. `info` holds n_tokens, max_tokens, truncated and,
+for `overlong`, overlong_buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from r1jax.rl import tasks
+
+Reward = Callable[[tasks.Example, str, dict], float]
+REGISTRY: dict[str, Reward] = {}
+RESERVED = ("total", "errors")  # keys of `score`'s result that are not rewards
+DEFAULT_SPEC = "accuracy:1.0,format:0.1"
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def register(name: str) -> Callable[[Reward], Reward]:
+  """Decorator adding `fn` to REGISTRY under `name` (replacing any earlier one)."""
+  if not isinstance(name, str) or not name or any(c in name for c in ":, ") or name in RESERVED:
+    raise ValueError(f"reward name {name!r} must be non-empty, without ':', ',' or spaces, and not one of "
+                     f"{', '.join(RESERVED)}")
+
+  def add(fn: Reward) -> Reward:
+    REGISTRY[name] = fn
+    return fn
+
+  return add
+
+
+def extract_answer(text: str) -> str | None:
+  """The text inside the last `<answer>...</answer>`, or None."""
+  if not isinstance(text, str):
+    return None
+  end = text.rfind("</answer>")
+  start = text.rfind("<answer>", 0, max(end, 0))
+  return None if end < 0 or start < 0 else text[start + len("<answer>"):end]
+
+
+@register("accuracy")
+def accuracy(example: tasks.Example, completion: str, info: dict) -> float:
+  """1.0 when the task's checker accepts the last answer; 0.0 when it rejects it or there is none."""
+  answer = extract_answer(completion)
+  try:
+    return float(answer is not None and tasks.check(example, answer))
+  except Exception:  # only a malformed example (unknown task, missing metadata) gets here
+    return 0.0
+
+
+@register("format")
+def format_(example: tasks.Example, completion: str, info: dict) -> float:
+  """1.0 iff the completion is `<think>..</think>`, whitespace, `<answer>..</answer>`, whitespace, with no
+  other tags inside; linear scans (no regex), so any length is cheap."""
+  if not isinstance(completion, str) or not completion.startswith("<think>"):
+    return 0.0
+  think_end = completion.find("</think>")
+  rest = completion[think_end + len("</think>"):].lstrip() if think_end >= 0 else ""
+  if not rest.startswith("<answer>"):
+    return 0.0
+  answer_end = rest.find("</answer>")
+  if answer_end < 0 or rest[answer_end + len("</answer>"):].strip():
+    return 0.0
+  inner = (completion[len("<think>"):think_end], rest[len("<answer>"):answer_end])
+  return float(not any(tag in part for part in inner for tag in TAGS))
+
+
+def _number(info, key: str) -> float | None:
+  value = info.get(key) if isinstance(info, dict) else None
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  return float(value) if ok else None
+
+
+@register("overlong")
+def overlong(example: tasks.Example, completion: str, info: dict) -> float:
+  """DAPO (arXiv 2503.14476) eq. 13: 0 up to max - buffer tokens, then a linear ramp to -1 at max, -1 beyond.
+  0.0 when info has no positive `overlong_buffer` or lacks n_tokens/max_tokens."""
+  n, top, buffer = (_number(info, k) for k in ("n_tokens", "max_tokens", "overlong_buffer"))
+  if n is None or top is None or buffer is None or buffer <= 0:
+    return 0.0
+  if n <= top - buffer:
+    return 0.0
+  return ((top - buffer) - n) / buffer if n <= top else -1.0
+
+
+def parse(spec: str) -> list[tuple[str, float]]:
+  """"name:weight,name:weight" (a bare name weighs 1.0) -> [(name, weight)], validated against REGISTRY."""
+  out = []
+  for item in str(spec).split(","):
+    name, _, weight = item.strip().partition(":")
+    name = name.strip()
+    if name not in REGISTRY:
+      raise ValueError(f"grpo.rewards: unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    try:
+      w = float(weight) if weight.strip() else 1.0
+    except ValueError:
+      w = math.nan
+    if not math.isfinite(w):
+      raise ValueError(f"grpo.rewards: weight {weight.strip()!r} of {name!r} is not a finite number")
+    if name in dict(out):
+      raise ValueError(f"grpo.rewards: {name!r} appears twice")
+    out.append((name, w))
+  return out
+
+
+def score(example: tasks.Example, completion: str, info: dict | None = None,
+          spec: str | list[tuple[str, float]] = DEFAULT_SPEC) -> dict:
+  """{name: value for each reward in spec, "total": weighted sum, "errors": how many rewards failed}.
+
+  Never raises for any completion: a reward that raises or returns a non-finite or non-number counts 0.0 and
+  adds 1 to "errors" (a float, so every value can be logged as a metric). Only a bad spec raises.
+  """
+  pairs = parse(spec) if isinstance(spec, str) else spec
+  info = {} if info is None else info
+  out, total, errors = {}, 0.0, 0
+  for name, weight in pairs:
+    try:
+      value = float(REGISTRY[name](example, completion, info))
+      if not math.isfinite(value):
+        raise ValueError(f"reward {name} returned {value}")
+    except Exception:
+      value, errors = 0.0, errors + 1
+    out[name] = value
+    total += weight * value
+  out["total"] = total
+  out["errors"] = float(errors)
+  return out

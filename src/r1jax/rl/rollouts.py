@@ -1,0 +1,200 @@
+"""The Python side of GRPO, outside jit: prompts of a task -> the sampler (the current policy) -> rule-based
+rewards -> group advantages -> a learner batch (rl/grpo.py's layout). `RolloutSource` is the data source the
+one training loop (loop.fit) draws GRPO batches from; its state is the step, since the prompts and sampling
+keys of step s are a pure function of (seed, s), so a resumed run samples what a straight run would.
+
+Also here: evaluation (greedy accuracy, format rate, pass@k on the eval split)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from r1jax import data, sampler, sharding, tokenizer
+from r1jax.config import ConfigError, RunConfig
+from r1jax.rl import grpo, rewards, tasks
+
+
+def task_examples(cfg: RunConfig, split: str, n: int) -> list[tasks.Example]:
+  task = cfg.grpo.task
+  try:
+    return tasks.make(task, n, cfg.data.seed, split, cfg.data.template, **data.rl_tasks_difficulty(task, cfg.data))
+  except ValueError as e:
+    raise ConfigError(f"grpo.task={task}: {e}") from None
+
+
+def _encode(tok, examples) -> list[list[int]]:
+  return [[tok.bos_id, *tok.encode(ex.prompt)] for ex in examples]
+
+
+def score_completions(examples, texts: list[str], n_tokens, truncated, cfg: RunConfig) -> dict:
+  """Every reward function's value per completion ([n] arrays by name) and the weighted total."""
+  spec = rewards.parse(cfg.grpo.rewards)
+  rows = []
+  for ex, text, n, cut in zip(examples, texts, n_tokens, truncated):
+    info = {"n_tokens": int(n), "max_tokens": cfg.sampler.max_new_tokens, "truncated": bool(cut),
+            "overlong_buffer": cfg.grpo.overlong_buffer}
+    rows.append(rewards.score(ex, text, info, spec))
+  return {k: np.array([r[k] for r in rows], np.float32) for k in rows[0]}
+
+
+def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
+  """Host arrays of the learner's layout from a rollout: inputs are slots [0, L), targets slots [1, L]."""
+  tokens = sampler.to_host(rollout.tokens_BxS)
+  B, S = tokens.shape
+  L = seq_len
+  if S - 1 > L:
+    raise ConfigError(f"train.seq_len={L}: rollouts span {S - 1} positions (prompt bucket + "
+                      f"sampler.max_new_tokens); raise train.seq_len")
+  pad = lambda x, v: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, L + 1 - S)], constant_values=v)  # noqa: E731
+  tokens = pad(tokens, pad_id)
+  n_real = sampler.to_host(rollout.prompt_len_B) + sampler.to_host(rollout.completion_len_B)
+  completion = pad(sampler.to_host(rollout.completion_mask_BxS), 0)
+  logp = pad(sampler.to_host(rollout.logprobs_BxS), 0.0)
+  real_BxL = (np.arange(L)[None] < (n_real - 1)[:, None]).astype(np.int32)  # the last token is never an input
+  batch = {"tokens": np.where(real_BxL, tokens[:, :L], pad_id).astype(np.int32),
+           "targets": tokens[:, 1:].astype(np.int32), "loss_mask": completion[:, 1:].astype(np.int32),
+           "token_mask": real_BxL, "segment_ids": real_BxL.copy(),
+           "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+           "sampler_logp": logp[:, 1:].astype(np.float32)}
+  if "moe_layers" in rollout.experts:
+    routes = np.moveaxis(sampler.to_host(rollout.experts["moe_layers"]), 1, 0)  # [B, N, S, K]
+    routes = np.pad(routes, [(0, 0), (0, 0), (0, L + 1 - S), (0, 0)], constant_values=-1)[:, :, :L]
+    batch["routes"] = routes.astype(np.int32)
+  return batch
+
+
+class RolloutSource:
+  """GRPO batches for loop.fit: P prompts x G completions per step, rewards, advantages, optional DAPO
+  dynamic sampling (groups whose rewards are all equal carry no signal: resample new prompts until the
+  batch is full, at most grpo.max_resample_rounds times, then keep the rest, counted)."""
+
+  def __init__(self, cfg: RunConfig, mesh, ref_logp_fn=None, samples_path: str | Path | None = None):
+    self.cfg, self.mesh, self.ref_logp_fn = cfg, mesh, ref_logp_fn
+    self.tok = tokenizer.load(cfg.data.tokenizer)
+    tokenizer.check_vocab(self.tok, cfg.model.vocab_size)
+    self.pool = task_examples(cfg, "train", cfg.data.task_examples)
+    self.step, self.samples_path = 0, samples_path
+    g = cfg.grpo
+    rows = g.prompts_per_step * g.group_size
+    if rows % sharding.batch_size_multiple(mesh):
+      raise ConfigError(f"grpo.prompts_per_step * grpo.group_size = {rows}: must be a multiple of "
+                        f"{sharding.batch_size_multiple(mesh)}, the devices that shard the batch")
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict):
+    self.step = int(state["step"])
+
+  def _prompts(self, step: int, round_: int) -> list[tasks.Example]:
+    """Prompts of (step, round): a fresh permutation of the pool per epoch, walked in order."""
+    P, n = self.cfg.grpo.prompts_per_step, len(self.pool)
+    start = (step * (self.cfg.grpo.max_resample_rounds + 1) + round_) * P
+    out = []
+    for i in range(start, start + P):
+      epoch, j = divmod(i, n)
+      order = np.random.default_rng([self.cfg.data.seed, 7, epoch]).permutation(n)
+      out.append(self.pool[order[j]])
+    return out
+
+  def _sample(self, params, examples, key) -> tuple[sampler.Rollout, list[str], dict, np.ndarray]:
+    G = self.cfg.grpo.group_size
+    prompts = [p for p in _encode(self.tok, examples) for _ in range(G)]  # prompt-major rows p*G + g
+    out = sampler.generate(params, prompts, self.cfg.model, self.cfg.sampler, eos_id=self.tok.eos_id,
+                           pad_id=self.tok.pad_id, key=key)
+    ids = sampler.completions(out)
+    texts = [self.tok.decode([i for i in c if i != self.tok.eos_id]) for c in ids]
+    truncated = sampler.to_host(out.truncated_B)
+    scores = score_completions([ex for ex in examples for _ in range(G)], texts, [len(c) for c in ids],
+                               truncated, self.cfg)
+    return out, texts, scores, truncated
+
+  def next_batch(self, state) -> tuple[dict, dict]:
+    g, t0 = self.cfg.grpo, time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), self.step)
+    kept, spare = [], []  # (rollout, texts, scores, truncated, examples, group index) per group
+    rounds = g.max_resample_rounds + 1 if g.zero_variance == "filter" else 1
+    for r in range(rounds):
+      examples = self._prompts(self.step, r)
+      out, texts, scores, truncated = self._sample(state.params, examples, jax.random.fold_in(key, r))
+      zero_var = np.ptp(scores["total"].reshape(-1, g.group_size), axis=1) == 0
+      for p in range(len(examples)):
+        group = (out, texts, scores, truncated, examples, p)
+        (spare if zero_var[p] and g.zero_variance == "filter" else kept).append(group)
+      if len(kept) >= g.prompts_per_step:
+        break
+    groups = (kept + spare)[:g.prompts_per_step]
+    batch, info = self._assemble(groups, rounds_used=r + 1)
+    info["rollout_s"] = time.perf_counter() - t0
+    if self.ref_logp_fn is not None:
+      batch["ref_logp"] = self.ref_logp_fn(batch)
+    self.step += 1
+    return batch, info
+
+  def _assemble(self, groups, rounds_used: int) -> tuple[dict, dict]:
+    g, G = self.cfg.grpo, self.cfg.grpo.group_size
+    parts, texts, scores, examples, truncated = [], [], {}, [], []
+    for out, t, s, cut, exs, p in groups:
+      rows = slice(p * G, (p + 1) * G)
+      part = learner_batch(out, self.cfg.train.seq_len, self.tok.pad_id)
+      parts.append({k: v[rows] for k, v in part.items()})
+      texts += t[rows]
+      truncated.append(cut[rows])
+      examples += [exs[p]] * G
+      for k, v in s.items():
+        scores.setdefault(k, []).append(v[rows])
+    host = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    lengths = host["loss_mask"].sum(1)
+    scores = {k: np.concatenate(v) for k, v in scores.items()}
+    truncated = np.concatenate(truncated)
+    if g.mask_truncated:  # completions cut by the budget leave the loss (their reward says nothing of the end)
+      host["loss_mask"] = host["loss_mask"] * ~truncated[:, None]
+    total_PxG = scores["total"].reshape(-1, G)
+    adv_PxG, zero_var_P = grpo.advantages(total_PxG, g.advantage, g.adv_eps)
+    host["advantages"] = np.asarray(adv_PxG, np.float32).reshape(-1)
+    info = {f"reward_{k}": float(v.mean()) for k, v in scores.items() if k not in ("total", "errors")}
+    info.update(reward_mean=float(scores["total"].mean()), reward_std=float(scores["total"].std()),
+                reward_errors=float(scores["errors"].sum()),
+                zero_variance_groups=float(np.asarray(zero_var_P).mean()), resample_rounds=float(rounds_used),
+                completion_len_mean=float(lengths.mean()), completion_len_max=float(lengths.max()),
+                truncated_frac=float(truncated.mean()))
+    self._log_samples(examples, texts, scores)
+    return sharding.global_batch(host, self.mesh), info
+
+  def _log_samples(self, examples, texts, scores):
+    every = self.cfg.grpo.log_samples_every
+    if self.samples_path is None or self.step % every or jax.process_index():
+      return
+    with open(self.samples_path, "a") as f:
+      for i in range(0, len(texts), self.cfg.grpo.group_size):  # the first completion of each group
+        f.write(json.dumps({"step": self.step, "prompt": examples[i].prompt, "completion": texts[i],
+                            **{k: float(v[i]) for k, v in scores.items()}}) + "\n")
+
+
+def evaluate(params, cfg: RunConfig, n: int, k: int = 1, split: str = "eval", seed: int = 0) -> dict:
+  """On n problems of the split: greedy accuracy and format rate, and with k > 1 pass@k (any of k samples
+  at sampler.temperature correct; k samples per problem, so the unbiased estimator is that indicator)."""
+  tok = tokenizer.load(cfg.data.tokenizer)
+  examples = task_examples(cfg, split, n)
+  spec = "accuracy:1.0,format:1.0"
+  greedy = dataclasses.replace(cfg.sampler, temperature=0.0, speculative=False)
+  out = sampler.generate(params, _encode(tok, examples), cfg.model, greedy, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  texts = [tok.decode([i for i in c if i != tok.eos_id]) for c in sampler.completions(out)]
+  scores = [rewards.score(ex, t, None, spec) for ex, t in zip(examples, texts)]
+  result = {"n": n, "accuracy": float(np.mean([s["accuracy"] for s in scores])),
+            "format": float(np.mean([s["format"] for s in scores])),
+            "completion_len_mean": float(np.mean(sampler.to_host(out.completion_len_B)))}
+  if k > 1:
+    prompts = [p for p in _encode(tok, examples) for _ in range(k)]
+    out = sampler.generate(params, prompts, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           key=jax.random.key(seed))
+    correct = np.array([rewards.score(examples[i // k], tok.decode([t for t in c if t != tok.eos_id]), None,
+                                      "accuracy:1.0")["accuracy"] for i, c in enumerate(sampler.completions(out))])
+    result[f"pass@{k}"] = float(correct.reshape(n, k).max(1).mean())
+  return result
