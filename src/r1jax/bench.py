@@ -87,3 +87,82 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
       "bound_tokens_per_s": None if math.isnan(bound_step_s) else batch / bound_step_s,
       "cache_values_per_token_per_layer": cache_values_per_token(mcfg),
   }
+
+
+def bench_rl_demo(cfg: RunConfig, run_dir, target: float = 0.8) -> dict:
+  """The R1-Zero demo end to end (base SFT stage, then GRPO; rl/pipeline.py) in `run_dir`: eval accuracy
+  against wall-clock time from the start (compilation included), the time to reach `target`, and the
+  GRPO stage's rollout vs learner time. Draws RUN/accuracy_vs_time.png."""
+  import json
+  from pathlib import Path
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from r1jax.rl import pipeline
+
+  run_dir = Path(run_dir)
+  t0 = time.time()
+  pipeline.r1_zero(cfg, run_dir)
+  total_s = time.time() - t0
+  rows = [json.loads(line) for line in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+  before = json.loads((run_dir / "grpo" / "eval_before.json").read_text())["accuracy"]
+  base_end = rows[0]["time"] - rows[0]["data_s"] - rows[0]["step_s"]  # when GRPO's first step began
+  curve = [(base_end - t0, before, 0)] + [(r["time"] - t0, r["eval_accuracy"], r["step"]) for r in rows
+                                           if "eval_accuracy" in r]
+  reached = next((t for t, acc, _ in curve if acc >= target), None)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([t / 60 for t, _, _ in curve], [a for _, a, _ in curve], marker="o")
+  ax.axhline(target, color="gray", lw=0.8, ls="--")
+  ax.axvline((base_end - t0) / 60, color="gray", lw=0.8, ls=":")
+  ax.set(xlabel="wall-clock minutes (base SFT stage, then GRPO)", ylabel="eval accuracy (greedy)",
+         title=f"R1-Zero on {cfg.grpo.task}: {jax.device_count()} {jax.devices()[0].platform} devices")
+  fig.tight_layout()
+  fig.savefig(run_dir / "accuracy_vs_time.png", dpi=100)
+  return {"bench": "rl-demo", "task": cfg.grpo.task, "platform": jax.devices()[0].platform,
+          "devices": jax.device_count(), "total_s": total_s, "base_stage_s": base_end - t0,
+          "curve": [{"seconds": t, "eval_accuracy": a, "grpo_step": s} for t, a, s in curve],
+          "target": target, "seconds_to_target": reached,
+          "grpo_rollout_s": sum(r["data_s"] for r in rows), "grpo_learner_s": sum(r["step_s"] for r in rows),
+          "plot": str(run_dir / "accuracy_vs_time.png")}
+
+
+def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
+  """GRPO steps of a fresh model (no checkpoints): the rollout (sampler + rewards + batch) and the learner
+  (train.jit_step of rl.grpo.grpo_step) timed apart, as tokens/s: generated tokens per rollout second, and
+  real (prompt + completion) tokens per learner second. The first step (compilation) is reported apart."""
+  import functools
+
+  from r1jax import train
+  from r1jax.rl import grpo, rollouts
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  step_fn = functools.partial(grpo.grpo_step, gcfg=cfg.grpo, temperature=cfg.sampler.temperature,
+                              norm_len=cfg.sampler.max_new_tokens)
+  rows = []
+  with jax.set_mesh(mesh):
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    source = rollouts.RolloutSource(cfg, mesh)
+    step_jit = None
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      batch, info = source.next_batch(state)
+      jax.block_until_ready(batch)
+      t1 = time.perf_counter()
+      step_jit = step_jit or train.jit_step(step_fn, state, batch, mesh)
+      state, metrics = step_jit(state, batch)
+      jax.block_until_ready(metrics)
+      t2 = time.perf_counter()
+      generated = float(np.asarray(batch["loss_mask"]).sum())
+      real = float(np.asarray(batch["token_mask"]).sum())
+      rows.append({"rollout_s": t1 - t0, "learner_s": t2 - t1, "generated_tokens": generated, "real_tokens": real})
+  timed = rows[1:] or rows
+  med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
+  return {"bench": "grpo", "platform": jax.devices()[0].platform, "devices": jax.device_count(),
+          "rows": cfg.grpo.prompts_per_step * cfg.grpo.group_size, "seq_len": cfg.train.seq_len,
+          "max_new_tokens": cfg.sampler.max_new_tokens, "first_step": rows[0], "steps": rows,
+          "rollout_tokens_per_s": med("generated_tokens") / med("rollout_s"),
+          "learner_tokens_per_s": med("real_tokens") / med("learner_s"),
+          "rollout_s_median": med("rollout_s"), "learner_s_median": med("learner_s")}

@@ -142,11 +142,18 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
+  args.config = args.config or ("configs/tiny_r1zero.yaml" if args.what == "rl-demo" else "configs/bench_gpu.yaml")
   cfg = config_lib.load(args.config, args.overrides)
   from r1jax import bench
 
   if args.what == "sampler":
     result = bench.bench_sampler(cfg, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.speculative)
+  elif args.what == "grpo":
+    result = bench.bench_grpo(cfg, args.steps)
+  else:
+    from r1jax import loop
+
+    result = bench.bench_rl_demo(cfg, loop.run_directory(cfg, args.config))
   print(json.dumps(result, indent=None if args.json else 2))
   return 0
 
@@ -224,14 +231,15 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=_generate)
   p = sub.add_parser("bench", help="benchmarks with JSON output")
-  p.add_argument("what", choices=["sampler"])
-  p.add_argument("--config", default="configs/bench_gpu.yaml")
+  p.add_argument("what", choices=["sampler", "grpo", "rl-demo"])
+  p.add_argument("--config", help="default: configs/bench_gpu.yaml (sampler, grpo), configs/tiny_r1zero.yaml (rl-demo)")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--speculative", action="store_true", help="sampler: MTP speculative decoding (greedy)")
+  p.add_argument("--steps", type=int, default=4, help="grpo: steps (the first compiles)")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(fn=_bench)
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")

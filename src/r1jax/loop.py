@@ -105,10 +105,13 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
     step_jit, t0 = None, time.perf_counter()
     with writer, _stop_signals() as stop:
       for step in range(start + 1, cfg.train.steps + 1):
+        t_data = time.perf_counter()
         batch, host_metrics = source.next_batch(state)
+        t_step = time.perf_counter()
         step_jit = step_jit or train.jit_step(step_fn or train.sft_step, state, batch, mesh)
         state, m = step_jit(state, batch)
         m = {**host_metrics, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        m.update(data_s=t_step - t_data, step_s=time.perf_counter() - t_step)  # GRPO: rollout vs learner time
         if after_step is not None:
           m.update(after_step(step, state))
         history.append(m)

@@ -44,6 +44,9 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
 def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> list[dict]:
   """Base stage (unless grpo.init names a checkpoint), then GRPO; returns the GRPO stage's metrics."""
   run_dir, g = Path(run_dir), cfg.grpo
+  if cfg.train.grad_accum != 1:
+    raise ConfigError(f"train.grad_accum={cfg.train.grad_accum}: a GRPO step is one batch of "
+                      "grpo.prompts_per_step x grpo.group_size rollouts (grad_accum applies to SFT only)")
   init_dir = g.init or None
   if not init_dir and g.base_steps:
     base_dir = run_dir / "base"
