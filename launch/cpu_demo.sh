@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
 export XLA_FLAGS="--xla_force_host_platform_device_count=8 ${XLA_FLAGS:-}"
 export JAX_PLATFORMS=cpu
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}"  # a second run skips compilation
 # Each demo run gets its own directory under runs/: base/ and grpo/ (config, checkpoints, metrics.jsonl,
 # TensorBoard events, plots), grpo/samples.jsonl (sampled completions with their rewards).
 exec .venv/bin/r1jax grpo configs/tiny_r1zero.yaml "train.name=demo-$(date +%Y%m%d-%H%M%S)" "$@"

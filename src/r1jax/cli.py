@@ -41,6 +41,32 @@ def _info(args) -> int:
   return 0
 
 
+def _cost(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import cost, model
+
+  result = cost.report(model.param_count(cfg.model), cfg.model, cfg.train.seq_len, args.tokens, args.gpu,
+                       args.precision, args.mfu, args.price, args.gpu_hours)
+  if args.fleet:
+    result["fleet"] = {"gpus": args.fleet, "hours": args.fleet_hours, "price_per_gpu_hour": args.price,
+                       "dollars": cost.fleet_dollars(args.fleet, args.price, args.fleet_hours)}
+  if args.json:
+    print(json.dumps(result, indent=2))
+    return 0
+  r = result
+  print(f"{args.config}: {r['tokens']:.4g} tokens x {r['flops_per_token']['total']:.4g} FLOPs/token "
+        f"(6 x active {r['flops_per_token']['matmul']:.4g} + attention at seq {cfg.train.seq_len}) = {r['train_flops']:.4g} FLOPs")
+  print(f"{args.gpu} {args.precision} peak {r['peak_flops_per_gpu'] / 1e12:.1f} TFLOP/s at MFU {args.mfu:.0%}: "
+        f"{r['gpu_hours_at_mfu'] / 1e6:.3f}M GPU-hours = ${r['dollars_at_mfu'] / 1e6:.3f}M at ${args.price}/h")
+  if args.gpu_hours is not None:
+    print(f"reported {args.gpu_hours / 1e6:.3f}M GPU-hours x ${args.price}/h = ${r['reported_dollars'] / 1e6:.3f}M; "
+          f"implied MFU {r['implied_mfu']:.1%} of the {args.precision} peak")
+  if args.fleet:
+    f = r["fleet"]
+    print(f"{f['gpus']:,} GPUs x ${args.price}/h x {f['hours']:g} h = ${f['dollars'] / 1e6:.2f}M")
+  return 0
+
+
 def _sft(args) -> int:
   cfg = config_lib.load(args.config, args.overrides)
   from r1jax import distributed  # before jax initialises its backends
@@ -90,6 +116,29 @@ def _grpo(args) -> int:
       jax.distributed.shutdown()
   print(f"run directory: {run_dir} (base/ and grpo/: metrics.jsonl, events/, plots/, checkpoints/; "
         "grpo/samples.jsonl)")
+  return 0
+
+
+def _pipeline(args) -> int:
+  cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import distributed
+
+  joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+  from r1jax import loop
+  from r1jax.rl import pipeline
+
+  run_dir = loop.run_directory(cfg, args.config)
+  try:
+    pipeline.run(cfg, run_dir, resume=args.resume)
+  except loop.TrainingStopped as e:
+    print(f"r1jax: {e}", file=sys.stderr)
+    return 3
+  finally:
+    if joined:
+      import jax
+
+      jax.distributed.shutdown()
+  print(f"run directory: {run_dir} (one directory per stage; report.md, report.json, report.png)")
   return 0
 
 
@@ -203,6 +252,19 @@ def main(argv=None) -> int:
                  help="also lower the train step on an abstract mesh; compile for XLA's memory analysis if the "
                       "backend has that many devices")
   p.set_defaults(fn=_info)
+  p = sub.add_parser("cost", help="training FLOPs, GPU-hours and dollars of a config for a token count")
+  p.add_argument("config")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--tokens", type=float, default=14.8e12, help="training tokens (V3: 14.8T)")
+  p.add_argument("--gpu", default="h800", help="h800, h100, h200, a100")
+  p.add_argument("--precision", default="bf16", help="the peak MFU is measured against: bf16 or fp8")
+  p.add_argument("--mfu", type=float, default=0.35)
+  p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour")
+  p.add_argument("--gpu-hours", type=float, help="a reported GPU-hour figure: its dollars and implied MFU")
+  p.add_argument("--fleet", type=int, default=0, help="GPUs rented for --fleet-hours (e.g. 50000)")
+  p.add_argument("--fleet-hours", type=float, default=168.0)
+  p.add_argument("--json", action="store_true")
+  p.set_defaults(fn=_cost)
   p = sub.add_parser("sft", help="supervised training of a config on a built-in task (one process or many)")
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
@@ -215,6 +277,13 @@ def main(argv=None) -> int:
   p.add_argument("--resume", action="store_true", help="continue the run in train.run_dir/train.name")
   _multiprocess_args(p)
   p.set_defaults(fn=_grpo)
+  p = sub.add_parser("pipeline", help="the R1 recipe: base, R1-Zero, cold start, RL, rejection sampling, SFT, RL, "
+                                       "distillation into a dense student; then a report")
+  p.add_argument("config")
+  p.add_argument("overrides", nargs="*", help="section.field=value")
+  p.add_argument("--resume", action="store_true", help="continue the unfinished stage (finished ones are skipped)")
+  _multiprocess_args(p)
+  p.set_defaults(fn=_pipeline)
   p = sub.add_parser("eval", help="greedy accuracy, format rate and pass@k of a checkpoint on grpo.task")
   p.add_argument("ckpt")
   p.add_argument("overrides", nargs="*", help="section.field=value (e.g. grpo.task=reverse)")

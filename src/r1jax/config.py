@@ -335,6 +335,40 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The R1 pipeline (rl/pipeline.py, R1 paper §2.3): stages run in order, each from the final checkpoint of
+  the stage it builds on. Stages: base (SFT on direct answers: `<think></think><answer>..`), r1zero (GRPO from
+  base), cold_start (SFT of base on a few reasoning traces), rl (GRPO from cold_start), rejection (correct,
+  well-formed samples of rl -> JSONL), sft (SFT of base on them), final_rl (GRPO from sft), distill (SFT of
+  the dense `student` preset from scratch on them). The task and GRPO settings are the grpo section's."""
+
+  stages: str = "base,r1zero,cold_start,rl,rejection,sft,final_rl,distill"
+  base_steps: int = 120
+  r1zero_steps: int = 40
+  cold_start_examples: int = 200  # the small cold-start set of traces
+  cold_start_steps: int = 40
+  rl_steps: int = 40
+  rejection_prompts: int = 256
+  rejection_k: int = 4  # samples per prompt
+  sft_steps: int = 80
+  final_rl_steps: int = 20
+  student: str = "configs/tiny_dense_student.yaml"  # a preset whose model section is the distilled student
+  distill_steps: int = 120
+  eval_prompts: int = 128
+  eval_k: int = 4  # pass@k in the report
+
+  STAGES = ("base", "r1zero", "cold_start", "rl", "rejection", "sft", "final_rl", "distill")
+
+  def validate(self, prefix: str = "pipeline"):
+    for name in self.stages.split(","):
+      if name.strip() not in self.STAGES:
+        _fail(f"{prefix}.stages", self.stages, f"unknown stage {name.strip()!r}; known: {list(self.STAGES)}")
+    for f in dataclasses.fields(self):
+      if f.type in ("int", int) and getattr(self, f.name) <= 0:
+        _fail(f"{prefix}.{f.name}", getattr(self, f.name), "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
@@ -344,6 +378,7 @@ class RunConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   sampler: SamplerConfig = SamplerConfig()
   grpo: GRPOConfig = GRPOConfig()
+  pipeline: PipelineConfig = PipelineConfig()
 
   def validate(self):
     for f in dataclasses.fields(self):

@@ -108,23 +108,25 @@ class TaskSource:
 
 
 class RLTaskSource:
-  """Problems of an rl.tasks task with their cold-start completions (`<think>trace</think><answer>..`):
-  the text a base model is trained on before RL, in the prompt format GRPO samples from."""
+  """Problems of an rl.tasks task with their cold-start completions (`<think>trace</think><answer>..`), or
+  with direct answers (`<think></think><answer>..`, traces=False): text a model is trained on before RL, in
+  the prompt format GRPO samples from."""
 
-  def __init__(self, task: str, cfg: DataConfig, split: str):
+  def __init__(self, task: str, cfg: DataConfig, split: str, traces: bool = True):
     try:
       self.examples = rl_tasks.make(task, cfg.task_examples, cfg.seed, split, cfg.template,
                                     **rl_tasks_difficulty(task, cfg))
     except ValueError as e:
       raise ConfigError(f"data.source=rl:{task}: {e}") from None
-    self.task = task
+    self.task, self.traces, self.kind = task, traces, "rl" if traces else "rl-direct"
 
   def __len__(self) -> int:
     return len(self.examples)
 
   def __getitem__(self, i: int) -> dict:
     ex = self.examples[i]
-    return {"prompt": ex.prompt, "completion": rl_tasks.cold_start_completion(ex), "where": f"rl:{self.task}#{i}"}
+    completion = rl_tasks.cold_start_completion(ex) if self.traces else rl_tasks.direct_completion(ex)
+    return {"prompt": ex.prompt, "completion": completion, "where": f"{self.kind}:{self.task}#{i}"}
 
 
 def rl_tasks_difficulty(task: str, cfg: DataConfig) -> dict:
@@ -137,8 +139,9 @@ def make_source(spec: str, cfg: DataConfig, *, eval: bool = False):
   train split."""
   if spec.startswith("task:"):
     return TaskSource(spec.removeprefix("task:"), cfg.task_examples, cfg.task_digits, cfg.seed, split=int(eval))
-  if spec.startswith("rl:"):
-    return RLTaskSource(spec.removeprefix("rl:"), cfg, "eval" if eval else "train")
+  if spec.startswith(("rl:", "rl-direct:")):
+    kind, task = spec.split(":", 1)
+    return RLTaskSource(task, cfg, "eval" if eval else "train", traces=kind == "rl")
   return JsonlSource(spec)
 
 

@@ -21,7 +21,7 @@ class Routing(NamedTuple):
   weights_TxK: jax.Array  # fp32 gate values of the chosen experts (normalised, times route_scale)
   experts_TxK: jax.Array  # int32 chosen expert ids
   scores_TxE: jax.Array  # fp32 affinities s_{i,t} before the bias (V3 eq. 15)
-  selected_TxK: jax.Array  # the router's own choice: equals experts_TxK unless routing is replayed
+  selected_TxK: jax.Array | None = None  # the router's own choice: experts_TxK unless routing is replayed
 
 
 class Tokens(NamedTuple):
@@ -83,6 +83,8 @@ def route(router: dict, x_TxD, cfg: ModelConfig, experts_TxK=None) -> Routing:
 def replay_differs(routing: Routing, mask_T):
   """Real tokens whose replayed expert set differs from the router's own choice (V3.2's keep-routing
   watch): how far the learner's router has drifted from the sampler's."""
+  if routing.selected_TxK is None:
+    return jnp.zeros((), jnp.float32)
   differs_T = (jnp.sort(routing.experts_TxK, -1) != jnp.sort(routing.selected_TxK, -1)).any(-1)
   return (differs_T * mask_T).sum().astype(jnp.float32)
 

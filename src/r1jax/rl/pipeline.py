@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 
 from r1jax import checkpoint, loop, sharding
+from r1jax import config as config_lib
 from r1jax.config import ConfigError, RunConfig
 from r1jax.rl import grpo, rollouts
 
@@ -78,3 +79,170 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
 
   return loop.fit(cfg, grpo_dir, resume=resume, step_fn=step_fn, source=source, init_params=init_params,
                   after_step=after_step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The R1 pipeline (R1 paper §2.3): every stage is one run directory under the pipeline's, started from the
+# final checkpoint of the stage it builds on; a finished stage is skipped on rerun, an unfinished one resumes.
+
+STAGES = ("base", "r1zero", "cold_start", "rl", "rejection", "sft", "final_rl", "distill")
+STARTS = {"r1zero": "base", "cold_start": "base", "rl": "cold_start", "sft": "base", "final_rl": "sft"}
+NEEDS = {**{k: (v,) for k, v in STARTS.items()}, "rejection": ("rl",), "sft": ("base", "rejection"),
+         "distill": ("rejection",)}
+EVALUATED = ("base", "r1zero", "cold_start", "rl", "sft", "final_rl", "distill")
+
+
+def _with(cfg: RunConfig, **sections) -> RunConfig:
+  """cfg with fields of some sections replaced: _with(cfg, train={"steps": 3})."""
+  return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def _sft_stage(cfg: RunConfig, stage_dir: Path, source: str, steps: int, init_dir, resume: bool, **data):
+  stage_cfg = _with(cfg, data={"source": source, **data}, train={"steps": steps})
+  if _stage_done(stage_dir, steps):
+    return
+  init = None
+  if init_dir is not None:
+    mesh = sharding.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+      init = checkpoint.load_params(init_dir, stage_cfg, mesh)
+  loop.fit(stage_cfg, stage_dir, resume=resume and (stage_dir / "checkpoints").is_dir(), init_params=init)
+
+
+def _grpo_stage(cfg: RunConfig, stage_dir: Path, steps: int, init_dir: Path, resume: bool):
+  if _stage_done(stage_dir / "grpo", steps):
+    return
+  stage_cfg = _with(grpo_config(cfg), train={"steps": steps}, grpo={"init": str(init_dir), "base_steps": 0})
+  r1_zero(stage_cfg, stage_dir, resume=resume and (stage_dir / "grpo" / "checkpoints").is_dir())
+
+
+def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
+  """R1 §2.3.3: k completions for each of n train prompts from the RL model, keeping only those the task
+  checker accepts and that are well formed, written as an SFT JSONL (prompt, completion)."""
+  from r1jax import sampler, tokenizer
+
+  p = cfg.pipeline
+  tok = tokenizer.load(cfg.data.tokenizer)
+  examples = rollouts.task_examples(cfg, "train", p.rejection_prompts)
+  prompts = [[tok.bos_id, *tok.encode(ex.prompt)] for ex in examples for _ in range(p.rejection_k)]
+  mesh = sharding.make_mesh(cfg.mesh)
+  with jax.set_mesh(mesh):
+    params = checkpoint.load_params(model_dir, cfg, mesh)
+    out = sampler.generate(params, prompts, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           key=jax.random.key(cfg.train.seed + 2))
+  completions = sampler.completions(out)
+  texts = [tok.decode([t for t in ids if t != tok.eos_id]) for ids in completions]
+  finished = [bool(ids) and ids[-1] == tok.eos_id for ids in completions]
+  kept = keep_correct([examples[i // p.rejection_k] for i in range(len(texts))], texts, finished)
+  if not kept:
+    raise ConfigError(f"rejection sampling kept none of {len(prompts)} samples from {model_dir}; train the rl stage "
+                      "longer (pipeline.rl_steps)")
+  tmp = out_path.with_suffix(".tmp")
+  tmp.parent.mkdir(parents=True, exist_ok=True)
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+  tmp.rename(out_path)  # whole or absent: a rerun never trains on half a file
+  return {"samples": len(prompts), "kept": len(kept)}
+
+
+def keep_correct(examples, texts: list[str], finished: list[bool]) -> list[dict]:
+  """The samples rejection sampling keeps: finished (EOS), accepted by the task's checker, well formed;
+  each distinct (prompt, completion) once, in order."""
+  from r1jax.rl import rewards
+
+  kept, seen = [], set()
+  for ex, text, done in zip(examples, texts, finished):
+    score = rewards.score(ex, text, None, "accuracy:1.0,format:1.0")
+    if done and score["accuracy"] == 1.0 and score["format"] == 1.0 and (ex.prompt, text) not in seen:
+      seen.add((ex.prompt, text))
+      kept.append({"prompt": ex.prompt, "completion": text})
+  return kept
+
+
+def stage_model_dir(run_dir: Path, stage: str) -> Path:
+  """Where a stage's final checkpoint lives (GRPO stages nest the loop's directory under grpo/)."""
+  return run_dir / stage / "grpo" if stage in ("r1zero", "rl", "final_rl") else run_dir / stage
+
+
+def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
+  """Run the pipeline's stages in order, then evaluate every trained stage and write the report."""
+  run_dir, p = Path(run_dir), cfg.pipeline
+  stages = [s.strip() for s in p.stages.split(",")]
+  rejection_data = run_dir / "rejection" / "data.jsonl"
+  for i, stage in enumerate(stages):
+    for need in NEEDS.get(stage, ()):
+      done = (rejection_data if need == "rejection" else stage_model_dir(run_dir, need) / "checkpoints").exists()
+      if need not in stages[:i] and not done:
+        raise ConfigError(f"pipeline.stages={p.stages!r}: stage {stage} needs {need} before it")
+    stage_dir = run_dir / stage
+    start = stage_model_dir(run_dir, STARTS[stage]) if stage in STARTS else None
+    print(f"== stage {stage}" + (f" (from {STARTS[stage]})" if start else ""), flush=True)
+    if stage == "base":
+      _sft_stage(cfg, stage_dir, f"rl-direct:{cfg.grpo.task}", p.base_steps, None, resume)
+    elif stage == "cold_start":
+      _sft_stage(cfg, stage_dir, f"rl:{cfg.grpo.task}", p.cold_start_steps, start, resume,
+                 task_examples=p.cold_start_examples)
+    elif stage == "sft":
+      _sft_stage(cfg, stage_dir, str(rejection_data), p.sft_steps, start, resume)
+    elif stage == "distill":
+      student = config_lib.load(p.student, [f"mesh.{k}={v}" for k, v in dataclasses.asdict(cfg.mesh).items()])
+      _sft_stage(dataclasses.replace(cfg, model=student.model), stage_dir, str(rejection_data), p.distill_steps,
+                 None, resume)
+    elif stage == "rejection":
+      stage_dir.mkdir(parents=True, exist_ok=True)
+      if not rejection_data.exists():
+        stats = rejection_sample(cfg, stage_model_dir(run_dir, "rl"), rejection_data)
+        (stage_dir / "stats.json").write_text(json.dumps(stats))
+    else:
+      _grpo_stage(cfg, stage_dir, {"r1zero": p.r1zero_steps, "rl": p.rl_steps, "final_rl": p.final_rl_steps}[stage],
+                  start, resume)
+  return write_report(cfg, run_dir, [s for s in stages if s in EVALUATED])
+
+
+def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
+  """Eval accuracy, format rate, mean completion length and pass@k of every stage's final model on the
+  eval split, as report.json, report.md and report.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  p = cfg.pipeline
+  rows = {}
+  for stage in stages:
+    stage_cfg = checkpoint.load_config(stage_model_dir(run_dir, stage))
+    stage_cfg = dataclasses.replace(stage_cfg, sampler=cfg.sampler, grpo=cfg.grpo, data=cfg.data, mesh=cfg.mesh)
+    mesh = sharding.make_mesh(stage_cfg.mesh)
+    with jax.set_mesh(mesh):
+      params = checkpoint.load_params(stage_model_dir(run_dir, stage), stage_cfg, mesh)
+      rows[stage] = rollouts.evaluate(params, stage_cfg, p.eval_prompts, p.eval_k)
+    rows[stage]["model"] = f"{stage_cfg.model.attention}, {_params(stage_cfg)}"
+  rejection = run_dir / "rejection" / "stats.json"
+  report = {"task": cfg.grpo.task, "stages": rows,
+            "rejection": json.loads(rejection.read_text()) if rejection.exists() else None}
+  (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+  k = f"pass@{p.eval_k}"
+  lines = [f"# R1 pipeline on `{cfg.grpo.task}` ({p.eval_prompts} eval problems)", "",
+           f"| stage | model | accuracy | format | mean length | {k} |", "|---|---|---|---|---|---|"]
+  for stage, r in rows.items():
+    lines.append(f"| {stage} | {r['model']} | {r['accuracy']:.3f} | {r['format']:.3f} | "
+                 f"{r['completion_len_mean']:.1f} | {r.get(k, float('nan')):.3f} |")
+  if report["rejection"]:
+    lines += ["", f"Rejection sampling kept {report['rejection']['kept']} of {report['rejection']['samples']} samples."]
+  (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  x = range(len(rows))
+  ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in rows.values()], 0.4, label="accuracy")
+  ax.bar([i + 0.2 for i in x], [r["format"] for r in rows.values()], 0.4, label="format")
+  ax.set_xticks(list(x), list(rows), rotation=20)
+  ax.set(ylim=(0, 1.05), title=f"R1 pipeline on {cfg.grpo.task}: eval split")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(run_dir / "report.png", dpi=100)
+  print("\n".join(lines), flush=True)
+  return report
+
+
+def _params(cfg: RunConfig) -> str:
+  from r1jax import model
+
+  return f"{model.param_count(cfg.model)['total'] / 1e6:.2f}M params"

@@ -296,3 +296,9 @@ def cold_start_completion(example: Example) -> str:
   m = example.metadata
   answer = m["solution"] if example.task == "countdown" else example.reference
   return f"<think>{TASKS[example.task].trace(m)}</think><answer>{answer}</answer>"
+
+
+def direct_completion(example: Example) -> str:
+  """The answer with no reasoning (`<think></think><answer>...`): what a base model that never thinks writes."""
+  answer = example.metadata["solution"] if example.task == "countdown" else example.reference
+  return f"<think></think><answer>{answer}</answer>"

@@ -1,0 +1,72 @@
+"""The R1 pipeline at toy size (every stage a few steps, slow), rejection sampling's filter against the task
+checker, stage ordering errors, and `r1jax cost` against the seed's arithmetic."""
+
+import json
+import os
+
+import pytest
+
+from r1jax import cli, config
+from r1jax.config import ConfigError
+from r1jax.rl import pipeline, rewards, tasks
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def test_rejection_keeps_exactly_the_correct_well_formed_finished_samples():
+  examples = tasks.make("countdown", 3, seed=1, split="train")
+  good = [tasks.cold_start_completion(ex).replace("<think>", "<think>try ", 1) for ex in examples]
+  cases = []
+  for ex, g in zip(examples, good):
+    cases += [(ex, g, True), (ex, g, False),  # correct but cut by the budget (no EOS)
+              (ex, g, True),  # a duplicate
+              (ex, g.replace("<think>", ""), True),  # badly formed
+              (ex, f"<think>x</think><answer>{ex.reference}</answer>", True),  # the bare target is no expression
+              (ex, "<think>x</think><answer>1+1</answer>", True)]
+  kept = pipeline.keep_correct([c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases])
+  assert kept == [{"prompt": ex.prompt, "completion": g} for ex, g in zip(examples, good)]
+  for record, ex in zip(kept, examples):  # independently: the checker accepts the answer, the format holds
+    answer = rewards.extract_answer(record["completion"])
+    assert tasks.countdown_value(answer, ex.metadata["numbers"]) == ex.metadata["target"]
+    assert rewards.format_(ex, record["completion"], {}) == 1.0
+
+
+def test_stage_order_is_checked(tmp_path):
+  cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), ["pipeline.stages=rl"])
+  with pytest.raises(ConfigError, match="stage rl needs cold_start"):
+    pipeline.run(cfg, tmp_path)
+  with pytest.raises(ConfigError, match="unknown stage 'rlhf'"):
+    config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), ["pipeline.stages=base,rlhf"])
+
+
+def test_cost_reproduces_the_seed_figures(capsys):
+  v3 = os.path.join(ROOT, "deepseek_v3_671b.yaml")
+  assert cli.main(["cost", v3, "--gpu-hours", "2.788e6", "--price", "2", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)
+  assert round(r["reported_dollars"]) == 5_576_000
+  # 6 x 36.6B active params (37.55B less the 0.93B embedding lookup) x 14.8T tokens = 3.25e24, + attention
+  assert 3.2e24 < r["train_flops"] < 3.8e24
+  assert 0.3 < r["implied_mfu"] < 0.45  # of H800's dense bf16 peak, 989.4 TFLOP/s
+  assert cli.main(["cost", v3, "--gpu", "a100", "--price", "1.35", "--fleet", "50000", "--fleet-hours", "168",
+                   "--json"]) == 0
+  assert round(json.loads(capsys.readouterr().out)["fleet"]["dollars"]) == 11_340_000
+
+
+@pytest.mark.slow
+def test_toy_pipeline_runs_every_stage_and_reports(tmp_path):
+  overrides = ["grpo.task=copy", "data.task_digits=2", "data.task_examples=60", "train.seq_len=40",
+               "sampler.max_new_tokens=16", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=100",
+               "grpo.eval_prompts=8", "checkpoint.every=100", "pipeline.base_steps=40", "pipeline.r1zero_steps=2",
+               "pipeline.cold_start_examples=40", "pipeline.cold_start_steps=30", "pipeline.rl_steps=2",
+               "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.sft_steps=3",
+               "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=8", "pipeline.eval_k=2"]
+  cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), overrides)
+  report = pipeline.run(cfg, tmp_path)
+  assert list(report["stages"]) == list(pipeline.EVALUATED)
+  assert report["rejection"]["kept"] > 0
+  assert (tmp_path / "report.md").read_text().count("\n| ") == len(pipeline.EVALUATED) + 1
+  assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "rejection" / "data.jsonl").exists()
+  assert report["stages"]["distill"]["model"].startswith("gqa")
+  # a rerun finds every stage finished and only evaluates
+  again = pipeline.run(cfg, tmp_path)
+  assert again["stages"] == report["stages"]
