@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU host: one process drives all local GPUs; the mesh comes from the config (e.g. mesh.expert=8).
-# Usage: launch/gpu_host.sh CONFIG [section.field=value ...]
+# Usage: [COMMAND=sft|grpo|pipeline] launch/gpu_host.sh CONFIG [section.field=value ...]
 # Several hosts: run launch/multi_host.sh on each (or under SLURM / Open MPI, which jax.distributed detects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-.venv/bin/python}" -m r1jax.cli sft "$@"
+exec "${PYTHON:-.venv/bin/python}" -m r1jax.cli "${COMMAND:-sft}" "$@"

@@ -56,17 +56,32 @@ def test_cost_reproduces_the_seed_figures(capsys):
 def test_toy_pipeline_runs_every_stage_and_reports(tmp_path):
   overrides = ["grpo.task=copy", "data.task_digits=2", "data.task_examples=60", "train.seq_len=40",
                "sampler.max_new_tokens=16", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=100",
-               "grpo.eval_prompts=8", "checkpoint.every=100", "pipeline.base_steps=40", "pipeline.r1zero_steps=2",
+               "grpo.eval_prompts=4", "checkpoint.every=100", "pipeline.base_steps=40", "pipeline.r1zero_steps=2",
                "pipeline.cold_start_examples=40", "pipeline.cold_start_steps=30", "pipeline.rl_steps=2",
                "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.sft_steps=3",
-               "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=8", "pipeline.eval_k=2"]
+               "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=4", "pipeline.eval_k=1"]
   cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), overrides)
   report = pipeline.run(cfg, tmp_path)
   assert list(report["stages"]) == list(pipeline.EVALUATED)
   assert report["rejection"]["kept"] > 0
   assert (tmp_path / "report.md").read_text().count("\n| ") == len(pipeline.EVALUATED) + 1
+  for stage, start in (("r1zero", "base"), ("rl", "cold_start"), ("final_rl", "sft")):  # each from its parent
+    saved = config.load(tmp_path / stage / "grpo" / "config.yaml")
+    assert saved.grpo.init == str(pipeline.stage_model_dir(tmp_path, start))
   assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "rejection" / "data.jsonl").exists()
   assert report["stages"]["distill"]["model"].startswith("gqa")
-  # a rerun finds every stage finished and only evaluates
-  again = pipeline.run(cfg, tmp_path)
-  assert again["stages"] == report["stages"]
+
+
+def test_an_unfinished_stage_resumes_inside_itself(tmp_path):
+  """A stage stopped at step 4 of 8 (as SIGTERM leaves it: a checkpoint at 4) continues from 4 on rerun;
+  without --resume the pipeline refuses to overwrite it."""
+  overrides = ["pipeline.stages=base", "grpo.task=copy", "data.task_digits=2", "data.task_examples=60",
+               "train.seq_len=32", "checkpoint.every=2", "pipeline.eval_prompts=4", "pipeline.eval_k=1"]
+  cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), [*overrides, "pipeline.base_steps=4"])
+  pipeline.run(cfg, tmp_path)
+  longer = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), [*overrides, "pipeline.base_steps=8"])
+  with pytest.raises(ConfigError, match="already holds checkpoints"):
+    pipeline.run(longer, tmp_path)
+  pipeline.run(longer, tmp_path, resume=True)
+  steps = [json.loads(line)["step"] for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(1, 9))  # 1-4 from the first run, 5-8 from the resumed one, each once
