@@ -6,9 +6,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for cf in 0 1.25; do
-  python -m r1jax.cli bench sampler model.capacity_factor=$cf --config configs/bench_gpu.yaml --json \
+  python -m r1jax.cli bench sampler sampler.capacity_factor=$cf --config configs/bench_gpu.yaml --json \
     | tee "$OUT/sampler_cf$cf.json"
 done
-python -m r1jax.cli bench sampler model.capacity_factor=0 --config configs/bench_gpu.yaml --speculative --json \
+python -m r1jax.cli bench sampler sampler.capacity_factor=0 --config configs/bench_gpu.yaml --speculative --json \
   | tee "$OUT/sampler_spec.json"
 python bench/hf_peer.py sampler --config configs/bench_gpu.yaml | tee "$OUT/hf_sampler.json"

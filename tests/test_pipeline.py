@@ -85,3 +85,22 @@ def test_an_unfinished_stage_resumes_inside_itself(tmp_path):
   pipeline.run(longer, tmp_path, resume=True)
   steps = [json.loads(line)["step"] for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
   assert steps == list(range(1, 9))  # 1-4 from the first run, 5-8 from the resumed one, each once
+
+
+def test_grpo_with_a_kl_reference_from_a_checkpoint(tmp_path):
+  """The reference's weights outlive the donated train state: two GRPO steps with k3 KL from a base stage."""
+  overrides = ["grpo.task=copy", "data.task_digits=2", "data.task_examples=60", "train.seq_len=40",
+               "sampler.max_new_tokens=12", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.base_steps=2",
+               "train.steps=2", "grpo.kl_beta=0.05", "grpo.eval_prompts=4", "grpo.zero_variance=count"]
+  history = pipeline.r1_zero(config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), overrides), tmp_path)
+  assert len(history) == 2 and all("kl" in m and m["kl"] >= 0 for m in history)
+
+
+def test_bad_grpo_settings_fail_before_training(tmp_path):
+  cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), ["grpo.rewards=acuracy:1.0"])
+  with pytest.raises(ConfigError, match="acuracy"):
+    pipeline.r1_zero(cfg, tmp_path)
+  cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), ["sampler.temperature=0"])
+  with pytest.raises(ConfigError, match="sampler.temperature=0"):
+    pipeline.r1_zero(cfg, tmp_path)
+  assert not any(tmp_path.iterdir())  # nothing was trained or written

@@ -272,6 +272,9 @@ class SamplerConfig:
   top_k: int = 0  # 0: off
   steps_per_call: int = 16  # decode steps per compiled call (progress is reported between calls)
   speculative: bool = False  # greedy only: the MTP module drafts one token per step (V3 report §5.4.3)
+  # MoE capacity while sampling. 0 (dropless) by default: with a few tokens per shard per decode step, a
+  # capacity factor drops pairs routinely and a row's sample would depend on its batch-mates.
+  capacity_factor: float = 0.0
 
   def validate(self, prefix: str = "sampler"):
     if self.max_new_tokens <= 0 or self.steps_per_call <= 0:
@@ -282,6 +285,8 @@ class SamplerConfig:
       _fail(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
     if self.top_k < 0:
       _fail(f"{prefix}.top_k", self.top_k, "must be >= 0 (0: off)")
+    if self.capacity_factor < 0:
+      _fail(f"{prefix}.capacity_factor", self.capacity_factor, "must be >= 0 (0: dropless)")
     if self.speculative and self.temperature != 0:
       _fail(f"{prefix}.speculative", self.speculative, "MTP speculative decoding is greedy: set sampler.temperature=0")
 

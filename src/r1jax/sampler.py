@@ -9,6 +9,7 @@ position i. `greedy_full_forward` (full forward passes, no cache) is the referen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -110,7 +111,7 @@ def _put_experts(experts: dict, slot_B, router: dict, t: int, active_B):
   return out
 
 
-def _prefill(params, tokens_BxP, prompt_len_B, key, S: int, eos_id, cfg: ModelConfig,
+def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg: ModelConfig,
              scfg: SamplerConfig) -> _State:
   """Run the prompts through the model at slots [0, P) and draw each row's first token."""
   B, P = tokens_BxP.shape
@@ -133,7 +134,7 @@ def _prefill(params, tokens_BxP, prompt_len_B, key, S: int, eos_id, cfg: ModelCo
     next_BxP = jnp.concatenate([tokens_BxP[:, 1:], tokens_BxP[:, :1]], axis=1).at[_rows(B), last_B].set(first_B)
     draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg)
     draft_B = jnp.argmax(draft_logits[_rows(B), last_B], axis=-1).astype(jnp.int32)
-  done_B = (first_B == eos_id) | (scfg.max_new_tokens <= 1)
+  done_B = (first_B == eos_id) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
   return _State(cache, tokens_BxS, logprobs_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
                 jnp.ones(B, jnp.int32), zeros_B, key, jnp.zeros((), jnp.int32))
 
@@ -212,8 +213,8 @@ def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int
   P = min(-(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET, max_seq_len)
   S = P + max_new + 1  # +1: a speculative step may write one slot past the budget
   if int(lengths.max()) + max_new + 1 > max_seq_len:
-    raise ConfigError(f"prompt ({int(lengths.max())} tokens) + sampler.max_new_tokens={max_new} exceeds "
-                      f"model.max_seq_len={max_seq_len}")
+    raise ConfigError(f"prompt ({int(lengths.max())} tokens) + sampler.max_new_tokens={max_new} + 1 (a draft "
+                      f"slot) exceeds model.max_seq_len={max_seq_len}")
   S = min(S, max_seq_len)
   buf = np.full((n_rows, P), pad_id, np.int32)
   for i, p in enumerate(prompts):
@@ -228,18 +229,20 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, scfg: Sam
   dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between compiled chunks."""
   if scfg.speculative and not cfg.n_mtp:
     raise ConfigError("sampler.speculative=true needs an MTP module (model.n_mtp >= 1)")
+  cfg = dataclasses.replace(cfg, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config
   mesh = _mesh_of(params)
   multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   n_rows = max(1, math.ceil(len(prompts) / multiple)) * multiple
   buf, lengths, S = _buffer(prompts, n_rows, pad_id, cfg.max_seq_len, scfg.max_new_tokens)
   key = jax.random.key(0) if key is None else key
+  live = np.arange(n_rows) < len(prompts)
   if mesh is not None:
-    put = sharding.global_batch({"tokens": buf, "lengths": lengths}, mesh)
-    tokens, lengths_dev = put["tokens"], put["lengths"]
+    put = sharding.global_batch({"tokens": buf, "lengths": lengths, "live": live}, mesh)
+    tokens, lengths_dev, live_dev = put["tokens"], put["lengths"], put["live"]
   else:
-    tokens, lengths_dev = jnp.asarray(buf), jnp.asarray(lengths)
+    tokens, lengths_dev, live_dev = jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(live)
   eos = jnp.int32(eos_id)
-  st = _prefill_jit(params, tokens, lengths_dev, key, S=S, eos_id=eos, cfg=cfg, scfg=scfg)
+  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_id=eos, cfg=cfg, scfg=scfg)
   while True:
     done = bool(jax.device_get(st.done_B.all()))  # a sum of one bool per row: replicated, any process
     if on_chunk is not None:

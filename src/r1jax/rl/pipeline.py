@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from r1jax import checkpoint, loop, sharding
 from r1jax import config as config_lib
@@ -30,6 +31,20 @@ def grpo_config(cfg: RunConfig) -> RunConfig:
   return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.grpo.lr))
 
 
+def _check_grpo(cfg: RunConfig):
+  """One-line errors before any stage trains: unknown reward names, and greedy sampling (every completion
+  of a group would be the same, so every advantage 0)."""
+  from r1jax.rl import rewards
+
+  try:
+    rewards.parse(cfg.grpo.rewards)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if cfg.sampler.temperature == 0:
+    raise ConfigError("sampler.temperature=0: GRPO needs sampled completions (greedy groups are identical, "
+                      "so every advantage is 0); evaluation is greedy on its own")
+
+
 def _stage_done(run_dir: Path, steps: int) -> bool:
   directory = run_dir / "checkpoints"
   return directory.is_dir() and checkpoint.Manager(directory).steps()[-1:] == [steps]
@@ -38,6 +53,7 @@ def _stage_done(run_dir: Path, steps: int) -> bool:
 def _ref_logp_fn(ref_params, cfg: RunConfig):
   """Log-probs of the frozen reference (the starting checkpoint) for the k3 KL term."""
   model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
+  ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the train state's params are donated
   fn = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.sampler.temperature, cfg.grpo.routing_replay)[0])
   return lambda batch: fn(ref_params, batch)
 
@@ -45,6 +61,7 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
 def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> list[dict]:
   """Base stage (unless grpo.init names a checkpoint), then GRPO; returns the GRPO stage's metrics."""
   run_dir, g = Path(run_dir), cfg.grpo
+  _check_grpo(cfg)
   if cfg.train.grad_accum != 1:
     raise ConfigError(f"train.grad_accum={cfg.train.grad_accum}: a GRPO step is one batch of "
                       "grpo.prompts_per_step x grpo.group_size rollouts (grad_accum applies to SFT only)")
@@ -137,10 +154,15 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
   if not kept:
     raise ConfigError(f"rejection sampling kept none of {len(prompts)} samples from {model_dir}; train the rl stage "
                       "longer (pipeline.rl_steps)")
-  tmp = out_path.with_suffix(".tmp")
-  tmp.parent.mkdir(parents=True, exist_ok=True)
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-  tmp.rename(out_path)  # whole or absent: a rerun never trains on half a file
+  if jax.process_index() == 0:  # every process computed the same samples; one writes them
+    tmp = out_path.with_suffix(".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.rename(out_path)  # whole or absent: a rerun never trains on half a file
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("r1jax rejection data written")
   return {"samples": len(prompts), "kept": len(kept)}
 
 
@@ -191,7 +213,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
       stage_dir.mkdir(parents=True, exist_ok=True)
       if not rejection_data.exists():
         stats = rejection_sample(cfg, stage_model_dir(run_dir, "rl"), rejection_data)
-        (stage_dir / "stats.json").write_text(json.dumps(stats))
+        if jax.process_index() == 0:
+          (stage_dir / "stats.json").write_text(json.dumps(stats))
     else:
       _grpo_stage(cfg, stage_dir, {"r1zero": p.r1zero_steps, "rl": p.rl_steps, "final_rl": p.final_rl_steps}[stage],
                   start, resume)

@@ -48,12 +48,14 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
   tokens = sampler.to_host(rollout.tokens_BxS)
   B, S = tokens.shape
   L = seq_len
-  if S - 1 > L:
-    raise ConfigError(f"train.seq_len={L}: rollouts span {S - 1} positions (prompt bucket + "
-                      f"sampler.max_new_tokens); raise train.seq_len")
-  pad = lambda x, v: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, L + 1 - S)], constant_values=v)  # noqa: E731
-  tokens = pad(tokens, pad_id)
   n_real = sampler.to_host(rollout.prompt_len_B) + sampler.to_host(rollout.completion_len_B)
+  if n_real.max() - 1 > L:
+    raise ConfigError(f"train.seq_len={L}: a prompt and its completion span {n_real.max() - 1} positions; "
+                      "raise train.seq_len (or lower sampler.max_new_tokens)")
+  # Slots past every row's end are padding: crop or pad the buffer to the learner's L + 1 slots.
+  pad = lambda x, v: np.pad(x[..., :L + 1], [(0, 0)] * (x.ndim - 1) + [(0, max(L + 1 - S, 0))],  # noqa: E731
+                            constant_values=v)
+  tokens = pad(tokens, pad_id)
   completion = pad(sampler.to_host(rollout.completion_mask_BxS), 0)
   logp = pad(sampler.to_host(rollout.logprobs_BxS), 0.0)
   real_BxL = (np.arange(L)[None] < (n_real - 1)[:, None]).astype(np.int32)  # the last token is never an input
@@ -64,7 +66,7 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
            "sampler_logp": logp[:, 1:].astype(np.float32)}
   if "moe_layers" in rollout.experts:
     routes = np.moveaxis(sampler.to_host(rollout.experts["moe_layers"]), 1, 0)  # [B, N, S, K]
-    routes = np.pad(routes, [(0, 0), (0, 0), (0, L + 1 - S), (0, 0)], constant_values=-1)[:, :, :L]
+    routes = np.pad(routes[:, :, :L], [(0, 0), (0, 0), (0, max(L - S, 0)), (0, 0)], constant_values=-1)
     batch["routes"] = routes.astype(np.int32)
   return batch
 
@@ -95,7 +97,8 @@ class RolloutSource:
   def _prompts(self, step: int, round_: int) -> list[tasks.Example]:
     """Prompts of (step, round): a fresh permutation of the pool per epoch, walked in order."""
     P, n = self.cfg.grpo.prompts_per_step, len(self.pool)
-    start = (step * (self.cfg.grpo.max_resample_rounds + 1) + round_) * P
+    rounds = self.cfg.grpo.max_resample_rounds + 1 if self.cfg.grpo.zero_variance == "filter" else 1
+    start = (step * rounds + round_) * P
     out = []
     for i in range(start, start + P):
       epoch, j = divmod(i, n)
@@ -139,10 +142,12 @@ class RolloutSource:
 
   def _assemble(self, groups, rounds_used: int) -> tuple[dict, dict]:
     g, G = self.cfg.grpo, self.cfg.grpo.group_size
-    parts, texts, scores, examples, truncated = [], [], {}, [], []
+    parts, texts, scores, examples, truncated, hosted = [], [], {}, [], [], {}
     for out, t, s, cut, exs, p in groups:
       rows = slice(p * G, (p + 1) * G)
-      part = learner_batch(out, self.cfg.train.seq_len, self.tok.pad_id)
+      if id(out) not in hosted:  # one host copy per rollout, however many of its groups are kept
+        hosted[id(out)] = learner_batch(out, self.cfg.train.seq_len, self.tok.pad_id)
+      part = hosted[id(out)]
       parts.append({k: v[rows] for k, v in part.items()})
       texts += t[rows]
       truncated.append(cut[rows])
