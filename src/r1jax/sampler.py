@@ -141,7 +141,6 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg:
 
 def _step(params, st: _State, eos_id, cfg: ModelConfig, scfg: SamplerConfig) -> _State:
   """Feed each active row's last token, draw the next one."""
-  B = st.next_B.shape[0]
   active_B = ~st.done_B
   out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, active_B[:, None])
   key, k_draw = jax.random.split(st.key)
@@ -161,7 +160,6 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, scfg: Sample
   """Greedy with an MTP draft (V3 report §5.4.3): feed [next, draft] at slots [n, n+1]; the main model's
   argmax a after `next` is always kept, and its argmax b after the draft too when draft == a. Equals plain
   greedy decoding token for token; garbage left at slot n+1 by a rejected draft is overwritten next step."""
-  B = st.next_B.shape[0]
   active_B = ~st.done_B
   out = model.decode(params, st.cache, jnp.stack([st.next_B, st.draft_B], 1), st.length_B, cfg,
                      jnp.stack([active_B, active_B], 1))
