@@ -92,17 +92,17 @@ def _sft(args) -> int:
   return 0
 
 
-def _grpo(args) -> int:
+def _train_command(args, train_fn, outputs: str) -> int:
+  """A training command (grpo, pipeline): join a multi-process run if asked, run, report errors in one line."""
   cfg = config_lib.load(args.config, args.overrides)
   from r1jax import distributed
 
   joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
   from r1jax import data, loop
-  from r1jax.rl import pipeline
 
   run_dir = loop.run_directory(cfg, args.config)
   try:
-    pipeline.r1_zero(cfg, run_dir, resume=args.resume)
+    train_fn(cfg, run_dir, resume=args.resume)
   except loop.TrainingStopped as e:
     print(f"r1jax: {e}", file=sys.stderr)
     return 3
@@ -114,32 +114,21 @@ def _grpo(args) -> int:
       import jax
 
       jax.distributed.shutdown()
-  print(f"run directory: {run_dir} (base/ and grpo/: metrics.jsonl, events/, plots/, checkpoints/; "
-        "grpo/samples.jsonl)")
+  print(f"run directory: {run_dir} ({outputs})")
   return 0
+
+
+def _grpo(args) -> int:
+  from r1jax.rl import pipeline
+
+  return _train_command(args, pipeline.r1_zero,
+                        "base/ and grpo/: metrics.jsonl, events/, plots/, checkpoints/; grpo/samples.jsonl")
 
 
 def _pipeline(args) -> int:
-  cfg = config_lib.load(args.config, args.overrides)
-  from r1jax import distributed
-
-  joined = distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
-  from r1jax import loop
   from r1jax.rl import pipeline
 
-  run_dir = loop.run_directory(cfg, args.config)
-  try:
-    pipeline.run(cfg, run_dir, resume=args.resume)
-  except loop.TrainingStopped as e:
-    print(f"r1jax: {e}", file=sys.stderr)
-    return 3
-  finally:
-    if joined:
-      import jax
-
-      jax.distributed.shutdown()
-  print(f"run directory: {run_dir} (one directory per stage; report.md, report.json, report.png)")
-  return 0
+  return _train_command(args, pipeline.run, "one directory per stage; report.md, report.json, report.png")
 
 
 def _eval(args) -> int:
