@@ -5,7 +5,8 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"])
-os.environ["JAX_PLATFORMS"] = "cpu"
+# R1JAX_TEST_PLATFORMS=cuda runs the GPU-marked tests on a GPU machine (`pytest -m gpu`); CI stays on CPU.
+os.environ["JAX_PLATFORMS"] = os.environ.get("R1JAX_TEST_PLATFORMS", "cpu")
 # Compiled executables are cached on disk and shared by the xdist workers and the CLI subprocesses: many
 # tests compile the same tiny-model steps, and the R1 pipeline test compiles one step per stage.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax-tests"))

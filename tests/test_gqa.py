@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from r1jax import config, model, sharding
-from r1jax.nn import gqa, layers, rope
+from r1jax.nn import attention, gqa, layers, rope
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -58,7 +58,7 @@ def test_gqa_matches_numpy_reference(student):
   x = np.random.default_rng(1).normal(size=(B, L, student.dim)).astype(np.float32)
   positions = np.broadcast_to(np.arange(L), (B, L))
   cos, sin = rope.cos_sin(jnp.asarray(positions), student)
-  mask = model.attention_mask(jnp.zeros((B, L), jnp.int32))
+  mask = attention.Mask()
   got = gqa.apply(p, jnp.asarray(x), cos, sin, mask, student)
   np.testing.assert_allclose(np.asarray(got), _reference_gqa(p, x, student, positions), atol=2e-5, rtol=1e-5)
 

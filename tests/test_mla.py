@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import model
-from r1jax.nn import layers, mla, rope
+from r1jax.nn import attention, layers, mla, rope
 
 
 def np_rms(x, w, eps):
@@ -90,7 +89,7 @@ def test_mla_matches_float64_numpy(tiny, variant):
   seg = np.zeros((B, L), np.int32)
   seg[1, 40:] = 1
   cos, sin = rope.cos_sin(jnp.asarray(positions), cfg)
-  got = mla.apply(p, jnp.asarray(x, jnp.float32), cos, sin, model.attention_mask(jnp.asarray(seg)), cfg)
+  got = mla.apply(p, jnp.asarray(x, jnp.float32), cos, sin, attention.Mask(jnp.asarray(seg)), cfg)
   ref = np_mla(p, x, positions, seg, cfg)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-4, atol=2e-5)  # fp32 matmuls vs float64
 

@@ -14,7 +14,7 @@ import pytest
 
 from r1jax import config, model, sampler, sharding
 from r1jax.config import SamplerConfig
-from r1jax.nn import block, mla
+from r1jax.nn import attention, block, mla
 
 EOS = 2
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, steps_per_call=5)
@@ -58,12 +58,12 @@ def test_absorbed_mla_decode_equals_the_decompressed_path(mla_case):
   B, L = 2, 11
   x_BxLxD = jax.random.normal(jax.random.key(3), (B, L, cfg.dim))
   ref = mla.apply(p, x_BxLxD, *model.rope.cos_sin(jnp.broadcast_to(jnp.arange(L), (B, L)), cfg),
-                  model.attention_mask(jnp.zeros((B, L), jnp.int32)), cfg)
+                  attention.Mask(), cfg)
   cache = mla.init_cache(cfg, B, L, jnp.float32)
   outs = []
   for t in range(L):
-    ctx = model.decode_context(jnp.full((B,), t, jnp.int32), 1, L, cfg)
-    y, cache = mla.apply_cached(p, x_BxLxD[:, t:t + 1], ctx.cos, ctx.sin, ctx.mask_BxLxL, cache, ctx.write_B, cfg)
+    ctx = model.decode_context(jnp.full((B,), t, jnp.int32), 1, cfg)
+    y, cache = mla.apply_cached(p, x_BxLxD[:, t:t + 1], ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg)
     outs.append(y)
   # the absorbed form sums over the latent instead of the head dims: fp32 rounding, outputs of size ~5
   np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, rtol=1e-5, atol=2e-5)
@@ -75,7 +75,7 @@ def test_mla_cache_holds_the_latent_and_the_rope_key_only(mla_case):
   per_token_per_layer = sum(v.shape[-1] for v in cache["moe_layers"].values())
   assert per_token_per_layer == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 48
   assert {k: v.shape for k, v in cache["moe_layers"].items()} == {
-      "ckv": (cfg.n_moe_layers, 3, 20, cfg.kv_lora_rank), "kpe": (cfg.n_moe_layers, 3, 20, cfg.qk_rope_head_dim)}
+      "latent": (cfg.n_moe_layers, 3, 20, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
   # a full per-head cache would hold keys (nope + rope) and values for every head
   full = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
   assert per_token_per_layer / full == 48 / 320

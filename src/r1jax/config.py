@@ -44,6 +44,8 @@ class ModelConfig:
   n_kv_heads: int = 0  # gqa: key/value heads, dividing n_heads
   head_dim: int = 0  # gqa: per-head query/key/value width
   qkv_bias: bool = False  # gqa: biases on the q, k, v projections (Qwen2)
+  # nn/attention.py: auto picks cuDNN flash attention on GPU, splash on TPU, the XLA reference elsewhere.
+  attention_impl: Literal["auto", "xla", "cudnn", "splash"] = "auto"
   # RoPE and YaRN (rope.py). rope_scaling "yarn" uses rope_factor/original_seq_len/beta_*/mscale*;
   # "llama3" (Llama 3.1) uses rope_factor/original_seq_len/low_freq_factor/high_freq_factor.
   rope_theta: float = 10000.0

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import block, layers, moe, mtp, rope
+from r1jax.nn import attention, block, layers, moe, mtp, rope
 from r1jax.sharding import constrain
 
 
@@ -66,14 +66,6 @@ def init(cfg: ModelConfig, key, mesh=None) -> dict:
   return jax.jit(fn, out_shardings=param_shardings(cfg, mesh))(key)
 
 
-def attention_mask(segment_ids_BxL):
-  """Causal mask restricted to each packed segment: [B, L, L] bool."""
-  L = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
-  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal_LxL[None] & same_BxLxL
-
-
 def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None,
           token_mask_BxL=None, routes: dict | None = None) -> Output:
   """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row);
@@ -85,6 +77,7 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   B, L = tokens_BxL.shape
   if positions_BxL is None:
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  mask = attention.Mask(segment_ids_BxL)  # None: one causal sequence per row (no segment work at all)
   if segment_ids_BxL is None:
     segment_ids_BxL = jnp.zeros((B, L), jnp.int32)
   if token_mask_BxL is None:
@@ -92,8 +85,7 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   chex.assert_equal_shape([tokens_BxL, positions_BxL, segment_ids_BxL, token_mask_BxL])
   routes = routes or {}
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
-  ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), attention_mask(segment_ids_BxL),
-                      moe.Tokens(token_mask_BxL, segment_ids_BxL))
+  ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), mask, moe.Tokens(token_mask_BxL, segment_ids_BxL))
   embed_fn, head_fn = _embed_fn(params, cfg), _head_fn(params, cfg)
   x_BxLxD = embed_fn(tokens_BxL)
   router = {}
@@ -144,14 +136,13 @@ def init_cache(cfg: ModelConfig, B: int, S: int) -> dict:
   return cache
 
 
-def decode_context(write_B, T: int, S: int, cfg: ModelConfig, token_mask_BxT=None) -> block.Context:
+def decode_context(write_B, T: int, cfg: ModelConfig, token_mask_BxT=None) -> block.Context:
   """Positions write_B + [0, T) attending to every cache slot at or before their own."""
   positions_BxT = write_B[:, None] + jnp.arange(T, dtype=jnp.int32)
-  mask_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
   if token_mask_BxT is None:
     token_mask_BxT = jnp.ones_like(positions_BxT)
   tokens = moe.Tokens(token_mask_BxT.astype(jnp.int32), jnp.zeros_like(positions_BxT))
-  return block.Context(*rope.cos_sin(positions_BxT, cfg), mask_BxTxS, tokens, write_B)
+  return block.Context(*rope.cos_sin(positions_BxT, cfg), attention.Mask(q_start_B=write_B), tokens, write_B)
 
 
 def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, token_mask_BxT=None) -> DecodeOutput:
@@ -160,8 +151,7 @@ def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, tok
   anything: they are overwritten before they become visible. `token_mask` marks rows' real tokens (router
   statistics and expert capacity count only those)."""
   chex.assert_rank(tokens_BxT, 2)
-  S = jax.tree.leaves(cache)[0].shape[2]
-  ctx = decode_context(write_B, tokens_BxT.shape[1], S, cfg, token_mask_BxT)
+  ctx = decode_context(write_B, tokens_BxT.shape[1], cfg, token_mask_BxT)
   x_BxTxD = _embed_fn(params, cfg)(constrain(tokens_BxT, "batch", "seq"))
   router, new_cache = {}, dict(cache)
   for stack in _STACKS:
@@ -176,8 +166,7 @@ def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, tok
 
 def mtp_draft(params: dict, cache: dict, h_BxTxD, next_tokens_BxT, write_B, cfg: ModelConfig):
   """The first MTP module as a one-token draft model (nn.mtp.draft); returns (logits_BxTxV, cache)."""
-  S = cache["mtp"]["ckv" if cfg.attention == "mla" else "k"].shape[2]
-  ctx = decode_context(write_B, h_BxTxD.shape[1], S, cfg)
+  ctx = decode_context(write_B, h_BxTxD.shape[1], cfg)
   logits, mtp_cache = mtp.draft(params["mtp"], h_BxTxD, next_tokens_BxT, cache["mtp"], _embed_fn(params, cfg),
                                 _head_fn(params, cfg), ctx, cfg)
   return logits, {**cache, "mtp": mtp_cache}

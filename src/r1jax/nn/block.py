@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import gqa, layers, mla, moe
+from r1jax.nn import attention, gqa, layers, mla, moe
 from r1jax.sharding import constrain
 
 
@@ -18,7 +18,7 @@ class Context(NamedTuple):
 
   cos: jax.Array  # rotary tables of each position
   sin: jax.Array
-  mask_BxLxL: jax.Array  # causal within each packed segment; when decoding, [B, T, S] over the cache slots
+  mask: attention.Mask  # causal within packed segments; when decoding, up to each row's position in the cache
   tokens: moe.Tokens  # real-token mask and segment ids for the router statistics
   write_B: jax.Array | None = None  # decoding: the cache slot of each row's first new token
 
@@ -55,14 +55,14 @@ def _ffn(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_
 def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK=None):
   """Returns (x_BxLxD, router stats or None); `replay_BxLxK` fixes an MoE block's experts (routing replay)."""
   h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cfg)
+  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cfg)
   return _ffn(p, constrain(x_BxLxD, "batch", "seq", "act_embed"), ctx, cfg, is_moe, replay_BxLxK)
 
 
 def apply_cached(p: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, is_moe: bool):
   """Decoding: attention reads and extends this block's KV cache. Returns (x_BxTxD, stats, cache)."""
   h = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-  a, cache = _attention(cfg).apply_cached(p["attn"], h, ctx.cos, ctx.sin, ctx.mask_BxLxL, cache, ctx.write_B, cfg)
+  a, cache = _attention(cfg).apply_cached(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg)
   x_BxTxD, stats = _ffn(p, constrain(x_BxTxD + a, "batch", "seq", "act_embed"), ctx, cfg, is_moe, None)
   return x_BxTxD, stats, cache
 

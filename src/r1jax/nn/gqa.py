@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import layers, rope
+from r1jax.nn import attention, layers, rope
 from r1jax.sharding import constrain
 
 
@@ -45,25 +45,18 @@ def _qkv(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
           v_BxLxHkvxDh)
 
 
-def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask_BxLxS, cfg: ModelConfig):
-  """Causal GQA with fp32 softmax; query heads are grouped per key/value head, never copied."""
+def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask: attention.Mask, cfg: ModelConfig):
   B, L, H, Dh = q_BxLxHxDh.shape
-  Hkv = cfg.n_kv_heads
-  f32 = jnp.float32
-  q_BxLxHkvxGqxDh = q_BxLxHxDh.reshape(B, L, Hkv, H // Hkv, Dh)  # head h uses kv head h // (H / Hkv), as HF
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxHkvxGqxDh, k_BxSxHkvxDh, preferred_element_type=f32)
   # Llama/Qwen scale by 1/sqrt(head_dim) only; YaRN's temperature lives in cos/sin (rope.cos_sin_scale).
-  scores = scores * Dh**-0.5
-  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxLxHxDh.dtype)
-  o_BxLxHkvxGqxDh = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxHkvxDh)
-  o_BxLxHxDh = constrain(o_BxLxHkvxGqxDh.reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
+  o_BxLxHxDh = attention.attend(q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask, scale=Dh**-0.5,
+                                impl=cfg.attention_impl)
+  o_BxLxHxDh = constrain(o_BxLxHxDh, "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDh.reshape(B, L, H * Dh), p["wo"])
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
+def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
   q, k, v = _qkv(p, x_BxLxD, cos, sin, cfg)
-  return _attend(p, q, k, v, mask_BxLxL, cfg)
+  return _attend(p, q, k, v, mask, cfg)
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
@@ -75,8 +68,8 @@ def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
 CACHE_NAMES = {"k": ("batch", None, "act_heads", None), "v": ("batch", None, "act_heads", None)}
 
 
-def apply_cached(p: dict, x_BxTxD, cos, sin, mask_BxTxS, cache: dict, write_B, cfg: ModelConfig):
+def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, write_B, cfg: ModelConfig):
   """Decode path: write this step's keys/values at slots write_B + [0, T), attend over the cache."""
   q, k, v = _qkv(p, x_BxTxD, cos, sin, cfg)
   cache = {"k": layers.write_rows(cache["k"], k, write_B), "v": layers.write_rows(cache["v"], v, write_B)}
-  return _attend(p, q, cache["k"], cache["v"], mask_BxTxS, cfg), cache
+  return _attend(p, q, cache["k"], cache["v"], mask, cfg), cache

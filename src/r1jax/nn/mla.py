@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import layers, rope
+from r1jax.nn import attention, layers, rope
 from r1jax.sharding import constrain
 
 
@@ -51,55 +51,49 @@ def _latents(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   return ckv_BxLxR, k_pe_BxLxDr
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask_BxLxL, cfg: ModelConfig):
-  """Training/prefill path: decompress per-head keys and values from the latent, causal softmax in fp32."""
+def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
+  """Training/prefill path: decompress per-head keys and values from the latent; every head's key is its
+  own no-RoPE part followed by the shared RoPE key."""
   B, L, _ = x_BxLxD.shape
   H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
   q_nope, q_pe = _queries(p, x_BxLxD, cos, sin, cfg)
   ckv_BxLxR, k_pe_BxLxDr = _latents(p, x_BxLxD, cos, sin, cfg)
   kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"]).reshape(B, L, H, Dn + Dv)
   kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
-  k_nope, v_BxLxHxDv = kv_BxLxHx[..., :Dn], kv_BxLxHx[..., Dn:]
-
-  f32 = jnp.float32
-  scores_BxHxLxL = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
-                    + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe_BxLxDr, preferred_element_type=f32))
-  scores_BxHxLxL = scores_BxHxLxL * rope.softmax_scale(cfg)
-  scores_BxHxLxL = jnp.where(mask_BxLxL[:, None], scores_BxHxLxL, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(x_BxLxD.dtype)
-  o_BxLxHxDv = jnp.einsum("bhqk,bkhd->bqhd", probs, v_BxLxHxDv)
+  k_pe_BxLxHxDr = jnp.broadcast_to(k_pe_BxLxDr[:, :, None], (B, L, H, cfg.qk_rope_head_dim))
+  q_BxLxHxDqk = jnp.concatenate([q_nope, q_pe], -1)
+  k_BxLxHxDqk = jnp.concatenate([kv_BxLxHx[..., :Dn], k_pe_BxLxHxDr], -1)
+  o_BxLxHxDv = attention.attend(q_BxLxHxDqk, k_BxLxHxDqk, kv_BxLxHx[..., Dn:], mask, scale=rope.softmax_scale(cfg),
+                                impl=cfg.attention_impl)
   o_BxLxHxDv = constrain(o_BxLxHxDv, "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"])
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
-  """The latent cache: kv_lora_rank + qk_rope_head_dim values per token (V2 paper §2.1.4), not per head."""
-  return {"ckv": jnp.zeros((B, S, cfg.kv_lora_rank), dtype), "kpe": jnp.zeros((B, S, cfg.qk_rope_head_dim), dtype)}
+  """The latent cache: the normalised kv latent followed by the roped shared key, kv_lora_rank +
+  qk_rope_head_dim values per token (V2 paper §2.1.4), not per head."""
+  return {"latent": jnp.zeros((B, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim), dtype)}
 
 
-CACHE_NAMES = {"ckv": ("batch", None, None), "kpe": ("batch", None, None)}  # logical axes of each cache entry
+CACHE_NAMES = {"latent": ("batch", None, None)}  # logical axes of each cache entry
 
 
-def apply_cached(p: dict, x_BxTxD, cos, sin, mask_BxTxS, cache: dict, write_B, cfg: ModelConfig):
+def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, write_B, cfg: ModelConfig):
   """Decode path: write this step's latents at slots write_B + [0, T), attend over the whole cache in the
   absorbed form (V2 paper §2.1.2; DeepSeek's attn_impl="absorb"): W_UK is folded into the query and W_UV
-  applied after attention, so keys and values are never decompressed. Returns (y_BxTxD, cache)."""
+  applied after attention, so keys and values are never decompressed. That is multi-query attention with
+  the cached latent as the one key (R + Dr wide) and its first R values as the value. Returns (y, cache)."""
   B, T, _ = x_BxTxD.shape
   H, Dn, Dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   q_nope, q_pe = _queries(p, x_BxTxD, cos, sin, cfg)
   ckv_BxTxR, k_pe_BxTxDr = _latents(p, x_BxTxD, cos, sin, cfg)
-  cache = {"ckv": layers.write_rows(cache["ckv"], ckv_BxTxR, write_B), "kpe": layers.write_rows(cache["kpe"], k_pe_BxTxDr, write_B)}
+  latent_BxSxRr = layers.write_rows(cache["latent"], jnp.concatenate([ckv_BxTxR, k_pe_BxTxDr], -1), write_B)
   wkv_b_RxHxDnv = p["wkv_b"].astype(x_BxTxD.dtype).reshape(R, H, Dn + Dv)
   w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
-
-  f32 = jnp.float32
   q_lat_BxTxHxR = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk_RxHxDn)
-  scores_BxHxTxS = (jnp.einsum("bthr,bsr->bhts", q_lat_BxTxHxR, cache["ckv"], preferred_element_type=f32)
-                    + jnp.einsum("bthd,bsd->bhts", q_pe, cache["kpe"], preferred_element_type=f32))
-  scores_BxHxTxS = scores_BxHxTxS * rope.softmax_scale(cfg)
-  scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(x_BxTxD.dtype)
-  o_lat_BxTxHxR = jnp.einsum("bhts,bsr->bthr", probs, cache["ckv"])
+  q_BxTxHxRr = jnp.concatenate([q_lat_BxTxHxR, q_pe], -1)
+  kv_BxSx1xRr = latent_BxSxRr[:, :, None]
+  o_lat_BxTxHxR = attention.attend(q_BxTxHxRr, kv_BxSx1xRr, kv_BxSx1xRr[..., :R], mask, scale=rope.softmax_scale(cfg),
+                                   impl=cfg.attention_impl)
   o_BxTxHxDv = constrain(jnp.einsum("bthr,rhd->bthd", o_lat_BxTxHxR, w_uv_RxHxDv), "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"]), cache
-
+  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"]), {"latent": latent_BxSxRr}

@@ -1,0 +1,154 @@
+"""Scaled dot-product attention for MLA and GQA: causal, within packed segments, or over a KV cache.
+
+Implementations (ModelConfig.attention_impl): "xla" is the reference (fp32 scores, an explicit mask; CPU);
+"cudnn" is cuDNN's fused flash attention on NVIDIA GPUs (packed segments as cuDNN's offsets/lengths, never a
+[B, L, L] mask); "splash" is Pallas splash attention on TPU (segment ids natively). "auto" picks the fastest
+one that honours the call and raises nothing; an explicit choice that cannot honour it is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ConfigError
+
+try:  # private in JAX 0.10/0.11; the public jax.nn.dot_product_attention needs equal q/k/v head dims
+  from jax._src.cudnn import fused_attention_stablehlo as _cudnn
+except ImportError:  # pragma: no cover
+  _cudnn = None
+
+
+class Mask(NamedTuple):
+  """Which keys a query sees. Training/prefill (q_start_B None, S == L): causal, and within segments when
+  `segment_ids_BxL` is given (packed rows; padding is a segment of its own). Decoding (q_start_B given):
+  query t of row b sits at position q_start_B[b] + t and sees the cache slots at or before it."""
+
+  segment_ids_BxL: jax.Array | None = None
+  q_start_B: jax.Array | None = None
+
+
+def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, impl: str = "auto"):
+  """Softmax(q k^T * scale) v over the keys `mask` allows, H // Hkv query heads per key/value head.
+  Returns o_BxLxHxDv in q's dtype."""
+  segment_ids_BxL, q_start_B = mask
+  name = choose(impl, q_BxLxHxDk, v_BxSxHkvxDv, decoding=q_start_B is not None)
+  if name == "cudnn":
+    return _cudnn_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL)
+  if name == "splash":
+    return _splash_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL)
+  return xla_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL, q_start_B)
+
+
+def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool) -> str:
+  """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then xla."""
+  if impl == "xla":
+    return "xla"
+  candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",)}.get(impl)
+  if candidates is None:
+    raise ConfigError(f"model.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
+  reasons = []
+  for name in candidates:
+    reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, decoding)
+    if reason is None:
+      return name
+    reasons.append(f"{name}: {reason}")
+  if impl == "auto":
+    return "xla"
+  raise ConfigError(f"model.attention_impl={impl!r} cannot run this attention ({'; '.join(reasons)}); "
+                    "use auto or xla")
+
+
+def _unsupported(name: str, q, v, decoding: bool) -> str | None:
+  """Why `name` cannot compute this call exactly, or None if it can."""
+  backend = jax.default_backend()
+  if decoding:
+    return "decoding over a cache uses the xla path"
+  if name == "cudnn":
+    if backend != "gpu" or _cudnn is None:
+      return f"needs an NVIDIA GPU with cuDNN (backend is {backend})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      return f"needs bf16/fp16 inputs, got {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > 256 or q.shape[-1] % 8 or v.shape[-1] % 8:
+      return f"head dims {q.shape[-1]}/{v.shape[-1]} must be multiples of 8 and <= 256"
+    return None
+  if backend != "tpu":
+    return f"needs a TPU (backend is {backend})"
+  if q.shape[1] % 128:
+    return f"sequence length {q.shape[1]} must be a multiple of 128"
+  return None
+
+
+def xla_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale: float, segment_ids_BxL=None, q_start_B=None):
+  """The reference: fp32 scores and softmax over an explicit [B, L, S] mask; query heads are grouped per
+  key/value head (head h reads kv head h // (H / Hkv), as HF), never copied."""
+  B, L, H, Dk = q_BxLxHxDk.shape
+  S, Hkv = k_BxSxHkvxDk.shape[1], k_BxSxHkvxDk.shape[2]
+  f32 = jnp.float32
+  q_BxLxHkvxGqxDk = q_BxLxHxDk.reshape(B, L, Hkv, H // Hkv, Dk)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxHkvxGqxDk, k_BxSxHkvxDk, preferred_element_type=f32) * scale
+  mask_BxLxS = visible(L, S, segment_ids_BxL, q_start_B)
+  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHkvxDv.dtype)
+  o_BxLxHkvxGqxDv = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxHkvxDv)
+  return o_BxLxHkvxGqxDv.reshape(B, L, H, v_BxSxHkvxDv.shape[-1]).astype(q_BxLxHxDk.dtype)
+
+
+def visible(L: int, S: int, segment_ids_BxL=None, q_start_B=None):
+  """[B, L, S] (or [1, L, S]) bool: which keys each query may attend to."""
+  if q_start_B is not None:
+    positions_BxL = q_start_B[:, None] + jnp.arange(L, dtype=jnp.int32)
+    return jnp.arange(S)[None, None, :] <= positions_BxL[:, :, None]
+  mask = jnp.tril(jnp.ones((L, S), jnp.bool_))[None]
+  if segment_ids_BxL is not None:
+    mask = mask & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+  return mask
+
+
+def packed_offsets(segment_ids_BxL):
+  """cuDNN's packed layout from segment ids: (lengths_BxM, starts_BxM1) of each row's runs of equal ids,
+  -1 past a row's last run. M = L, so any packing fits (the arrays are L ints per row)."""
+  B, L = segment_ids_BxL.shape
+  first_BxL = jnp.concatenate([jnp.ones((B, 1), jnp.bool_), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], 1)
+  run_BxL = jnp.cumsum(first_BxL, axis=1) - 1  # run index of each position
+  n_runs_B = run_BxL[:, -1] + 1
+  lengths_BxM = jax.vmap(lambda r: jnp.bincount(r, length=L))(run_BxL).astype(jnp.int32)
+  starts_BxM = jnp.cumsum(lengths_BxM, axis=1) - lengths_BxM
+  used_BxM = jnp.arange(L)[None] < n_runs_B[:, None]
+  lengths_BxM = jnp.where(used_BxM, lengths_BxM, -1)
+  starts_BxM1 = jnp.concatenate([jnp.where(used_BxM, starts_BxM, -1), -jnp.ones((B, 1), jnp.int32)], 1)
+  return lengths_BxM, starts_BxM1.astype(jnp.int32)
+
+
+def _cudnn_attend(q, k, v, scale: float, segment_ids_BxL):
+  """cuDNN flash attention (fused fwd+bwd, no materialised scores); v keeps its own head dim."""
+  if segment_ids_BxL is None:
+    return _cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=_cudnn.MaskType.CAUSAL)
+  lengths_BxM, starts_BxM1 = packed_offsets(segment_ids_BxL)
+  return _cudnn.dot_product_attention(q, k, v, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
+                                      kv_offsets=starts_BxM1, scale=scale,
+                                      mask_type=_cudnn.MaskType.PADDING_CAUSAL)
+
+
+@functools.cache
+def _splash_kernel(L: int, H: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(H)])
+  return sk, sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attend(q, k, v, scale: float, segment_ids_BxL, interpret: bool = False):
+  """Splash attention (TPU): causal block sparsity plus segment ids; kv heads repeated for GQA."""
+  B, L, H, _ = q.shape
+  sk, kernel = _splash_kernel(L, H, interpret)
+  groups = H // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, D]
+  run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1))  # noqa: E731
+  o_BxHxLxDv = jax.vmap(run)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), seg)
+  return heads_first(o_BxHxLxDv).astype(q.dtype)
