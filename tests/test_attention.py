@@ -63,19 +63,6 @@ def test_decoding_sees_the_cache_up_to_each_rows_position():
   np.testing.assert_allclose(got, np_attention(q, k, v, 0.5, allowed), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_offsets_describe_each_run_of_segment_ids():
-  seg = np.array([[1, 1, 2, 2, 2, 0, 0], [5, 5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 5, 6, 0]])
-  lengths, starts = attention.packed_offsets(jnp.asarray(seg))
-  for row, lens, sts in zip(seg, np.asarray(lengths), np.asarray(starts)):
-    change = np.flatnonzero(np.diff(row)) + 1
-    want_starts = np.concatenate([[0], change])
-    want_lengths = np.diff(np.concatenate([want_starts, [len(row)]]))
-    n = len(want_starts)
-    np.testing.assert_array_equal(lens[:n], want_lengths)
-    np.testing.assert_array_equal(sts[:n], want_starts)
-    assert (lens[n:] == -1).all() and (sts[n:] == -1).all()
-
-
 @pytest.mark.parametrize("Hkv", [4, 2])
 def test_splash_matches_the_reference_in_interpret_mode(Hkv):
   """Splash (the TPU kernel) run by the Pallas interpreter: values and gradients equal the XLA reference
@@ -106,18 +93,27 @@ def test_auto_runs_the_reference_on_cpu_and_explicit_choices_say_why_not():
     attention.choose("flash", q, v, decoding=False)
 
 
+def test_cudnn_is_never_chosen_where_it_would_drop_segment_ids(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_cudnn", object())
+  q, _, v = _qkv(1, 8, 2, 2, 8, 8, dtype=jnp.bfloat16)
+  assert attention.choose("auto", q, v, decoding=False) == "cudnn"
+  assert attention.choose("auto", q, v, decoding=False, packed=True) == "xla"
+  assert attention.choose("auto", q, v, decoding=True) == "xla"
+  with pytest.raises(ConfigError, match="packed segment ids"):
+    attention.choose("cudnn", q, v, decoding=False, packed=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("packed", [False, True])
-def test_cudnn_matches_the_reference_on_gpu(packed):
-  """bf16 cuDNN flash attention vs the fp32-softmax XLA reference on the same bf16 inputs: MLA's dims,
-  causal or packed with padding; forward and gradients. Tolerance: bf16 outputs (2^-8 relative) and
-  bf16 probabilities inside the reference's second matmul."""
+def test_cudnn_matches_the_reference_on_gpu():
+  """bf16 cuDNN flash attention vs the fp32-softmax XLA reference on the same bf16 inputs, MLA's head dims,
+  forward and gradients. Tolerance: bf16 outputs (2^-8 relative) and bf16 probabilities inside the
+  reference's second matmul."""
   L = 512
   q, k, v = _qkv(2, L, 8, 8, 192, 128, dtype=jnp.bfloat16, seed=2)
-  seg = jnp.asarray(_packed_segments(L)) if packed else None
   assert attention.choose("auto", q, v, decoding=False) == "cudnn"
-  mask = attention.Mask(seg)
+  mask = attention.Mask()
   fast = lambda q, k, v: attention.attend(q, k, v, mask, scale=0.07, impl="cudnn")  # noqa: E731
   ref = lambda q, k, v: attention.attend(q, k, v, mask, scale=0.07, impl="xla")  # noqa: E731
   f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import model, sampler, sharding
-from r1jax.config import RunConfig
+from r1jax.config import ConfigError, RunConfig
 
 
 def _tree_bytes(tree) -> int:
@@ -166,3 +166,106 @@ def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
           "rollout_tokens_per_s": med("generated_tokens") / med("rollout_s"),
           "learner_tokens_per_s": med("real_tokens") / med("learner_s"),
           "rollout_s_median": med("rollout_s"), "learner_s_median": med("learner_s")}
+
+
+def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
+  """The bf16 matmul throughput this device reaches on an n x n x n product (the MFU denominator)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def train_batch(cfg: RunConfig, packed: int = 0) -> dict:
+  """Random tokens of train.batch_size x train.seq_len; packed > 0 splits each row into that many segments."""
+  B, L = cfg.train.batch_size, cfg.train.seq_len
+  tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (B, L + 1)).astype(np.int32)
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, L), np.int32)}
+  if packed:
+    seg_L = np.minimum(np.arange(L) * packed // L, packed - 1) + 1
+    batch["segment_ids"] = np.broadcast_to(seg_L, (B, L)).astype(np.int32)
+    starts = np.searchsorted(seg_L, seg_L)  # first position of each position's segment
+    batch["positions"] = np.broadcast_to(np.arange(L) - starts, (B, L)).astype(np.int32)
+    batch["token_mask"] = np.ones((B, L), np.int32)
+  return batch
+
+
+def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 0) -> dict:
+  """The jitted SFT step (train.jit_sft_step, as `r1jax sft` runs it) on random tokens: compile time, the
+  median of `steps` timed steps after `warmup`, tokens/s, model FLOPs/token (cost.py), MFU against a bf16
+  matmul peak measured in the same process, peak device memory, and XLA's memory analysis next to
+  `r1jax info`'s activation (+ gradient) estimate."""
+  from r1jax import cost, memory, train
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  batch = train_batch(cfg, packed)
+  with jax.set_mesh(mesh):
+    state = train.init_state(cfg, jax.random.key(0), mesh)
+    batch = jax.device_put(batch, train.batch_shardings(batch, mesh))
+    t0 = time.perf_counter()
+    compiled = train.jit_sft_step(state, batch, mesh).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times, losses = [], []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+      losses.append(float(metrics["loss"]))
+  analysis = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats() or {}
+  seconds = statistics.median(times)
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  flops = cost.train_flops_per_token(model.param_count(cfg.model), cfg.model, cfg.train.seq_len)
+  platform = jax.devices()[0].platform
+  peak = matmul_peak_tflops() if platform == "gpu" else float("nan")
+  sizes = sharding.axis_sizes(cfg.mesh, jax.device_count())
+  # XLA's temporaries hold the gradients as well as the activations
+  estimate = (memory.activation_bytes(cfg.model, sizes, cfg.train.batch_size, cfg.train.seq_len)
+              + memory.state_bytes(cfg, sizes)["grads"])
+  temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+  return {
+      "bench": "train", "platform": platform, "device_kind": jax.devices()[0].device_kind,
+      "devices": jax.device_count(), "mesh": sizes, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
+      "packed_segments_per_row": packed, "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl,
+      "n_mtp": cfg.model.n_mtp, "param_dtype": cfg.model.param_dtype, "compile_s": compile_s,
+      "step_s_median": seconds, "step_s_all": times, "tokens_per_s": tokens / seconds,
+      "model_flops_per_token": flops["total"], "matmul_peak_tflops": None if math.isnan(peak) else peak,
+      "mfu": None if math.isnan(peak) else flops["total"] * tokens / seconds / (peak * 1e12),
+      "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "xla_temp_gib": None if temp is None else temp / 2**30,
+      "info_activations_plus_grads_gib": estimate / 2**30,
+      "estimate_over_xla_temp": None if not temp else estimate / temp, "losses": losses,
+  }
+
+
+def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
+  """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_bench.bench_gemms, GPU only: TFLOP/s, ratio to
+  bf16, error vs fp32), then the train step (bench_train) with model.fp8 off and on. Matmuls whose dims are
+  not whole blocks stay bf16 (the bench model's kv_a projection is 576 wide: attention off)."""
+  from r1jax import fp8_bench
+
+  out = {"bench": "fp8", "platform": jax.devices()[0].platform}
+  if out["platform"] == "gpu":  # 4096 x 7168 x 18432 GEMMs: not for a CPU
+    out["gemms"] = fp8_bench.bench_gemms(impls=("xla", "pallas"))
+  on = dataclasses.replace(cfg.model.fp8, enabled=True)
+  try:
+    dataclasses.replace(cfg.model, fp8=on).validate()
+  except ConfigError:  # the bench model's kv_a projection (576 wide) is not whole 128-blocks
+    on = dataclasses.replace(on, attention=False)
+  off_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False)))
+  on_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()
+  out["train_off"] = bench_train(off_cfg, steps)
+  try:  # a failure here is reported in the JSON next to the measurements above, not lost with them
+    out["train_on"] = bench_train(on_cfg, steps)
+    out["train_speedup"] = out["train_on"]["tokens_per_s"] / out["train_off"]["tokens_per_s"]
+  except Exception as e:  # noqa: BLE001
+    out["train_on"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+  out["fp8"] = dataclasses.asdict(on)
+  return out

@@ -187,7 +187,11 @@ def _bench(args) -> int:
   if args.what == "sampler":
     result = bench.bench_sampler(cfg, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.speculative)
   elif args.what == "grpo":
-    result = bench.bench_grpo(cfg, args.steps)
+    result = bench.bench_grpo(cfg, args.steps or 4)
+  elif args.what == "fp8":
+    result = bench.bench_fp8(cfg, args.steps or 10)
+  elif args.what == "train":
+    result = bench.bench_train(cfg, args.steps or 10, packed=args.packed)
   else:
     from r1jax import loop
 
@@ -289,15 +293,18 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=_generate)
   p = sub.add_parser("bench", help="benchmarks with JSON output")
-  p.add_argument("what", choices=["sampler", "grpo", "rl-demo"])
-  p.add_argument("--config", help="default: configs/bench_gpu.yaml (sampler, grpo), configs/tiny_r1zero.yaml (rl-demo)")
+  p.add_argument("what", choices=["train", "fp8", "sampler", "grpo", "rl-demo"])
+  p.add_argument("--config", help="default: configs/bench_gpu.yaml (train, fp8, sampler, grpo), "
+                 "configs/tiny_r1zero.yaml (rl-demo)")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--speculative", action="store_true", help="sampler: MTP speculative decoding (greedy)")
-  p.add_argument("--steps", type=int, default=4, help="grpo: steps (the first compiles)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps (train: 10 after 2 warm-up; grpo: 4, the first "
+                 "compiles)")
+  p.add_argument("--packed", type=int, default=0, help="train: packed segments per row (0: one sequence per row)")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(fn=_bench)
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")

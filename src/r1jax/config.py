@@ -22,6 +22,33 @@ def _fail(key: str, value, reason: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class FP8Config:
+  """DeepSeek-V3's fine-grained FP8 GEMMs (V3 report §3.3; nn/fp8.py) and which matmuls use them. The
+  embedding, head, norms, router, attention softmax and MLA's absorbed decode stay high precision."""
+
+  enabled: bool = False
+  block: int = 128  # 1 x block activation tiles and block x block weight tiles (128 in V3; smaller for tiny tests)
+  pow2_scales: bool = False  # scales rounded up to powers of two
+  impl: Literal["auto", "xla", "pallas"] = "auto"  # auto: the Pallas kernel on GPU, the XLA formulation elsewhere
+  attention: bool = True  # MLA/GQA projections
+  dense_mlp: bool = True
+  shared_experts: bool = True
+  routed_experts: bool = True
+  mtp_proj: bool = True
+
+  PARTS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "mtp_proj")
+
+  def use(self, part: str) -> FP8Config | None:
+    """This config where `part` runs in FP8, else None (the matmul stays in the compute dtype)."""
+    assert part in self.PARTS, part
+    return self if self.enabled and getattr(self, part) else None
+
+  def validate(self, prefix: str = "model.fp8"):
+    if self.block < 16 or self.block & (self.block - 1):
+      _fail(f"{prefix}.block", self.block, "must be a power of two >= 16 (tensor-core tile depth)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """DeepSeek-V3 architecture; field names follow DeepSeek's inference ModelArgs. Defaults are V3 671B."""
 
@@ -87,6 +114,8 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   init_std: float = 0.006
   remat: Literal["none", "full", "dots"] = "none"
+  head_chunk: int = 512  # training losses make the fp32 head logits this many positions at a time (0: all)
+  fp8: FP8Config = FP8Config()
 
   @property
   def qk_head_dim(self) -> int:
@@ -113,7 +142,7 @@ class ModelConfig:
       if getattr(self, name) <= 0:
         _fail(k(name), getattr(self, name), "must be positive")
     for name in ["n_dense_layers", "q_lora_rank", "qk_nope_head_dim", "n_mtp", "n_shared_experts",
-                 "n_routed_experts"]:
+                 "n_routed_experts", "head_chunk"]:
       if getattr(self, name) < 0:
         _fail(k(name), getattr(self, name), "must be >= 0")
     if self.qk_rope_head_dim % 2:
@@ -132,6 +161,31 @@ class ModelConfig:
       self._validate_gqa(k)
     if self.norm_eps <= 0:
       _fail(k("norm_eps"), self.norm_eps, "must be positive")
+    self.fp8.validate(k("fp8"))
+    self._validate_fp8(k)
+
+  def _validate_fp8(self, k):
+    """The FP8 matmuls' dims must be whole blocks (DeepSeek's checkpoints round partial blocks up; here a
+    layout that needs that is refused rather than padded on every call)."""
+    if not self.fp8.enabled:
+      return
+    if self.attention == "gqa":
+      attn = [self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+    else:
+      H = self.n_heads
+      attn = [self.dim, self.q_lora_rank, H * self.qk_head_dim, self.kv_lora_rank + self.qk_rope_head_dim,
+              self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), H * self.v_head_dim]
+    experts = [self.dim, self.moe_inter_dim]
+    dims = {"attention": attn, "dense_mlp": [self.dim, self.inter_dim], "shared_experts": experts,
+            "routed_experts": experts, "mtp_proj": [2 * self.dim, self.dim]}
+    for part, sizes in dims.items():
+      bad = [d for d in sizes if d and d % self.fp8.block]
+      if self.fp8.use(part) and bad:
+        _fail(k(f"fp8.{part}"), True, f"dims {bad} are not multiples of model.fp8.block={self.fp8.block}; "
+              f"set model.fp8.{part}=false or another block")
+    if self.fp8.use("routed_experts") and self.expert_gemm == "ragged_dot":
+      _fail(k("fp8.routed_experts"), True, "model.expert_gemm=ragged_dot has no FP8 form (FP8 expert GEMMs are "
+            "the capacity-padded einsum): set model.expert_gemm=einsum or auto")
 
   def _validate_gqa(self, k):
     if self.head_dim <= 0 or self.head_dim % 2:

@@ -1,4 +1,5 @@
-"""Masked cross-entropy, the multi-token-prediction loss and the router's balance loss, all in fp32.
+"""Masked cross-entropy (the fp32 head run in chunks), the multi-token-prediction loss and the router's
+balance loss, all in fp32.
 
 Each loss is a mean over its own units (tokens, sequences). `totals` give the units of the whole optimizer
 step, so that micro-batches of gradient accumulation add up to exactly the large batch's loss.
@@ -14,14 +15,43 @@ from r1jax.config import ModelConfig
 from r1jax.nn import moe, mtp
 
 
-def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL, total=None):
-  """Mean token cross-entropy over mask (divided by `total` when given); returns (loss, number of tokens)."""
-  chex.assert_equal_shape([logits_BxLxV[..., 0], targets_BxL, mask_BxL])
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+def head_logprobs(h_BxLxD, head_fn, targets_BxL, chunk: int, temperature: float = 1.0, entropy: bool = False):
+  """log softmax(head(h) / temperature) at the targets (and the entropy), the fp32 logits made `chunk`
+  positions at a time and remade in the backward pass: no [B, L, V] array exists (at 8 x 2048 x 32k the
+  logits and their log-softmax are 2 GiB each). chunk <= 0: one chunk. Returns (logp_BxL, entropy_BxL|None)."""
+  B, L, _ = h_BxLxD.shape
+  C = L if chunk <= 0 else min(chunk, L)
+  n = -(-L // C)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - L)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+  chunks = lambda x: jnp.moveaxis(pad(x).reshape(B, n, C, *x.shape[2:]), 1, 0)  # noqa: E731  [n, B, C, ...]
+
+  @jax.checkpoint
+  def one(h_BxCxD, t_BxC):
+    z_BxCxV = head_fn(h_BxCxD) / temperature
+    lse_BxC = jax.nn.logsumexp(z_BxCxV, axis=-1)
+    logp_BxC = jnp.take_along_axis(z_BxCxV, t_BxC[..., None], axis=-1)[..., 0] - lse_BxC
+    if not entropy:
+      return logp_BxC, None
+    p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
+    return logp_BxC, lse_BxC - (p_BxCxV * z_BxCxV).sum(-1)
+
+  logp_NxBxC, ent_NxBxC = jax.lax.map(lambda a: one(*a), (chunks(h_BxLxD), chunks(targets_BxL)))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * C)[:, :L]  # noqa: E731
+  return unchunk(logp_NxBxC), None if ent_NxBxC is None else unchunk(ent_NxBxC)
+
+
+def masked_nll(logp_BxL, mask_BxL, total=None):
+  """Mean negative log-likelihood over mask (divided by `total` when given); returns (loss, tokens)."""
+  chex.assert_equal_shape([logp_BxL, mask_BxL])
   mask_BxL = mask_BxL.astype(jnp.float32)
   n = mask_BxL.sum()
-  return (nll_BxL * mask_BxL).sum() / jnp.maximum(n if total is None else total, 1.0), n
+  return -(logp_BxL * mask_BxL).sum() / jnp.maximum(n if total is None else total, 1.0), n
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL, total=None):
+  """masked_nll of materialised logits (for small vocabularies and tests); returns (loss, tokens)."""
+  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return masked_nll(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0], mask_BxL, total)
 
 
 def mtp_masks(mask_BxL, segment_ids_BxL, n_mtp: int) -> list:
@@ -34,12 +64,14 @@ def mtp_masks(mask_BxL, segment_ids_BxL, n_mtp: int) -> list:
   return masks
 
 
-def mtp_loss(mtp_logits_NxBxLxV, targets_BxL, mask_BxL, segment_ids_BxL, cfg: ModelConfig, totals=None):
-  """L_MTP = lambda / D * sum_k CE_k (V3 eq. 25); `totals` are the per-depth token counts of the whole step."""
+def mtp_loss(mtp_h_NxBxLxD, head_fn, targets_BxL, mask_BxL, segment_ids_BxL, cfg: ModelConfig, totals=None):
+  """L_MTP = lambda / D * sum_k CE_k (V3 eq. 25) from each depth's normed state; `totals` are the per-depth
+  token counts of the whole step."""
   total = jnp.zeros((), jnp.float32)
   for k, mask_k in enumerate(mtp_masks(mask_BxL, segment_ids_BxL, cfg.n_mtp), start=1):
     denom = None if totals is None else totals[k - 1]
-    total = total + cross_entropy(mtp_logits_NxBxLxV[k - 1], mtp.shift_left(targets_BxL, k), mask_k, denom)[0]
+    logp_BxL, _ = head_logprobs(mtp_h_NxBxLxD[k - 1], head_fn, mtp.shift_left(targets_BxL, k), cfg.head_chunk)
+    total = total + masked_nll(logp_BxL, mask_k, denom)[0]
   return cfg.mtp_loss_weight * total / cfg.n_mtp
 
 

@@ -62,25 +62,41 @@ def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
 
 
 def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> int:
-  """A rough per-device estimate of what the backward pass keeps: each layer's main intermediates
-  (with remat only the layer inputs, plus one layer recomputed), fp32 attention probabilities and logits."""
+  """Per-device estimate of what the backward pass keeps, itemised per token and layer; fused attention keeps
+  its output and log-sum-exp only, so nothing grows with L^2. remat "dots" keeps the outputs of the dense
+  projections (dots without batch dims) and each layer's input; "full" keeps layer inputs plus one layer
+  being recomputed; "none" keeps every intermediate, the fp32 RMSNorm inputs and the expert buffers too.
+  The head's logits live one chunk at a time (losses.head_logprobs)."""
   tokens = batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
-  t, b = sizes["tensor"], jnp.dtype(cfg.dtype).itemsize
-  D, H, E = cfg.dim, cfg.n_heads, cfg.n_routed_experts
-  q = 2 * cfg.q_lora_rank + H * cfg.qk_head_dim / t
-  kv = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim + H * (cfg.qk_nope_head_dim + 2 * cfg.v_head_dim) / t
-  attn = (4 * D + q + kv) * b + 2 * H * seq * 4 / t  # scores and probs in fp32
-  dense = attn + (2 * D + 3 * cfg.inter_dim / t) * b
+  t, b, f32 = sizes["tensor"], jnp.dtype(cfg.dtype).itemsize, 4
+  D, H, E, K = cfg.dim, cfg.n_heads, cfg.n_routed_experts, cfg.n_activated_experts
+  if cfg.attention == "gqa":
+    proj = (H + 2 * cfg.n_kv_heads) * cfg.head_dim / t + D  # q, k, v, o
+    attn_rest = (H * cfg.head_dim / t) * b + H / t * f32 + 2 * D * f32  # attention output, lse, norm input
+  else:
+    proj = (cfg.q_lora_rank + H * cfg.qk_head_dim / t + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+            + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t + D)
+    # q and k concatenated per head, attention output, lse, fp32 norm inputs (block and latent norms)
+    attn_rest = (H * (2 * cfg.qk_head_dim + cfg.v_head_dim) / t) * b + H / t * f32 + (2 * D + cfg.q_lora_rank
+                                                                                      + cfg.kv_lora_rank) * f32
+  shared = 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t
+  dense_dots, moe_dots = (proj + 3 * cfg.inter_dim / t) * b, (proj + shared) * b + E * f32  # + router scores
   C = expert_parallel.capacity(max(1, int(tokens)), cfg)
   rows = C * E / max(tokens, 1)  # padded expert rows per token
-  moe = attn + 2 * E * 4 + (2 * D + rows * (2 * D + 3 * cfg.moe_inter_dim / t)
-                           + 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t) * b
+  # dispatched rows, gate/up/silu/product, expert outputs; gathered outputs per slot in bf16 and fp32
+  experts = rows * (2 * D + 4 * cfg.moe_inter_dim / t) * b + K * D * (b + f32)
+  dense = dense_dots + attn_rest + 2 * cfg.inter_dim / t * b
+  moe = moe_dots + attn_rest + experts + cfg.n_shared_experts * 2 * cfg.moe_inter_dim / t * b
   n_moe = cfg.n_moe_layers + cfg.n_mtp
-  logits = 2 * (1 + cfg.n_mtp) * cfg.vocab_size / t * 4
+  layer_inputs = (cfg.n_layers + cfg.n_mtp) * D * b
+  chunk = seq if cfg.head_chunk <= 0 else min(cfg.head_chunk, seq)
+  logits = 2 * cfg.vocab_size / t * f32 * chunk / seq  # one chunk's logits and softmax at a time
   if cfg.remat == "none":
-    per_token = cfg.n_dense_layers * dense + n_moe * moe
+    per_token = cfg.n_dense_layers * dense + n_moe * moe + layer_inputs
+  elif cfg.remat == "dots":
+    per_token = cfg.n_dense_layers * dense_dots + n_moe * moe_dots + layer_inputs + max(dense, moe)
   else:
-    per_token = (cfg.n_layers + cfg.n_mtp) * D * b + max(dense, moe)
+    per_token = layer_inputs + max(dense, moe)
   return int(tokens * (per_token + logits))
 
 

@@ -21,13 +21,14 @@ from r1jax.sharding import constrain
 
 
 class Output(NamedTuple):
-  logits_BxLxV: jax.Array  # fp32
+  logits_BxLxV: jax.Array | None  # fp32; None when apply(logits=False) (training losses run the head in chunks)
   mtp_logits_NxBxLxV: jax.Array | None  # depth k (1-based) at position i predicts token i+k+1
   # {"moe_layers": stats, "mtp": stats}; stats = {"load": [N, E] real (token, slot) pairs per expert,
   # "aux_loss": [N], "dropped_pairs": [N], "replay_differs": [N] real tokens whose replayed experts differ
   # from the router's own choice, "experts": [N, B, L, K] each token's experts (for routing replay)}
   router: dict
   hidden_BxLxD: jax.Array  # last hidden state after the final norm: what the head and MTP read
+  mtp_hidden_NxBxLxD: jax.Array | None  # each MTP depth's state after its norm: what its head logits read
 
 
 def init_boxed(cfg: ModelConfig, key) -> dict:
@@ -67,11 +68,12 @@ def init(cfg: ModelConfig, key, mesh=None) -> dict:
 
 
 def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None,
-          token_mask_BxL=None, routes: dict | None = None) -> Output:
+          token_mask_BxL=None, routes: dict | None = None, logits: bool = True) -> Output:
   """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row);
   `token_mask` marks real tokens (default: all), the only ones router statistics count. `routes` replays
   routing: {"moe_layers": [N, B, L, K], "mtp": [n_mtp, B, L, K]} expert ids, e.g. a previous
-  `Output.router[...]["experts"]`; gates are still recomputed from the current weights."""
+  `Output.router[...]["experts"]`; gates are still recomputed from the current weights. `logits=False`
+  returns the normed states only (losses.head_logprobs runs the head on them chunk by chunk)."""
   chex.assert_rank(tokens_BxL, 2)
   chex.assert_type(tokens_BxL, int)
   B, L = tokens_BxL.shape
@@ -86,7 +88,7 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   routes = routes or {}
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
   ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), mask, moe.Tokens(token_mask_BxL, segment_ids_BxL))
-  embed_fn, head_fn = _embed_fn(params, cfg), _head_fn(params, cfg)
+  embed_fn, head = _embed_fn(params, cfg), head_fn(params, cfg)
   x_BxLxD = embed_fn(tokens_BxL)
   router = {}
   if cfg.n_dense_layers:
@@ -95,22 +97,26 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
     x_BxLxD, router["moe_layers"] = block.scan(params["moe_layers"], x_BxLxD, ctx, cfg, is_moe=True,
                                                replay_NxBxLxK=routes.get("moe_layers"))
   h_BxLxD = layers.rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
-  logits_BxLxV = head_fn(h_BxLxD)
-  mtp_logits = None
+  mtp_h = None
   if cfg.n_mtp:  # MTP reads the normed state, as engines serving DeepSeek's MTP weights do (mtp.py)
-    mtp_logits, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx, cfg,
-                                          routes.get("mtp"))
-  return Output(logits_BxLxV, mtp_logits, router, h_BxLxD)
+    mtp_h, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, ctx, cfg, routes.get("mtp"))
+  if not logits:
+    return Output(None, None, router, h_BxLxD, mtp_h)
+  return Output(head(h_BxLxD), None if mtp_h is None else head(mtp_h), router, h_BxLxD, mtp_h)
 
 
 def _embed_fn(params: dict, cfg: ModelConfig):
   return lambda tokens: layers.embed(params["embed"], tokens, jnp.dtype(cfg.dtype))
 
 
-def _head_fn(params: dict, cfg: ModelConfig):
-  """The output head; it stays fp32 (V3 report §3.3.1)."""
+def head_fn(params: dict, cfg: ModelConfig):
+  """The output head, h [..., B, L, D] -> fp32 logits; it stays fp32 (V3 report §3.3.1)."""
   head_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
-  return lambda h: constrain(layers.dense(h.astype(jnp.float32), head_DxV), "batch", "seq", "act_vocab")
+
+  def head(h):
+    names = (None,) * (h.ndim - 3) + ("batch", "seq", "act_vocab")
+    return constrain(layers.dense(h.astype(jnp.float32), head_DxV), *names)
+  return head
 
 
 class DecodeOutput(NamedTuple):
@@ -161,14 +167,14 @@ def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, tok
       if stats is not None:
         router[stack] = stats
   h_BxTxD = layers.rms_norm(x_BxTxD, params["final_norm"], cfg.norm_eps)
-  return DecodeOutput(_head_fn(params, cfg)(h_BxTxD), h_BxTxD, router, new_cache)
+  return DecodeOutput(head_fn(params, cfg)(h_BxTxD), h_BxTxD, router, new_cache)
 
 
 def mtp_draft(params: dict, cache: dict, h_BxTxD, next_tokens_BxT, write_B, cfg: ModelConfig):
   """The first MTP module as a one-token draft model (nn.mtp.draft); returns (logits_BxTxV, cache)."""
   ctx = decode_context(write_B, h_BxTxD.shape[1], cfg)
   logits, mtp_cache = mtp.draft(params["mtp"], h_BxTxD, next_tokens_BxT, cache["mtp"], _embed_fn(params, cfg),
-                                _head_fn(params, cfg), ctx, cfg)
+                                head_fn(params, cfg), ctx, cfg)
   return logits, {**cache, "mtp": mtp_cache}
 
 

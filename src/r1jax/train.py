@@ -88,14 +88,16 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig, totals: dict | None = N
   """
   segment_ids = batch.get("segment_ids")
   out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch.get("positions"),
-                    segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"))
+                    segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"), logits=False)
   totals = totals or {}
-  ce, n_tokens = losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"], totals.get("tokens"))
+  head = model.head_fn(params, cfg)
+  logp_BxL, _ = losses.head_logprobs(out.hidden_BxLxD, head, batch["targets"], cfg.head_chunk)
+  ce, n_tokens = losses.masked_nll(logp_BxL, batch["loss_mask"], totals.get("tokens"))
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
     seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
-    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_logits_NxBxLxV, batch["targets"], batch["loss_mask"], seg, cfg,
-                                          totals.get("mtp_tokens"))
+    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_NxBxLxD, head, batch["targets"], batch["loss_mask"], seg,
+                                          cfg, totals.get("mtp_tokens"))
     loss = loss + metrics["mtp_loss"]
   if out.router:
     aux = losses.router_aux_loss(out.router)

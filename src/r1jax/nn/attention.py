@@ -1,9 +1,11 @@
 """Scaled dot-product attention for MLA and GQA: causal, within packed segments, or over a KV cache.
 
 Implementations (ModelConfig.attention_impl): "xla" is the reference (fp32 scores, an explicit mask; CPU);
-"cudnn" is cuDNN's fused flash attention on NVIDIA GPUs (packed segments as cuDNN's offsets/lengths, never a
-[B, L, L] mask); "splash" is Pallas splash attention on TPU (segment ids natively). "auto" picks the fastest
-one that honours the call and raises nothing; an explicit choice that cannot honour it is a ConfigError.
+"cudnn" is cuDNN's fused flash attention on NVIDIA GPUs for causal rows (one sequence per row; right padding
+needs no segment ids: a causal real token never sees the padding after it); "splash" is Pallas splash attention
+on TPU (segment ids natively). Neither materialises a [B, L, L] mask. "auto" picks the fastest one that
+honours the call; an explicit choice that cannot honour it is a ConfigError. Packed rows on GPU take the xla
+path: cuDNN's packed layout (q/kv offsets) asked for 460 GiB at 8 x 2048 with room for L segments per row.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, 
   """Softmax(q k^T * scale) v over the keys `mask` allows, H // Hkv query heads per key/value head.
   Returns o_BxLxHxDv in q's dtype."""
   segment_ids_BxL, q_start_B = mask
-  name = choose(impl, q_BxLxHxDk, v_BxSxHkvxDv, decoding=q_start_B is not None)
+  name = choose(impl, q_BxLxHxDk, v_BxSxHkvxDv, decoding=q_start_B is not None, packed=segment_ids_BxL is not None)
   if name == "cudnn":
-    return _cudnn_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL)
+    return _cudnn.dot_product_attention(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale=scale,
+                                        mask_type=_cudnn.MaskType.CAUSAL)
   if name == "splash":
     return _splash_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL)
   return xla_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL, q_start_B)
 
 
-def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool) -> str:
+def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = False) -> str:
   """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then xla."""
   if impl == "xla":
     return "xla"
@@ -52,7 +55,7 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool) -> str:
     raise ConfigError(f"model.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
   reasons = []
   for name in candidates:
-    reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, decoding)
+    reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, decoding, packed)
     if reason is None:
       return name
     reasons.append(f"{name}: {reason}")
@@ -62,7 +65,7 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool) -> str:
                     "use auto or xla")
 
 
-def _unsupported(name: str, q, v, decoding: bool) -> str | None:
+def _unsupported(name: str, q, v, decoding: bool, packed: bool) -> str | None:
   """Why `name` cannot compute this call exactly, or None if it can."""
   backend = jax.default_backend()
   if decoding:
@@ -74,6 +77,8 @@ def _unsupported(name: str, q, v, decoding: bool) -> str | None:
       return f"needs bf16/fp16 inputs, got {q.dtype}"
     if max(q.shape[-1], v.shape[-1]) > 256 or q.shape[-1] % 8 or v.shape[-1] % 8:
       return f"head dims {q.shape[-1]}/{v.shape[-1]} must be multiples of 8 and <= 256"
+    if packed:
+      return "packed segment ids (see the module note)"
     return None
   if backend != "tpu":
     return f"needs a TPU (backend is {backend})"
@@ -106,31 +111,6 @@ def visible(L: int, S: int, segment_ids_BxL=None, q_start_B=None):
   if segment_ids_BxL is not None:
     mask = mask & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
   return mask
-
-
-def packed_offsets(segment_ids_BxL):
-  """cuDNN's packed layout from segment ids: (lengths_BxM, starts_BxM1) of each row's runs of equal ids,
-  -1 past a row's last run. M = L, so any packing fits (the arrays are L ints per row)."""
-  B, L = segment_ids_BxL.shape
-  first_BxL = jnp.concatenate([jnp.ones((B, 1), jnp.bool_), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], 1)
-  run_BxL = jnp.cumsum(first_BxL, axis=1) - 1  # run index of each position
-  n_runs_B = run_BxL[:, -1] + 1
-  lengths_BxM = jax.vmap(lambda r: jnp.bincount(r, length=L))(run_BxL).astype(jnp.int32)
-  starts_BxM = jnp.cumsum(lengths_BxM, axis=1) - lengths_BxM
-  used_BxM = jnp.arange(L)[None] < n_runs_B[:, None]
-  lengths_BxM = jnp.where(used_BxM, lengths_BxM, -1)
-  starts_BxM1 = jnp.concatenate([jnp.where(used_BxM, starts_BxM, -1), -jnp.ones((B, 1), jnp.int32)], 1)
-  return lengths_BxM, starts_BxM1.astype(jnp.int32)
-
-
-def _cudnn_attend(q, k, v, scale: float, segment_ids_BxL):
-  """cuDNN flash attention (fused fwd+bwd, no materialised scores); v keeps its own head dim."""
-  if segment_ids_BxL is None:
-    return _cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=_cudnn.MaskType.CAUSAL)
-  lengths_BxM, starts_BxM1 = packed_offsets(segment_ids_BxL)
-  return _cudnn.dot_product_attention(q, k, v, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
-                                      kv_offsets=starts_BxM1, scale=scale,
-                                      mask_type=_cudnn.MaskType.PADDING_CAUSAL)
 
 
 @functools.cache

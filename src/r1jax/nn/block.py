@@ -48,7 +48,7 @@ def _ffn(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_
   if is_moe:
     y, stats = moe.apply(p["ffn"], h, cfg, ctx.tokens, replay_BxLxK)
   else:
-    y, stats = layers.mlp(p["ffn"], h), None
+    y, stats = layers.mlp(p["ffn"], h, cfg.fp8.use("dense_mlp")), None
   return constrain(x_BxLxD + y, "batch", "seq", "act_embed"), stats
 
 

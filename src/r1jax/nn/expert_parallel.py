@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from r1jax.config import ModelConfig
+from r1jax.config import FP8Config, ModelConfig
+from r1jax.nn import fp8 as fp8_lib
 from r1jax.sharding import mesh_axes
 
 
@@ -67,8 +68,12 @@ def grouped_ffn(experts: dict, x_NxD, group_sizes_E):
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["w_down"].astype(dt), group_sizes_E)
 
 
-def padded_ffn(experts: dict, x_ExNxD):
-  """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM)."""
+def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None):
+  """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM), or as
+  block-scaled FP8 GEMMs per expert."""
+  if fp8 is not None:
+    mm = lambda x, w: fp8_lib.batched_dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)  # noqa: E731
+    return mm(jax.nn.silu(mm(x_ExNxD, experts["w_gate"])) * mm(x_ExNxD, experts["w_up"]), experts["w_down"])
   dt = x_ExNxD.dtype
   gate = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_gate"].astype(dt))
   up = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_up"].astype(dt))
@@ -91,6 +96,8 @@ def gemm_impl(cfg: ModelConfig) -> str:
   padded einsum (measured, JAX 0.11.2), and ran out of memory at V2-Lite sizes."""
   if cfg.expert_gemm != "auto":
     return cfg.expert_gemm
+  if cfg.fp8.use("routed_experts"):
+    return "einsum"  # the FP8 expert GEMM is the per-expert form (config refuses an explicit ragged_dot)
   return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
 
 
@@ -120,7 +127,7 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
     valid = jnp.arange(C)[None, None, :] < kept_SxE.T[:, :, None]
     y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C))
   else:
-    y_ExNxD = padded_ffn(experts, x_ExNxD)
+    y_ExNxD = padded_ffn(experts, x_ExNxD, cfg.fp8.use("routed_experts"))
   back = y_ExNxD.reshape(E_loc, n_ep, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
   y_ECxD = _exchange(back, exp_axes).reshape(E * C, D)
   y_pad = jnp.concatenate([y_ECxD, jnp.zeros((1, D), y_ECxD.dtype)])

@@ -29,8 +29,8 @@ def init(key, cfg: ModelConfig) -> dict:
   return p
 
 
-def _project(p: dict, name: str, x_BxLxD):
-  y = layers.dense(x_BxLxD, p[f"w{name}"])
+def _project(p: dict, name: str, x_BxLxD, cfg: ModelConfig):
+  y = layers.dense(x_BxLxD, p[f"w{name}"], cfg.fp8.use("attention"))
   return y + p[f"b{name}"].astype(y.dtype) if f"b{name}" in p else y
 
 
@@ -38,9 +38,9 @@ def _qkv(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   """Roped queries [B, L, H, Dh], roped keys and values [B, L, Hkv, Dh]."""
   B, L, _ = x_BxLxD.shape
   H, Hkv, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  q_BxLxHxDh = constrain(_project(p, "q", x_BxLxD).reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
-  k_BxLxHkvxDh = _project(p, "k", x_BxLxD).reshape(B, L, Hkv, Dh)
-  v_BxLxHkvxDh = _project(p, "v", x_BxLxD).reshape(B, L, Hkv, Dh)
+  q_BxLxHxDh = constrain(_project(p, "q", x_BxLxD, cfg).reshape(B, L, H, Dh), "batch", "seq", "act_heads", None)
+  k_BxLxHkvxDh = _project(p, "k", x_BxLxD, cfg).reshape(B, L, Hkv, Dh)
+  v_BxLxHkvxDh = _project(p, "v", x_BxLxD, cfg).reshape(B, L, Hkv, Dh)
   return (rope.apply_rotate_half(q_BxLxHxDh, cos, sin), rope.apply_rotate_half(k_BxLxHkvxDh, cos, sin),
           v_BxLxHkvxDh)
 
@@ -51,7 +51,7 @@ def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask: attention.Mas
   o_BxLxHxDh = attention.attend(q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask, scale=Dh**-0.5,
                                 impl=cfg.attention_impl)
   o_BxLxHxDh = constrain(o_BxLxHxDh, "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxLxHxDh.reshape(B, L, H * Dh), p["wo"])
+  return layers.dense(o_BxLxHxDh.reshape(B, L, H * Dh), p["wo"], cfg.fp8.use("attention"))
 
 
 def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):

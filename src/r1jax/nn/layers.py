@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import sharding
+from r1jax.config import FP8Config
+from r1jax.nn import fp8 as _fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,11 @@ def rms_norm(x, w, eps: float):
   return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(x, w):
-  """x[..., K] @ w[K, N] in x's dtype. The one entry point for projections (FP8 routes here)."""
+def dense(x, w, fp8: FP8Config | None = None):
+  """x[..., K] @ w[K, N] in x's dtype: the one entry point for projections. With an FP8Config (see
+  FP8Config.use), DeepSeek's block-scaled FP8 GEMM in both passes (nn/fp8.py)."""
+  if fp8 is not None:
+    return _fp8.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)
   return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
 
 
@@ -83,10 +88,10 @@ def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp
   }
 
 
-def mlp(p: dict, x_NxD):
+def mlp(p: dict, x_NxD, fp8: FP8Config | None = None):
   """SwiGLU: down(silu(x W_gate) * (x W_up))."""
-  h = jax.nn.silu(dense(x_NxD, p["w_gate"])) * dense(x_NxD, p["w_up"])
-  return dense(h, p["w_down"])
+  h = jax.nn.silu(dense(x_NxD, p["w_gate"], fp8)) * dense(x_NxD, p["w_up"], fp8)
+  return dense(h, p["w_down"], fp8)
 
 
 def embed(table_VxD, tokens_BxL, dtype):

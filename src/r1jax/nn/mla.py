@@ -33,11 +33,12 @@ def init(key, cfg: ModelConfig) -> dict:
 def _queries(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   """Per-head queries: (q_nope [B, L, H, Dn], roped q_pe [B, L, H, Dr])."""
   B, L, _ = x_BxLxD.shape
+  fp8 = cfg.fp8.use("attention")
   if cfg.q_lora_rank:
-    cq_BxLxRq = layers.rms_norm(layers.dense(x_BxLxD, p["wq_a"]), p["q_norm"], cfg.norm_eps)
-    q = layers.dense(cq_BxLxRq, p["wq_b"])
+    cq_BxLxRq = layers.rms_norm(layers.dense(x_BxLxD, p["wq_a"], fp8), p["q_norm"], cfg.norm_eps)
+    q = layers.dense(cq_BxLxRq, p["wq_b"], fp8)
   else:
-    q = layers.dense(x_BxLxD, p["wq"])
+    q = layers.dense(x_BxLxD, p["wq"], fp8)
   q_BxLxHxDqk = constrain(q.reshape(B, L, cfg.n_heads, cfg.qk_head_dim), "batch", "seq", "act_heads", None)
   Dn = cfg.qk_nope_head_dim
   return q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin)
@@ -45,7 +46,7 @@ def _queries(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
 
 def _latents(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   """What MLA caches per token: the normalised kv latent [B, L, R] and the roped shared key [B, L, Dr]."""
-  kv_a = layers.dense(x_BxLxD, p["wkv_a"])
+  kv_a = layers.dense(x_BxLxD, p["wkv_a"], cfg.fp8.use("attention"))
   ckv_BxLxR = layers.rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.norm_eps)
   k_pe_BxLxDr = rope.apply(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
   return ckv_BxLxR, k_pe_BxLxDr
@@ -58,7 +59,7 @@ def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
   H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
   q_nope, q_pe = _queries(p, x_BxLxD, cos, sin, cfg)
   ckv_BxLxR, k_pe_BxLxDr = _latents(p, x_BxLxD, cos, sin, cfg)
-  kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"]).reshape(B, L, H, Dn + Dv)
+  kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"], cfg.fp8.use("attention")).reshape(B, L, H, Dn + Dv)
   kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
   k_pe_BxLxHxDr = jnp.broadcast_to(k_pe_BxLxDr[:, :, None], (B, L, H, cfg.qk_rope_head_dim))
   q_BxLxHxDqk = jnp.concatenate([q_nope, q_pe], -1)
@@ -66,7 +67,7 @@ def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
   o_BxLxHxDv = attention.attend(q_BxLxHxDqk, k_BxLxHxDqk, kv_BxLxHx[..., Dn:], mask, scale=rope.softmax_scale(cfg),
                                 impl=cfg.attention_impl)
   o_BxLxHxDv = constrain(o_BxLxHxDv, "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"])
+  return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"], cfg.fp8.use("attention"))
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
@@ -96,4 +97,4 @@ def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, 
   o_lat_BxTxHxR = attention.attend(q_BxTxHxRr, kv_BxSx1xRr, kv_BxSx1xRr[..., :R], mask, scale=rope.softmax_scale(cfg),
                                    impl=cfg.attention_impl)
   o_BxTxHxDv = constrain(jnp.einsum("bthr,rhd->bthd", o_lat_BxTxHxR, w_uv_RxHxDv), "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"]), {"latent": latent_BxSxRr}
+  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"], cfg.fp8.use("attention")), {"latent": latent_BxSxRr}

@@ -187,7 +187,7 @@ def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, repl
     y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
     y_BxLxD, stats["experts"] = y_BxLxD[:B], stats["experts"][:B]
   if "shared" in p:
-    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
+    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD, cfg.fp8.use("shared_experts"))
   return y_BxLxD, stats
 
 

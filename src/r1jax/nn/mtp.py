@@ -44,24 +44,22 @@ def _input(p: dict, h_BxLxD, next_tokens_BxL, embed_fn, cfg: ModelConfig):
   """eq. 21: M [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1})]."""
   e_BxLxD = layers.rms_norm(embed_fn(next_tokens_BxL), p["enorm"], cfg.norm_eps)
   h_norm = layers.rms_norm(h_BxLxD, p["hnorm"], cfg.norm_eps)
-  return layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"])
+  return layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"], cfg.fp8.use("mtp_proj"))
 
 
-def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, head_fn, ctx: block.Context, cfg: ModelConfig,
-          replay_NxBxLxK=None):
-  """Returns (logits [n_mtp, B, L, V] where depth k (1-based) at i predicts token i+k+1, stacked stats).
-
-  `h_BxLxD` is the main model's last hidden state after its final norm (see the note at the top).
+def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, ctx: block.Context, cfg: ModelConfig, replay_NxBxLxK=None):
+  """Returns (normed states [n_mtp, B, L, D] whose head logits at depth k (1-based) and position i predict
+  token i+k+1, stacked stats). `h_BxLxD` is the main model's last state after its final norm (see above).
   """
-  logits, stats = [], []
+  states, stats = [], []
   for k in range(1, cfg.n_mtp + 1):
     p = jax.tree.map(lambda a, k=k: a[k - 1], stack)
     replay = None if replay_NxBxLxK is None else replay_NxBxLxK[k - 1]
     h_BxLxD = _input(p, h_BxLxD, shift_left(tokens_BxL, k), embed_fn, cfg)
     h_BxLxD, s = block.apply(p["block"], h_BxLxD, ctx, cfg, is_moe=True, replay_BxLxK=replay)
-    logits.append(head_fn(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps)))
+    states.append(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps))
     stats.append(s)
-  return jnp.stack(logits), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+  return jnp.stack(states), jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
 
 def draft(stack: dict, h_BxTxD, next_tokens_BxT, cache: dict, embed_fn, head_fn, ctx: block.Context,

@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax import model
+from r1jax import losses, model
 from r1jax.config import GRPOConfig, ModelConfig
 
 # Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
@@ -229,19 +229,20 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
 
 # ---------------------------------------------------------------------------------------------------------
 # The learner step. A batch holds B = P*G sampled rows over the learner's L positions (prompt + completion,
-# right-padded): tokens/targets/positions/segment_ids/token_mask as in SFT, loss_mask on completion targets
-# (EOS included), sampler_logp (the sampler's log-prob of each target), advantages [B], and optionally routes
-# [B, N, L, K] (the sampler's experts per MoE layer, for routing replay) and ref_logp (for the KL term).
+# right-padded): tokens/targets/positions/token_mask as in SFT (no segment ids: one sequence per row), loss_mask
+# on completion targets (EOS included), sampler_logp (the sampler's log-prob of each target), advantages [B],
+# and optionally routes [B, N, L, K] (the sampler's experts per MoE layer, for routing replay) and ref_logp
+# (for the KL term).
 
 def learner_logp(params: dict, batch: dict, cfg: ModelConfig, temperature: float, replay: bool):
   """Per-target log-probs and entropies under softmax(logits / temperature), the distribution the sampler
   drew from (before top-k/top-p, whose gap truncated importance sampling corrects), and router stats."""
   routes = {"moe_layers": jnp.moveaxis(batch["routes"], 1, 0)} if replay and "routes" in batch else None
   out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch["positions"],
-                    segment_ids_BxL=batch["segment_ids"], token_mask_BxL=batch["token_mask"], routes=routes)
-  logp_BxLxV = jax.nn.log_softmax(out.logits_BxLxV / (temperature or 1.0), axis=-1)
-  logp_BxL = jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-  entropy_BxL = -(jnp.exp(logp_BxLxV) * logp_BxLxV).sum(-1)
+                    segment_ids_BxL=batch.get("segment_ids"), token_mask_BxL=batch["token_mask"], routes=routes,
+                    logits=False)
+  logp_BxL, entropy_BxL = losses.head_logprobs(out.hidden_BxLxD, model.head_fn(params, cfg), batch["targets"],
+                                               cfg.head_chunk, temperature or 1.0, entropy=True)
   return logp_BxL, entropy_BxL, out.router
 
 
@@ -252,7 +253,7 @@ def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_
   (RL trains the main model; MTP weights only see weight decay). Router biases move with the load as in SFT;
   the sequence-wise balance loss is logged but not optimised (with zero advantages Adam would rescale its
   tiny gradient into full-size updates that wreck the policy: seen in the tiny demo)."""
-  from r1jax import losses, train  # the step sits on train's machinery; imported here to keep rl.grpo light
+  from r1jax import train  # the step sits on train's machinery; imported here to keep rl.grpo light
 
   cfg = dataclasses.replace(state.cfg, n_mtp=0)
   mask_BxL = batch["loss_mask"]

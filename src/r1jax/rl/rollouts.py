@@ -61,7 +61,7 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
   real_BxL = (np.arange(L)[None] < (n_real - 1)[:, None]).astype(np.int32)  # the last token is never an input
   batch = {"tokens": np.where(real_BxL, tokens[:, :L], pad_id).astype(np.int32),
            "targets": tokens[:, 1:].astype(np.int32), "loss_mask": completion[:, 1:].astype(np.int32),
-           "token_mask": real_BxL, "segment_ids": real_BxL.copy(),
+           "token_mask": real_BxL,  # one right-padded sequence per row: no segment ids (nn/attention.py)
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
            "sampler_logp": logp[:, 1:].astype(np.float32)}
   if "moe_layers" in rollout.experts:

@@ -1,0 +1,130 @@
+"""FP8 GEMM benchmarks at the DeepSeek-V3 671B projection shapes (4096 tokens): bf16 `jnp.dot` against
+the block-scaled fp8 GEMM (XLA formulation, Pallas kernel), forward and forward+backward, with errors
+against an fp32 product of the original operands. Plain functions returning JSON-able dicts."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.nn import fp8, fp8_kernel
+from r1jax.nn.fp8_kernel import Tiles
+
+# (M tokens, K, N): expert gate/up, expert down, MLA q down-projection, dense-layer up (V3 671B preset)
+V3_SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 1536), (4096, 7168, 18432))
+TUNE_CANDIDATES = (Tiles(64, 128, 4, 4), Tiles(64, 256, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 128, 4, 3),
+                   Tiles(128, 256, 8, 3), Tiles(64, 128, 4, 4, group_m=1))
+
+
+def _median_s(fn, *args, repeats: int, warmup: int = 2) -> float:
+  """Median wall time of fn(*args) over `repeats` runs after `warmup` (which includes compilation)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _operands(shape, dtype, seed: int = 0):
+  """x ~ N(0, 1), w ~ N(0, 1/K) (unit-variance outputs), dy ~ N(0, 1): the GEMM's operands and cotangent."""
+  M, K, N = shape
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kx, (M, K), dtype), (jax.random.normal(kw, (K, N), jnp.float32) / K**0.5).astype(dtype),
+          jax.random.normal(kg, (M, N), dtype))
+
+
+def _rel_err(y, ref) -> float:
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def _fp32_products(x, w, dy, reference: str):
+  """y = x @ w, dx = dy @ w^T, dw = x^T @ dy of the original (bf16-valued) operands in fp32 or better:
+  numpy float64 on the host, or the device's full-precision fp32 (HIGHEST) for speed."""
+  if reference == "numpy":
+    x64, w64, dy64 = (np.asarray(t, np.float64) for t in (x, w, dy))
+    return x64 @ w64, dy64 @ w64.T, x64.T @ dy64
+  mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  x32, w32, dy32 = (t.astype(jnp.float32) for t in (x, w, dy))
+  return mm(x32, w32), mm(dy32, w32.T), mm(x32.T, dy32)
+
+
+def _fns(impl: str, tiles: Tiles | None):
+  """(forward, forward+backward) jitted for one implementation; fwd+bwd returns y, dx and dw."""
+  if impl == "bf16":
+    f = lambda x, w: jnp.dot(x, w)  # noqa: E731
+  else:
+    f = functools.partial(fp8.dot, impl=impl, tiles=tiles)
+
+  def fwd_bwd(x, w, dy):
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+
+  return jax.jit(f), jax.jit(fwd_bwd)
+
+
+def bench_gemms(shapes=V3_SHAPES, impls=("xla", "pallas"), repeats: int = 10, dtype=jnp.bfloat16,
+                tiles: Tiles | None = None, backward: bool = True,
+                reference: Literal["device", "numpy"] = "device") -> dict:
+  """Per shape: bf16 and each fp8 impl's forward (and fwd+bwd) median ms, TFLOP/s (2MKN forward, 6MKN
+  fwd+bwd), speed relative to bf16 in the same call, and relative Frobenius errors of y (and dx, dw)."""
+  rows = []
+  for shape in shapes:
+    M, K, N = shape
+    x, w, dy = _operands(shape, dtype)
+    ref_y, ref_dx, ref_dw = _fp32_products(x, w, dy, reference)
+    base = {}
+    for impl in ("bf16", *[i for i in impls if i != "bf16"]):
+      row = {"shape": list(shape), "impl": impl}
+      try:
+        fwd, fwd_bwd = _fns(impl, tiles)
+        t = _median_s(fwd, x, w, repeats=repeats)
+        row.update(fwd_ms=1e3 * t, fwd_tflops=2 * M * K * N / t / 1e12, rel_err=_rel_err(fwd(x, w), ref_y))
+        if backward:
+          tb = _median_s(fwd_bwd, x, w, dy, repeats=repeats)
+          _, dx, dw = fwd_bwd(x, w, dy)
+          row.update(fwdbwd_ms=1e3 * tb, fwdbwd_tflops=6 * M * K * N / tb / 1e12,
+                     dx_rel_err=_rel_err(dx, ref_dx), dw_rel_err=_rel_err(dw, ref_dw))
+      except Exception as e:  # noqa: BLE001 - a failing impl is reported, the others still run
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+      if impl == "bf16":
+        base = row
+      for key in ("fwd_ms", "fwdbwd_ms"):
+        if key in row and key in base:
+          row[key.replace("_ms", "_speedup_vs_bf16")] = base[key] / row[key]
+      rows.append(row)
+  return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+          "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "repeats": repeats,
+          "tiles": (tiles or Tiles())._asdict(), "reference": reference, "results": rows}
+
+
+def tune(shape=V3_SHAPES[0], candidates=TUNE_CANDIDATES, repeats: int = 10, block: int = 128) -> list[dict]:
+  """The Pallas kernel alone (operands quantised beforehand) per tile config, fastest first; a config
+  that fails to compile (e.g. shared memory) is listed with its error."""
+  M, K, N = shape
+  x, w, _ = _operands(shape, jnp.bfloat16)
+  xq, xs = fp8.quantize_act(x, block)
+  wq, ws = fp8.quantize_weight(w, block)
+  wtq, wts = wq.T, jnp.repeat(ws.T, block, axis=0)
+  ref = fp8.scaled_matmul_nt_xla(xq, xs, wtq, wts, block=block, out_dtype=jnp.float32)
+  rows = []
+  for tiles in candidates:
+    row = dict(tiles._asdict())
+    try:
+      f = jax.jit(functools.partial(fp8_kernel.scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
+                                    tiles=tiles))
+      t = _median_s(f, xq, xs, wtq, wts, repeats=repeats)
+      row.update(ms=1e3 * t, tflops=2 * M * K * N / t / 1e12, rel_diff_vs_xla=_rel_err(f(xq, xs, wtq, wts), ref))
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+  return sorted(rows, key=lambda r: r.get("ms", float("inf")))

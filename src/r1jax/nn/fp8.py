@@ -1,0 +1,223 @@
+"""FP8 GEMMs with DeepSeek-V3's fine-grained scaling (V3 report §3.3, Figure 6/7): e4m3 values; scales
+per token per `block` channels for activations (1 x 128 tiles) and per `block` x `block` tile for weights;
+fp32 accumulation promoted every `block`-deep K step; dgrad and wgrad as the same fp8 GEMM (custom_vjp).
+
+x ~= q * scale: quantising divides by the scale, dequantising multiplies. Every GEMM here is one
+primitive, a @ b^T with per-row per-K-block scales on both operands (weight block scales are repeated
+over their block's rows): `scaled_matmul_nt_xla` (reference, any backend) or the Pallas kernel."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.nn import fp8_kernel
+from r1jax.nn.fp8_kernel import Tiles
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4  # DeepSeek's floor, so an all-zero tile gets a finite scale (inference/kernel.py)
+PARTIAL_BYTES = 1 << 30  # the XLA path's fp32 partial products [c, M, N] for c K blocks at a time
+Impl = Literal["xla", "pallas", "auto"]
+
+__all__ = ["E4M3", "Tiles", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "quantize_act",
+           "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla"]
+
+
+def _scale(amax, pow2: bool):
+  """max(amax, 1e-4) / 448 (as a product, see _cast); with pow2 rounded up to a power of two (exactly, via
+  frexp), so re-quantising along another tiling loses less (V3 report §3.3.3: "integral power of 2")."""
+  s = jnp.maximum(amax, AMAX_FLOOR) * jnp.float32(1.0 / E4M3_MAX)  # see _cast for why not / 448
+  if not pow2:
+    return s
+  m, e = jnp.frexp(s)  # s = m * 2**e with m in [0.5, 1): a power of two exactly when m == 0.5
+  return jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
+
+
+def _cast(x, scale):
+  """e4m3(x * (1 / scale)), with scale = amax * fl(1/448). XLA rewrites divisions (x / s into x * (1/s),
+  1 / (a / 448) into 448 / a) differently per fusion, so eager and jit disagreed by an fp32 ulp; these
+  products it leaves alone, so every compilation and a numpy reference agree bitwise. Exact with pow2."""
+  return (x * (1.0 / scale)).astype(E4M3)
+
+
+def quantize_act(x_MxK, block: int = 128, pow2: bool = False):
+  """(e4m3 q[..., M, K], fp32 scale[..., M, K/block]): one scale per row per `block` channels."""
+  K = x_MxK.shape[-1]
+  if K % block:
+    raise ValueError(f"activation shape {x_MxK.shape}: last dim {K} must be a multiple of block {block}")
+  x_blk = x_MxK.astype(jnp.float32).reshape(*x_MxK.shape[:-1], K // block, block)
+  scale_MxKb = _scale(jnp.max(jnp.abs(x_blk), axis=-1), pow2)
+  return _cast(x_blk, scale_MxKb[..., None]).reshape(x_MxK.shape), scale_MxKb
+
+
+def quantize_weight(w_KxN, block: int = 128, pow2: bool = False):
+  """(e4m3 q[..., K, N], fp32 scale[..., K/block, N/block]): one scale per `block` x `block` tile."""
+  *lead, K, N = w_KxN.shape
+  if K % block or N % block:
+    raise ValueError(f"weight shape {w_KxN.shape}: both matrix dims must be multiples of block {block}")
+  w_blk = w_KxN.astype(jnp.float32).reshape(*lead, K // block, block, N // block, block)
+  scale_KbxNb = _scale(jnp.max(jnp.abs(w_blk), axis=(-3, -1)), pow2)
+  return _cast(w_blk, scale_KbxNb[..., :, None, :, None]).reshape(w_KxN.shape), scale_KbxNb
+
+
+def dequantize_act(q_MxK, scale_MxKb):
+  """fp32 q * scale, the block inferred from the shapes."""
+  Kb = scale_MxKb.shape[-1]
+  q_blk = q_MxK.astype(jnp.float32).reshape(*q_MxK.shape[:-1], Kb, q_MxK.shape[-1] // Kb)
+  return (q_blk * scale_MxKb[..., None]).reshape(q_MxK.shape)
+
+
+def dequantize_weight(q_KxN, scale_KbxNb):
+  """fp32 q * scale, each scale over its tile."""
+  *lead, K, N = q_KxN.shape
+  Kb, Nb = scale_KbxNb.shape[-2:]
+  q_blk = q_KxN.astype(jnp.float32).reshape(*lead, Kb, K // Kb, Nb, N // Nb)
+  return (q_blk * scale_KbxNb[..., :, None, :, None]).reshape(q_KxN.shape)
+
+
+def _mm_f32(spec: str, a, b):
+  """e4m3 x e4m3 -> fp32 einsum. Off GPU the operands go in as bf16, which is exact (e4m3's 3 mantissa and
+  4 exponent bits fit in bf16's 7 and 8) and native on TPU; on GPU XLA gets the fp8 operands."""
+  if jax.default_backend() != "gpu":
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _chunk(n_blocks: int, bytes_per_block: int) -> int:
+  """The most K blocks (a divisor of n_blocks) whose fp32 partial products fit in PARTIAL_BYTES."""
+  fits = max(1, PARTIAL_BYTES // max(bytes_per_block, 1))
+  return max(c for c in range(1, n_blocks + 1) if n_blocks % c == 0 and c <= fits)
+
+
+def scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype):
+  """a @ b^T = sum over K blocks of fp32(a_k @ b_k^T) * as[:, k] * bs[:, k] (V3 report §3.3.2 promotion).
+
+  The [M, Kb, N] partials of one einsum would take 17 GB at the V3 dense-up shape (4096 x 56 x 18432
+  fp32), so c K blocks go at a time (as many as fit in PARTIAL_BYTES) into an fp32 accumulator.
+  """
+  (M, K), N = aq_MxK.shape, bq_NxK.shape[0]
+  Kb = K // block
+  c = _chunk(Kb, M * N * 4)
+  a_MxKbxB, b_NxKbxB = aq_MxK.reshape(M, Kb, block), bq_NxK.reshape(N, Kb, block)
+
+  def chunk_sum(i):
+    sl = lambda t: jax.lax.dynamic_slice_in_dim(t, i * c, c, axis=1)  # noqa: E731
+    p_CxMxN = _mm_f32("mcb,ncb->cmn", sl(a_MxKbxB), sl(b_NxKbxB))
+    return jnp.sum(p_CxMxN * sl(as_MxKb).T[:, :, None] * sl(bs_NxKb).T[:, None, :], axis=0)
+
+  if c == Kb:
+    acc_MxN = chunk_sum(0)
+  else:
+    acc_MxN = jax.lax.fori_loop(0, Kb // c, lambda i, acc: acc + chunk_sum(i), jnp.zeros((M, N), jnp.float32))
+  return acc_MxN.astype(out_dtype)
+
+
+def resolve_impl(impl: Impl, interpret: bool = False) -> str:
+  """'auto' is the Pallas kernel on GPU and the XLA formulation elsewhere. 'pallas' where it cannot run is
+  an error, never a silent fallback."""
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" and fp8_kernel.IMPORT_ERROR is None else "xla"
+  if impl == "pallas":
+    if fp8_kernel.IMPORT_ERROR is not None:
+      raise ValueError(f"fp8 impl 'pallas' needs jax.experimental.pallas.triton: {fp8_kernel.IMPORT_ERROR}")
+    if not interpret and jax.default_backend() != "gpu":
+      raise ValueError(f"fp8 impl 'pallas' is a GPU (Triton) kernel; backend is {jax.default_backend()!r}: "
+                       "use impl='xla' or 'auto', or interpret=True to emulate it")
+    return impl
+  if impl != "xla":
+    raise ValueError(f"fp8 impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+  return impl
+
+
+def _gemm_nt(aq, a_scale, bq, b_scale, block, out_dtype, impl, tiles, interpret):
+  if impl == "pallas":
+    return fp8_kernel.scaled_matmul_nt(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype,
+                                       tiles=tiles, interpret=interpret)
+  return scaled_matmul_nt_xla(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype)
+
+
+def _rows(scale_XbxYb, block: int):
+  """Block scales repeated over each block's rows: per-row scales for the primitive."""
+  return jnp.repeat(scale_XbxYb, block, axis=0)
+
+
+def _pad_rows(x, block: int):
+  return jnp.pad(x, ((0, -x.shape[0] % block), (0, 0)))
+
+
+def _varying(x) -> frozenset:
+  """The manual mesh axes x varies over inside shard_map (empty outside); `.mat.varying` in JAX 0.10."""
+  t = jax.typeof(x)
+  return frozenset(getattr(t, "vma", None) or getattr(getattr(t, "mat", None), "varying", ()))
+
+
+def _sum_to(g, like):
+  """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
+  over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
+  extra = tuple(sorted(_varying(g) - _varying(like)))
+  return jax.lax.psum(g, extra) if extra else g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
+  return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret)[0]
+
+
+def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
+  xq_MxK, xs_MxKb = quantize_act(x_MxK, block, pow2)
+  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
+  y_MxN = _gemm_nt(xq_MxK, xs_MxKb, wq_KxN.T, _rows(ws_KbxNb.T, block), block, x_MxK.dtype, impl, tiles,
+                   interpret)
+  # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
+  # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
+  return y_MxN, (xq_MxK, xs_MxKb, w_KxN)
+
+
+def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
+  """V3 report Figure 6: dgrad with dy in 1 x block tiles along N against w's same block x block tiles;
+  wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens)."""
+  xq_MxK, xs_MxKb, w_KxN = res
+  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
+  dyq_MxN, dys_MxNb = quantize_act(dy_MxN, block, pow2)
+  dx_MxK = _gemm_nt(dyq_MxN, dys_MxNb, wq_KxN, _rows(ws_KbxNb, block), block, dy_MxN.dtype, impl, tiles,
+                    interpret)
+  # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
+  # workflow (V3 report §3.5.2); zero rows pad the tokens to whole blocks and change no amax.
+  x_KxM = _pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
+  dy_NxM = _pad_rows(dy_MxN.astype(jnp.float32), block).T
+  xtq_KxM, xts_KxMb = quantize_act(x_KxM, block, pow2)
+  dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
+  dw_KxN = _gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block, w_KxN.dtype, impl, tiles, interpret)
+  return _sum_to(dx_MxK, xq_MxK), _sum_to(dw_KxN, w_KxN)
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles: Tiles | None = None,
+        interpret: bool = False):
+  """x[..., K] @ w[K, N] as the block-scaled fp8 GEMM, in x's dtype; fp8 dgrad/wgrad in the backward.
+
+  `tiles` sets the Pallas kernel's tiles; `interpret` runs that kernel in Pallas's interpreter (tests).
+  """
+  impl = resolve_impl(impl, interpret)
+  if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
+    raise ValueError(f"fp8.dot: x {x_MxK.shape} @ w {w_KxN.shape} needs w [K, N] with K = x's last dim")
+  K, N = w_KxN.shape
+  if K % block or N % block:
+    raise ValueError(f"fp8.dot: weight shape {w_KxN.shape} must have both dims multiples of block {block}")
+  y = _dot(x_MxK.reshape(-1, K), w_KxN, block, impl, pow2, tiles or Tiles(), interpret)
+  return y.reshape(*x_MxK.shape[:-1], N)
+
+
+def batched_dot(x_ExMxK, w_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False,
+                tiles: Tiles | None = None, interpret: bool = False):
+  """Per-expert `dot` over capacity-padded rows (x [E, C, D] @ w [E, D, F]), vmapped."""
+  if x_ExMxK.ndim != 3 or w_ExKxN.ndim != 3 or x_ExMxK.shape[0] != w_ExKxN.shape[0]:
+    raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {w_ExKxN.shape} need [E, M, K] and [E, K, N]")
+  one = functools.partial(dot, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret)
+  return jax.vmap(one)(x_ExMxK, w_ExKxN)

@@ -1,0 +1,266 @@
+"""FP8 training GEMMs (V3 report §3.3) against an independent numpy version of DeepSeek's recipe: e4m3
+values, scale = max(amax, 1e-4) / 448 per 1x128 activation tile and per 128x128 weight tile, products of
+dequantised operands in float64, and the Pallas kernel (interpreted on CPU) against the XLA formulation."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from r1jax.nn import fp8
+from r1jax.nn.fp8_kernel import Tiles
+
+F8 = ml_dtypes.float8_e4m3fn
+SMALL = Tiles(bm=32, bn=64, num_warps=4, num_stages=2, group_m=2)  # interpreter-sized kernel tiles
+
+
+def np_scale(amax, pow2=False):
+  """max(amax, 1e-4) / 448 as float32 multiplies by fl(1/448) (fp8.py says why); pow2 rounds it up to
+  2**ceil(log2(scale)), computed in float64."""
+  s = np.maximum(amax, np.float32(1e-4)).astype(np.float32) * np.float32(1.0 / 448.0)
+  return (2.0 ** np.ceil(np.log2(s.astype(np.float64)))).astype(np.float32) if pow2 else s
+
+
+def np_cast(x, scale):
+  """e4m3 of x times the float32 reciprocal of its scale (the recipe's division as fp8.py computes it)."""
+  return (x * (np.float32(1.0) / scale)).astype(F8)
+
+
+def np_quant_act(x, block, pow2=False):
+  """Row by row, `block` columns at a time: (e4m3 values, float32 scales [rows, K/block])."""
+  x = np.asarray(x, np.float32)
+  rows = x.reshape(-1, x.shape[-1])
+  q = np.zeros(rows.shape, F8)
+  scale = np.zeros((rows.shape[0], rows.shape[1] // block), np.float32)
+  for j in range(scale.shape[1]):
+    cols = slice(j * block, (j + 1) * block)
+    scale[:, j] = np_scale(np.abs(rows[:, cols]).max(axis=1), pow2)
+    q[:, cols] = np_cast(rows[:, cols], scale[:, j:j + 1])
+  return q.reshape(x.shape), scale.reshape(*x.shape[:-1], -1)
+
+
+def np_quant_weight(w, block, pow2=False):
+  """Tile by tile over block x block: (e4m3 values, float32 scales [K/block, N/block])."""
+  w = np.asarray(w, np.float32)
+  q = np.zeros(w.shape, F8)
+  scale = np.zeros((w.shape[0] // block, w.shape[1] // block), np.float32)
+  for i in range(scale.shape[0]):
+    for j in range(scale.shape[1]):
+      tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
+      scale[i, j] = np_scale(np.abs(w[tile]).max(), pow2)
+      q[tile] = np_cast(w[tile], scale[i, j])
+  return q, scale
+
+
+def np_deq_act(q, scale):
+  block = q.shape[-1] // scale.shape[-1]
+  return q.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=-1)
+
+
+def np_deq_weight(q, scale):
+  return q.astype(np.float64) * np.kron(scale.astype(np.float64), np.ones((q.shape[0] // scale.shape[0],) * 2))
+
+
+def rel_fro(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def operands(M, K, N, seed=0, dtype=np.float32):
+  """x ~ N(0, 1), w ~ N(0, 1/K), dy ~ N(0, 1): unit-scale outputs and gradients."""
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((M, K)).astype(dtype), (rng.standard_normal((K, N)) / np.sqrt(K)).astype(dtype),
+          rng.standard_normal((M, N)).astype(dtype))
+
+
+@pytest.mark.parametrize("shape,block,pow2", [((3, 40, 256), 128, False), ((3, 40, 256), 128, True),
+                                               ((17, 96), 32, False), ((17, 96), 32, True)])
+def test_quantize_act_matches_numpy(shape, block, pow2):
+  rng = np.random.default_rng(1)
+  x = (rng.standard_normal(shape) * rng.uniform(1e-3, 1e2, size=shape[:-1] + (1,))).astype(np.float32)
+  x[0, ..., :block] = 0.0  # an all-zero tile takes the 1e-4 amax floor
+  q, scale = fp8.quantize_act(jnp.asarray(x), block, pow2)
+  q_np, scale_np = np_quant_act(x, block, pow2)
+  assert q.dtype == fp8.E4M3 and scale.dtype == jnp.float32 and scale.shape == scale_np.shape
+  np.testing.assert_array_equal(np.asarray(scale), scale_np)  # bitwise
+  np.testing.assert_array_equal(np.asarray(q).astype(np.float32), q_np.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(fp8.dequantize_act(q, scale)), np_deq_act(q_np, scale_np).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,block,pow2", [((256, 384), 128, False), ((256, 384), 128, True), ((64, 96), 32, False)])
+def test_quantize_weight_matches_numpy(shape, block, pow2):
+  rng = np.random.default_rng(2)
+  w = (rng.standard_normal(shape) * 10.0 ** rng.integers(-4, 2, size=shape[1])).astype(np.float32)
+  q, scale = fp8.quantize_weight(jnp.asarray(w), block, pow2)
+  q_np, scale_np = np_quant_weight(w, block, pow2)
+  np.testing.assert_array_equal(np.asarray(scale), scale_np)
+  np.testing.assert_array_equal(np.asarray(q).astype(np.float32), q_np.astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(fp8.dequantize_weight(q, scale)),
+                                np_deq_weight(q_np, scale_np).astype(np.float32))
+
+
+def test_pow2_scales_are_powers_of_two_at_least_the_plain_scale():
+  rng = np.random.default_rng(3)
+  x = (rng.standard_normal((64, 512)) * rng.uniform(1e-6, 1e4, size=(64, 1))).astype(np.float32)
+  plain = np.asarray(fp8.quantize_act(jnp.asarray(x), 128)[1])
+  pow2 = np.asarray(fp8.quantize_act(jnp.asarray(x), 128, pow2=True)[1])
+  mantissa, _ = np.frexp(pow2)
+  assert (mantissa == 0.5).all()
+  assert (pow2 >= plain).all() and (pow2 < 2 * plain).all()
+  q = np.asarray(fp8.quantize_act(jnp.asarray(x), 128, pow2=True)[0]).astype(np.float32)
+  assert np.isfinite(q).all() and np.abs(q).max() <= 448  # never above e4m3's range
+
+
+def test_fine_grained_scaling_isolates_outliers():
+  """One 1e5 outlier in some tiles: per-tensor scaling pushes every ordinary value (~1) into e4m3's
+  subnormals (1e5/448 = 223 per unit), while 1x128 and 128x128 tiles without an outlier keep the
+  ~2.6% relative error of 3 mantissa bits (RMS of a 2^-4 worst-case rounding)."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((64, 512)).astype(np.float32)
+  x[::8, 5] = 1e5  # K block 0 of every 8th row
+  clean = np.ones(x.shape, bool)
+  clean[::8, :128] = False
+  q, s = fp8.quantize_act(jnp.asarray(x))
+  fine = rel_fro(np.asarray(fp8.dequantize_act(q, s))[clean], x[clean])
+  st = np.float32(np.abs(x).max() / 448.0)
+  per_tensor = rel_fro(((x / st).astype(F8).astype(np.float32) * st)[clean], x[clean])
+  assert fine < 0.035 and fine < per_tensor / 3, (fine, per_tensor)
+
+  w = rng.standard_normal((256, 384)).astype(np.float32)
+  w[3, 7] = w[200, 300] = 1e5  # tiles (0, 0) and (1, 2)
+  clean = np.ones(w.shape, bool)
+  clean[:128, :128] = clean[128:, 256:] = False
+  q, s = fp8.quantize_weight(jnp.asarray(w))
+  fine = rel_fro(np.asarray(fp8.dequantize_weight(q, s))[clean], w[clean])
+  st = np.float32(np.abs(w).max() / 448.0)
+  per_tensor = rel_fro(((w / st).astype(F8).astype(np.float32) * st)[clean], w[clean])
+  assert fine < 0.035 and fine < per_tensor / 3, (fine, per_tensor)
+
+
+def test_dot_is_the_product_of_dequantised_operands():
+  """fp32 output: only fp32 accumulation separates it from float64 (K = 256 terms: ~sqrt(K) * 2^-24,
+  1e-5 leaves margin). bf16 output: one more rounding, at most 2^-8 relative per element."""
+  x, w, _ = operands(96, 256, 384)
+  ref = np_deq_act(*np_quant_act(x, 128)) @ np_deq_weight(*np_quant_weight(w, 128))
+  y = np.asarray(fp8.dot(jnp.asarray(x), jnp.asarray(w)))
+  assert y.dtype == np.float32 and rel_fro(y, ref) < 1e-5
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  xb_np, wb_np = np.asarray(xb, np.float32), np.asarray(wb, np.float32)
+  ref = np_deq_act(*np_quant_act(xb_np, 128)) @ np_deq_weight(*np_quant_weight(wb_np, 128))
+  y = np.asarray(fp8.dot(xb, wb))
+  assert y.dtype == jnp.bfloat16
+  err = np.abs(y.astype(np.float64) - ref)
+  assert (err <= 2.0**-8 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), err.max()
+
+
+def test_dot_error_against_the_exact_product():
+  """e4m3 keeps 3 mantissa bits: 2^-4 relative rounding at worst, ~2.5% RMS per operand, ~3.6% for the
+  product of two rounded operands (sqrt 2). 5e-2 bounds it with margin; above 1e-2 shows fp8 ran."""
+  x, w, _ = operands(128, 512, 256, seed=5)
+  err = rel_fro(fp8.dot(jnp.asarray(x), jnp.asarray(w)), x.astype(np.float64) @ w.astype(np.float64))
+  assert 1e-2 < err < 5e-2, err
+
+
+def _grads(f, x, w, dy):
+  """(dx, dw) of sum(f(x, w) * dy): the VJP with cotangent dy, jitted (one compile beats eager dispatch)."""
+  return jax.jit(jax.grad(lambda x, w, dy: jnp.sum(f(x, w) * dy), argnums=(0, 1)))(x, w, dy)
+
+
+def test_gradients_close_to_fp32_matmul():
+  """dx rounds dy and w once each (~3.6% as the forward); dw rounds x twice (1x128 cached, then 128x1)
+  and dy once, ~sqrt(3) * 2.5% = 4.3%: 6e-2 for both. M = 200 pads the tokens to whole 128 blocks."""
+  x, w, dy = (jnp.asarray(t) for t in operands(200, 256, 384, seed=6))
+  dx, dw = _grads(fp8.dot, x, w, dy)
+  dx_ref, dw_ref = _grads(lambda x, w: jnp.matmul(x, w, precision="highest"), x, w, dy)
+  assert dx.dtype == x.dtype and dw.dtype == w.dtype
+  assert 1e-2 < rel_fro(dx, dx_ref) < 6e-2 and 1e-2 < rel_fro(dw, dw_ref) < 6e-2
+
+
+def test_backward_gemms_follow_the_recipe_exactly():
+  """float64 numpy of V3 Figure 6: dgrad = deq(q_1x128(dy)) @ deq(q_128x128(w))^T; wgrad = deq(q(x^T))
+  @ deq(q(dy^T))^T with x the cached fp8 activation dequantised, both in per-channel 128-token tiles."""
+  M, K, N, block = 100, 96, 64, 32  # 100 tokens: the last token block is zero-padded
+  x, w, dy = operands(M, K, N, seed=7)
+  dx, dw = (np.asarray(g) for g in _grads(lambda x, w: fp8.dot(x, w, block=block), *map(jnp.asarray, (x, w, dy))))
+  dx_ref = np_deq_act(*np_quant_act(dy, block)) @ np_deq_weight(*np_quant_weight(w, block)).T
+  x_cached = np_deq_act(*np_quant_act(x, block)).astype(np.float32)
+  pad = lambda t: np.concatenate([t, np.zeros((-M % block, t.shape[1]), np.float32)])  # noqa: E731
+  dw_ref = np_deq_act(*np_quant_act(pad(x_cached).T, block)) @ np_deq_act(*np_quant_act(pad(dy).T, block)).T
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * np.abs(dw_ref).max())
+
+
+@pytest.mark.parametrize("M,K,N,block,tiles", [(64, 256, 256, 128, SMALL),
+                                               (50, 96, 96, 32, Tiles(16, 32, 4, 2, group_m=2))])
+def test_pallas_kernel_interpreted_equals_xla(M, K, N, block, tiles):
+  """Same products and scales, different fp32 summation order: 1e-5. The second case pads rows to the
+  tile (50 -> 64), and its 4 x 3 tile grid ends in a partial group of row tiles."""
+  x, w, dy = (jnp.asarray(t) for t in operands(M, K, N, seed=8))
+  xla = lambda x, w: fp8.dot(x, w, block=block)  # noqa: E731
+  pallas = lambda x, w: fp8.dot(x, w, block=block, impl="pallas", tiles=tiles, interpret=True)  # noqa: E731
+  y_x, y_p = np.asarray(jax.jit(xla)(x, w)), np.asarray(jax.jit(pallas)(x, w))
+  np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-5 * np.abs(y_x).max())
+  for g_p, g_x in zip(_grads(pallas, x, w, dy), _grads(xla, x, w, dy)):
+    np.testing.assert_allclose(np.asarray(g_p), np.asarray(g_x), rtol=1e-5, atol=1e-5 * np.abs(g_x).max())
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_batched_dot_is_per_expert_dot(impl):
+  E, C, K, N = 3, 24, 64, 96
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal((E, C, K)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((E, K, N)) * np.array([1e-2, 1.0, 30.0])[:, None, None], jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((E, C, N)), jnp.float32)
+  kw = {"block": 32, "impl": impl, "tiles": SMALL, "interpret": impl == "pallas"}
+  y = jax.jit(lambda x, w: fp8.batched_dot(x, w, **kw))(x, w)
+  one = jax.jit(lambda x, w: fp8.dot(x, w, **kw))
+  y_ref = jnp.stack([one(x[e], w[e]) for e in range(E)])
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6 * float(jnp.abs(y_ref).max()))
+  gx, gw = _grads(lambda x, w: fp8.batched_dot(x, w, **kw), x, w, dy)
+  one_grads = jax.jit(jax.grad(lambda x, w, dy: jnp.sum(fp8.dot(x, w, **kw) * dy), argnums=(0, 1)))
+  for e in range(E):
+    gx_e, gw_e = one_grads(x[e], w[e], dy[e])
+    np.testing.assert_allclose(np.asarray(gx[e]), np.asarray(gx_e), rtol=1e-6, atol=1e-6 * float(jnp.abs(gx_e).max()))
+    np.testing.assert_allclose(np.asarray(gw[e]), np.asarray(gw_e), rtol=1e-6, atol=1e-6 * float(jnp.abs(gw_e).max()))
+
+
+def test_jit_and_leading_dims():
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((2, 3, 5, 256)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((256, 128)) / 16, jnp.bfloat16)
+  y = jax.jit(fp8.dot)(x, w)
+  assert y.shape == (2, 3, 5, 128) and y.dtype == jnp.bfloat16
+  y_flat = np.asarray(fp8.dot(x.reshape(30, 256), w), np.float32)
+  # Another compilation may order the fp32 sums differently: at most one bf16 ulp (2^-7 relative) apart.
+  np.testing.assert_allclose(np.asarray(y, np.float32).reshape(30, 128), y_flat, rtol=2.0**-7, atol=1e-6)
+  dx, dw = jax.jit(jax.grad(lambda x, w: fp8.dot(x, w).astype(jnp.float32).sum(), argnums=(0, 1)))(x, w)
+  assert dx.shape == x.shape and dw.shape == w.shape and dx.dtype == dw.dtype == jnp.bfloat16
+
+
+def test_shapes_not_divisible_by_block_raise():
+  x = jnp.ones((8, 256))
+  with pytest.raises(ValueError, match="100"):
+    fp8.dot(jnp.ones((8, 100)), jnp.ones((100, 128)))
+  with pytest.raises(ValueError, match="200"):
+    fp8.dot(x, jnp.ones((256, 200)))
+  with pytest.raises(ValueError, match="must be a multiple of block"):
+    fp8.quantize_act(jnp.ones((4, 96)), block=128)
+  with pytest.raises(ValueError, match="multiples of block"):
+    fp8.quantize_weight(jnp.ones((128, 96)), block=128)
+  with pytest.raises(ValueError, match="K = x's last dim"):
+    fp8.dot(x, jnp.ones((128, 128)))
+  with pytest.raises(ValueError, match="E, M, K"):
+    fp8.batched_dot(jnp.ones((2, 8, 128)), jnp.ones((3, 128, 128)))
+
+
+def test_impl_choice_never_falls_back_silently():
+  x, w = jnp.ones((8, 128)), jnp.ones((128, 128))
+  assert fp8.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="GPU"):
+      fp8.dot(x, w, impl="pallas")
+  with pytest.raises(ValueError, match="'xla', 'pallas' or 'auto'"):
+    fp8.dot(x, w, impl="cublas")
