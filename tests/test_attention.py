@@ -83,6 +83,25 @@ def test_splash_matches_the_reference_in_interpret_mode(Hkv):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_splash_on_a_mesh_runs_per_device_and_matches_the_reference(monkeypatch):
+  """Under a mesh splash runs inside shard_map (batch over data and expert, heads over tensor): the kernel
+  sees one device's block, and the values equal the reference."""
+  from r1jax import sharding
+  from r1jax.config import MeshConfig
+
+  L = 128
+  q, k, v = _qkv(4, L, 4, 2, 64, 32, seed=3)
+  seg = jnp.asarray(np.concatenate([_packed_segments(L)] * 2))
+  ref = attention.xla_attend(q, k, v, 0.1, seg)
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, expert=2, tensor=2))
+  seen, local = [], attention._splash_local
+  monkeypatch.setattr(attention, "_splash_local", lambda q, *a, **kw: seen.append(q.shape) or local(q, *a, **kw))
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda q, k, v, s: attention._splash_attend(q, k, v, 0.1, s, interpret=True))(q, k, v, seg)
+  assert seen == [(1, L, 2, 64)]  # 4 rows over data x expert, 4 heads over tensor
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_runs_the_reference_on_cpu_and_explicit_choices_say_why_not():
   q, k, v = _qkv(1, 8, 2, 2, 8, 8)
   assert attention.choose("auto", q, v, decoding=False) == "xla"
@@ -99,7 +118,8 @@ def test_cudnn_is_never_chosen_where_it_would_drop_segment_ids(monkeypatch):
   q, _, v = _qkv(1, 8, 2, 2, 8, 8, dtype=jnp.bfloat16)
   assert attention.choose("auto", q, v, decoding=False) == "cudnn"
   assert attention.choose("auto", q, v, decoding=False, packed=True) == "xla"
-  assert attention.choose("auto", q, v, decoding=True) == "xla"
+  for impl in ("auto", "cudnn", "splash"):  # an explicit choice is for training: a cache is always read by xla
+    assert attention.choose(impl, q, v, decoding=True) == "xla"
   with pytest.raises(ConfigError, match="packed segment ids"):
     attention.choose("cudnn", q, v, decoding=False, packed=True)
 

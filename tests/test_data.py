@@ -40,7 +40,7 @@ def _segments(batches):
   out = []
   for b in batches:
     for r in range(len(b["tokens"])):
-      seg = b["segment_ids"][r]
+      seg = b["segment_ids"][r] if "segment_ids" in b else b["token_mask"][r]  # unpacked: one example per row
       for s in np.unique(seg[seg > 0]):
         idx = np.flatnonzero(seg == s)
         out.append(tuple(tuple(b[k][r, idx]) for k in data.EXAMPLE_KEYS))
@@ -62,7 +62,8 @@ def test_prompt_masking(tmp_path):
   path = _write(tmp_path / "sft.jsonl", records)
   ds = data.make_dataset(_cfg(f"data.source={path}", "data.pack=false", "data.shuffle=false"), num_epochs=1)
   (batch,) = list(ds)
-  assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {k: (np.int32, (4, 32)) for k in data.BATCH_KEYS}
+  unpacked_keys = set(data.BATCH_KEYS) - {"segment_ids"}  # one example per row: attention needs no segment ids
+  assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {k: (np.int32, (4, 32)) for k in unpacked_keys}
   prompt, completion = tokenizer.chat_prompt(records[1]["messages"])
   for r, record in enumerate([records[0], {"prompt": prompt, "completion": completion}]):
     tokens, targets, loss_mask = _expected(record)
@@ -71,7 +72,6 @@ def test_prompt_masking(tmp_path):
     np.testing.assert_array_equal(batch["targets"][r, :n], targets)
     np.testing.assert_array_equal(batch["loss_mask"][r], np.pad(loss_mask, (0, 32 - n)))
     np.testing.assert_array_equal(batch["token_mask"][r], np.arange(32) < n)
-    np.testing.assert_array_equal(batch["segment_ids"][r], np.arange(32) < n)
     np.testing.assert_array_equal(batch["positions"][r, :n], np.arange(n))
     learned = batch["targets"][r][batch["loss_mask"][r] == 1]
     assert BYTES.decode(learned[:-1]) == record["completion"] and learned[-1] == BYTES.eos_id
@@ -183,7 +183,8 @@ def test_resume_gives_identical_batches(tmp_path, pack):
     resumed.set_state(states[k])
     for want in batches[k:k + 3]:
       got = next(resumed)
-      for key in data.BATCH_KEYS:
+      assert got.keys() == want.keys()
+      for key in want:
         np.testing.assert_array_equal(got[key], want[key])
 
 
@@ -231,8 +232,8 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path):
   examples = [dict(zip(data.EXAMPLE_KEYS, map(np.asarray, seg))) for seg in _segments([packed])]
   assert max(len(np.unique(s[s > 0])) for s in packed["segment_ids"]) >= 2  # examples share rows
   rows = [data.pad_row(e, cfg.train.seq_len, BYTES.pad_id) for e in examples]
-  unpacked = {k: np.stack([r[k] for r in rows]) for k in data.BATCH_KEYS}
-  # Empty rows (no real or loss tokens) bring the packed batch to the same shape: one compilation for both.
+  unpacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # no segment ids: one example per row
+  # Empty rows (no real or loss tokens) bring the packed batch to the same shape.
   packed = {k: np.pad(v, ((0, len(rows) - len(v)), (0, 0))) for k, v in packed.items()}
   assert packed["loss_mask"].sum() == unpacked["loss_mask"].sum()
 

@@ -89,3 +89,38 @@ def test_fp8_dims_must_be_whole_blocks():
   assert config.load("configs/tiny.yaml", ["model.fp8.block=16"]).model.fp8.use("attention") is None
   with pytest.raises(ConfigError, match="ragged_dot"):
     config.load("configs/tiny.yaml", ["model.fp8.enabled=true", "model.fp8.block=16", "model.expert_gemm=ragged_dot"])
+
+
+def test_fp8_blocks_must_survive_the_tensor_split(tiny):
+  cfg = dataclasses.replace(tiny.model, fp8=dataclasses.replace(FP8, block=64))  # moe_inter_dim 64
+  sharding.validate_mesh(cfg, jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.AXES))
+  with pytest.raises(ConfigError, match="32 columns per device, not whole model.fp8.block=64"):
+    sharding.validate_mesh(cfg, jax.sharding.AbstractMesh((1, 1, 2, 2), sharding.AXES))
+
+
+def test_pallas_is_not_chosen_where_gspmd_would_replicate_it(monkeypatch):
+  """A pallas_call has no partitioning rule: under a multi-device mesh outside shard_map `auto` takes the
+  XLA formulation and an explicit 'pallas' is refused."""
+  from r1jax.nn import fp8
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert fp8.resolve_impl("auto") == "pallas"
+  with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
+    assert fp8.resolve_impl("auto") == "xla"
+    with pytest.raises(ValueError, match="would run replicated"):
+      fp8.resolve_impl("pallas")
+
+
+def test_a_dequantised_fp8_checkpoint_requantises_to_itself():
+  """Why import needs no keep_fp8: weights stored as e4m3 values times 128x128 block scales (DeepSeek's
+  checkpoints), dequantised to float32, quantise back to the same e4m3 values, and to the same scales up to
+  one fp32 rounding (448 * s * fl(1/448))."""
+  from r1jax.nn import fp8
+
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(256, 384)).astype(np.float32) * rng.uniform(0.01, 3, size=(2, 1, 3, 1)).repeat(128, 1).repeat(
+      128, 3).reshape(256, 384)
+  q, s = fp8.quantize_weight(jnp.asarray(w))  # a checkpoint as DeepSeek ships it
+  again_q, again_s = fp8.quantize_weight(fp8.dequantize_weight(q, s))
+  np.testing.assert_allclose(np.asarray(again_s), np.asarray(s), rtol=2.0**-22, atol=0)
+  np.testing.assert_array_equal(np.asarray(again_q, np.float32), np.asarray(q, np.float32))

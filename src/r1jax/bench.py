@@ -196,10 +196,12 @@ def train_batch(cfg: RunConfig, packed: int = 0) -> dict:
 
 
 def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 0) -> dict:
-  """The jitted SFT step (train.jit_sft_step, as `r1jax sft` runs it) on random tokens: compile time, the
+  """The jitted SFT step (train.jit_sft_step, as `r1jax sft` runs it) on random tokens, one sequence per row
+  (as `data.pack=false` gives; packed > 0 adds segment ids as packing does): compile time, the
   median of `steps` timed steps after `warmup`, tokens/s, model FLOPs/token (cost.py), MFU against a bf16
-  matmul peak measured in the same process, peak device memory, and XLA's memory analysis next to
-  `r1jax info`'s activation (+ gradient) estimate."""
+  matmul peak measured in the same process, peak device memory, XLA's memory analysis next to
+  `r1jax info`'s activation (+ gradient) estimate, and on an expert-parallel mesh the measured all-to-all
+  against its prediction (bench_all_to_all)."""
   from r1jax import cost, memory, train
 
   mesh = sharding.make_mesh(cfg.mesh)
@@ -218,6 +220,7 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
       if i >= warmup:
         times.append(time.perf_counter() - t0)
       losses.append(float(metrics["loss"]))
+    a2a = bench_all_to_all(cfg, mesh) if mesh.shape["expert"] > 1 else None
   analysis = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
   seconds = statistics.median(times)
@@ -227,7 +230,8 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   peak = matmul_peak_tflops() if platform == "gpu" else float("nan")
   sizes = sharding.axis_sizes(cfg.mesh, jax.device_count())
   # XLA's temporaries hold the gradients as well as the activations
-  estimate = (memory.activation_bytes(cfg.model, sizes, cfg.train.batch_size, cfg.train.seq_len)
+  fused = platform == "tpu" or (platform == "gpu" and not packed)  # what nn/attention.py's auto picks here
+  estimate = (memory.activation_bytes(cfg.model, sizes, cfg.train.batch_size, cfg.train.seq_len, fused)
               + memory.state_bytes(cfg, sizes)["grads"])
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
   return {
@@ -242,6 +246,7 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
       "xla_temp_gib": None if temp is None else temp / 2**30,
       "info_activations_plus_grads_gib": estimate / 2**30,
       "estimate_over_xla_temp": None if not temp else estimate / temp, "losses": losses,
+      "tokens_per_s_per_device": tokens / seconds / jax.device_count(), "all_to_all": a2a,
   }
 
 
@@ -268,4 +273,52 @@ def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
   except Exception as e:  # noqa: BLE001
     out["train_on"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
   out["fp8"] = dataclasses.asdict(on)
+  return out
+
+
+def _median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_all_to_all(cfg: RunConfig, mesh, repeats: int = 20, link_probe_bytes: int = 1 << 26) -> dict:
+  """The MoE exchange on `mesh`, measured apart from the layer: one all-to-all of a layer's [E, C, D]
+  dispatch buffer per device over the expert axes (expert_parallel's own exchange), timed; the link rate
+  from a large all-to-all; and memory.all_to_all's prediction of bytes and time at that rate."""
+  from jax.sharding import PartitionSpec as P
+
+  from r1jax import memory
+  from r1jax.nn import expert_parallel as ep
+
+  sizes = {a: int(mesh.shape[a]) for a in sharding.AXES}
+  B, L = cfg.train.batch_size, cfg.train.seq_len
+  predicted = memory.all_to_all(cfg.model, sizes, B, L, link_GBps=1.0)  # bytes; time rescaled below
+  n_ep = sizes["expert"]
+  E, D = cfg.model.n_routed_experts, cfg.model.dim
+  dt = jnp.dtype(cfg.model.dtype)
+  all_axes = tuple(a for a in sharding.AXES if sizes[a] > 1) or None
+  exp_axes = ep.Axes.from_rules().exp
+
+  def exchange_seconds(rows: int) -> float:
+    split = jax.sharding.NamedSharding(mesh, P(all_axes))
+    x = jax.jit(lambda: jnp.zeros((mesh.size * E, rows, D), dt), out_shardings=split)()  # made in place
+    fn = jax.jit(jax.shard_map(lambda b: ep._exchange(b, exp_axes), mesh=mesh, in_specs=P(all_axes),
+                               out_specs=P(all_axes)))
+    return _median_time(fn, x, repeats=repeats)
+
+  leaves = (n_ep - 1) / n_ep
+  layer_s = exchange_seconds(predicted["capacity"])
+  probe_rows = max(1, link_probe_bytes // (E * D * dt.itemsize))
+  link_GBps = E * probe_rows * D * dt.itemsize * leaves / exchange_seconds(probe_rows) / 1e9 if n_ep > 1 else None
+  n_ex = predicted["exchanges_per_layer"] * predicted["moe_layers"]
+  out = {"expert_axis": n_ep, "capacity": predicted["capacity"], "bytes_per_exchange": predicted["bytes_per_exchange"],
+         "bytes_per_step": predicted["bytes_per_step"], "measured_ms_per_exchange": 1e3 * layer_s,
+         "measured_ms_per_step": 1e3 * layer_s * n_ex, "measured_link_GBps": link_GBps}
+  if link_GBps:
+    out["predicted_ms_per_step"] = 1e3 * predicted["bytes_per_step"] / (link_GBps * 1e9)
   return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -191,6 +192,10 @@ def _bench(args) -> int:
   elif args.what == "fp8":
     result = bench.bench_fp8(cfg, args.steps or 10)
   elif args.what == "train":
+    if args.mesh:
+      from r1jax import memory
+
+      cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(**memory.parse_mesh(args.mesh)))
     result = bench.bench_train(cfg, args.steps or 10, packed=args.packed)
   else:
     from r1jax import loop
@@ -305,6 +310,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=None, help="timed steps (train: 10 after 2 warm-up; grpo: 4, the first "
                  "compiles)")
   p.add_argument("--packed", type=int, default=0, help="train: packed segments per row (0: one sequence per row)")
+  p.add_argument("--mesh", help="train: e.g. data=2,expert=4 (missing axes 1; default: the config's mesh)")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(fn=_bench)
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")

@@ -40,7 +40,8 @@ class FP8Config:
 
   def use(self, part: str) -> FP8Config | None:
     """This config where `part` runs in FP8, else None (the matmul stays in the compute dtype)."""
-    assert part in self.PARTS, part
+    if part not in self.PARTS:
+      raise ValueError(f"FP8Config.use({part!r}): parts are {self.PARTS}")
     return self if self.enabled and getattr(self, part) else None
 
   def validate(self, prefix: str = "model.fp8"):

@@ -2,7 +2,8 @@
 masking, packing with segment ids, per-process shards, and an iterator whose state checkpoints exactly.
 
 A row holds arrays over seq_len L: tokens, targets (the next token), loss_mask (target is a completion token
-or EOS), token_mask (real token), segment_ids (1..k per packed example, 0 padding), positions (per segment).
+or EOS), token_mask (real token), positions (per segment), and with packing segment_ids (1..k per packed
+example, 0 padding).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from r1jax.rl import tasks as rl_tasks
 from r1jax.rl.tasks import digit_answer
 
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask")  # per example, before padding/packing
-BATCH_KEYS = (*EXAMPLE_KEYS, "token_mask", "segment_ids", "positions")
+BATCH_KEYS = (*EXAMPLE_KEYS, "token_mask", "segment_ids", "positions")  # segment_ids: packed batches only
 _IN_PROCESS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # no threads: exact, simple state
 
 
@@ -158,13 +159,13 @@ def encode(tok, record: dict, seq_len: int) -> dict:
 
 
 def pad_row(example: dict, seq_len: int, pad_id: int) -> dict:
-  """One example per row: segment 1, positions 0..n-1, then padding (segment 0)."""
+  """One example per row: positions 0..n-1, then padding. No segment ids: a causal real token never sees the
+  padding after it, and without them attention can run fused (cuDNN; nn/attention.py)."""
   n = len(example["tokens"])
   row = {k: np.full(seq_len, pad_id if k != "loss_mask" else 0, np.int32) for k in EXAMPLE_KEYS}
   for k in EXAMPLE_KEYS:
     row[k][:n] = example[k]
   row["token_mask"] = (np.arange(seq_len) < n).astype(np.int32)
-  row["segment_ids"] = row["token_mask"].copy()
   row["positions"] = np.where(row["token_mask"], np.arange(seq_len, dtype=np.int32), 0).astype(np.int32)
   return row
 

@@ -61,9 +61,19 @@ def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
   return {"params": params, "grads": params, "optimizer": total(state.opt_state)}
 
 
-def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int) -> int:
-  """Per-device estimate of what the backward pass keeps, itemised per token and layer; fused attention keeps
-  its output and log-sum-exp only, so nothing grows with L^2. remat "dots" keeps the outputs of the dense
+def fused_attention(cfg: RunConfig, backend: str) -> bool:
+  """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
+  unpacked rows (packed batches carry segment ids, which cuDNN is not given)."""
+  impl = cfg.model.attention_impl
+  if backend == "tpu":
+    return impl in ("auto", "splash")
+  return backend == "gpu" and impl in ("auto", "cudnn") and not cfg.data.pack
+
+
+def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, fused: bool = True) -> int:
+  """Per-device estimate of what the backward pass keeps, itemised per token and layer. Fused attention keeps
+  its output and log-sum-exp only, so nothing grows with L^2; the XLA path (fused=False) adds fp32 scores
+  and probabilities, [H, L] per token. remat "dots" keeps the outputs of the dense
   projections (dots without batch dims) and each layer's input; "full" keeps layer inputs plus one layer
   being recomputed; "none" keeps every intermediate, the fp32 RMSNorm inputs and the expert buffers too.
   The head's logits live one chunk at a time (losses.head_logprobs)."""
@@ -79,6 +89,8 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
     # q and k concatenated per head, attention output, lse, fp32 norm inputs (block and latent norms)
     attn_rest = (H * (2 * cfg.qk_head_dim + cfg.v_head_dim) / t) * b + H / t * f32 + (2 * D + cfg.q_lora_rank
                                                                                       + cfg.kv_lora_rank) * f32
+  if not fused:
+    attn_rest += 2 * H / t * seq * f32
   shared = 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t
   dense_dots, moe_dots = (proj + 3 * cfg.inter_dim / t) * b, (proj + shared) * b + E * f32  # + router scores
   C = expert_parallel.capacity(max(1, int(tokens)), cfg)
@@ -131,10 +143,11 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
   mesh = sharding.abstract_mesh(sizes)
   sharding.validate_mesh(cfg.model, mesh, batch)
   mem = state_bytes(cfg, sizes)
-  mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq)
+  fused = fused_attention(cfg, jax.default_backend())
+  mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq, fused)
   mem["total"] = sum(mem.values())
   out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
-         "bytes_per_device": mem}
+         "bytes_per_device": mem, "fused_attention": fused}
   if cfg.model.n_moe_layers or cfg.model.n_mtp:
     out["all_to_all"] = all_to_all(cfg.model, sizes, batch, seq, link_GBps)
   return out

@@ -5,7 +5,11 @@ greedy; rows stop at EOS independently. The result holds what GRPO needs: tokens
 sampled tokens, the completion mask, and every fed token's experts (routing replay).
 
 Rows are right-padded: row b's prompt fills cache slots [0, n_b), its completion follows, and slot i holds
-position i. `greedy_full_forward` (full forward passes, no cache) is the reference tests compare against."""
+position i. `greedy_full_forward` (full forward passes, no cache) is the reference tests compare against.
+
+With model.fp8 on, decode steps run the same FP8 projections as training (weights quantised per step), but the
+absorbed MLA decode multiplies by wkv_b in the compute dtype, where training's decompression runs it in FP8:
+the learner recomputes log-probs, and GRPO's truncated importance sampling covers the gap."""
 
 from __future__ import annotations
 

@@ -79,8 +79,9 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, mesh=None, keep_fp8: bo
   model_dir = Path(model_dir)
   info = hf_config.from_hf(_raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
   if keep_fp8:
-    raise ConfigError("keep_fp8: keeping FP8 weights needs FP8 training, which r1jax does not have yet; "
-                      "import dequantises FP8 checkpoints to model.param_dtype")
+    raise ConfigError("keep_fp8: r1jax trains from master weights and quantises each GEMM (model.fp8), as "
+                      "DeepSeek's training does; import dequantises FP8 checkpoints to model.param_dtype, and with "
+                      "param_dtype float32 the FP8 forward re-creates the checkpoint's e4m3 values")
   ckpt = Checkpoint(model_dir)
   abstract = model.abstract(cfg)
   leaves = hf_weights.plan(cfg, abstract, info)

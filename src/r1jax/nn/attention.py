@@ -4,8 +4,11 @@ Implementations (ModelConfig.attention_impl): "xla" is the reference (fp32 score
 "cudnn" is cuDNN's fused flash attention on NVIDIA GPUs for causal rows (one sequence per row; right padding
 needs no segment ids: a causal real token never sees the padding after it); "splash" is Pallas splash attention
 on TPU (segment ids natively). Neither materialises a [B, L, L] mask. "auto" picks the fastest one that
-honours the call; an explicit choice that cannot honour it is a ConfigError. Packed rows on GPU take the xla
-path: cuDNN's packed layout (q/kv offsets) asked for 460 GiB at 8 x 2048 with room for L segments per row.
+honours the call; an explicit choice that cannot honour it is a ConfigError. Decoding over a cache (and the
+sampler's prefill into one) always takes the xla path, whatever the choice: it is the training setting. Packed
+rows on GPU take the xla path too: cuDNN's packed layout (q/kv offsets) asked for 460 GiB at 8 x 2048 with room
+for L segments per row. Splash is a pallas_call, which GSPMD cannot partition: on a mesh it runs per device
+under shard_map (batch and heads split as sharding.RULES says).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from r1jax import sharding
 from r1jax.config import ConfigError
 
 try:  # private in JAX 0.10/0.11; the public jax.nn.dot_product_attention needs equal q/k/v head dims
@@ -25,9 +29,10 @@ except ImportError:  # pragma: no cover
 
 
 class Mask(NamedTuple):
-  """Which keys a query sees. Training/prefill (q_start_B None, S == L): causal, and within segments when
-  `segment_ids_BxL` is given (packed rows; padding is a segment of its own). Decoding (q_start_B given):
-  query t of row b sits at position q_start_B[b] + t and sees the cache slots at or before it."""
+  """Which keys a query sees. Training (q_start_B None, S == L): causal, and within segments when
+  `segment_ids_BxL` is given (packed rows; padding is a segment of its own). Over a cache (q_start_B given:
+  the sampler's prefill and decode steps): query t of row b sits at position q_start_B[b] + t and sees the
+  cache slots at or before it."""
 
   segment_ids_BxL: jax.Array | None = None
   q_start_B: jax.Array | None = None
@@ -47,15 +52,16 @@ def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, 
 
 
 def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = False) -> str:
-  """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then xla."""
-  if impl == "xla":
-    return "xla"
-  candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",)}.get(impl)
+  """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then xla. Attention
+  over a cache is always xla (the choice is for training)."""
+  candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",), "xla": ()}.get(impl)
   if candidates is None:
     raise ConfigError(f"model.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
+  if impl == "xla" or decoding:
+    return "xla"
   reasons = []
   for name in candidates:
-    reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, decoding, packed)
+    reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, packed)
     if reason is None:
       return name
     reasons.append(f"{name}: {reason}")
@@ -65,11 +71,9 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = F
                     "use auto or xla")
 
 
-def _unsupported(name: str, q, v, decoding: bool, packed: bool) -> str | None:
+def _unsupported(name: str, q, v, packed: bool) -> str | None:
   """Why `name` cannot compute this call exactly, or None if it can."""
   backend = jax.default_backend()
-  if decoding:
-    return "decoding over a cache uses the xla path"
   if name == "cudnn":
     if backend != "gpu" or _cudnn is None:
       return f"needs an NVIDIA GPU with cuDNN (backend is {backend})"
@@ -122,13 +126,24 @@ def _splash_kernel(L: int, H: int, interpret: bool):
 
 
 def _splash_attend(q, k, v, scale: float, segment_ids_BxL, interpret: bool = False):
-  """Splash attention (TPU): causal block sparsity plus segment ids; kv heads repeated for GQA."""
+  """Splash attention (TPU): causal block sparsity plus segment ids; kv heads repeated for GQA. On a mesh it
+  runs per device under shard_map: a pallas_call has no partitioning rule, so GSPMD would replicate it."""
   B, L, H, _ = q.shape
-  sk, kernel = _splash_kernel(L, H, interpret)
   groups = H // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-  seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+  seg_BxL = jnp.zeros((B, L), jnp.int32) if segment_ids_BxL is None else segment_ids_BxL.astype(jnp.int32)
+  local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return local(q, k, v, seg_BxL)
+  qkv, seg = sharding.spec("batch", "seq", "act_heads", None), sharding.spec("batch", "seq")
+  return jax.shard_map(local, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=False)(q, k, v, seg_BxL)
+
+
+def _splash_local(q, k, v, seg_BxL, *, scale: float, interpret: bool):
+  B, L, H, _ = q.shape
+  sk, kernel = _splash_kernel(L, H, interpret)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, H, L, D]
   run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1))  # noqa: E731
-  o_BxHxLxDv = jax.vmap(run)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), seg)
+  o_BxHxLxDv = jax.vmap(run)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), seg_BxL)
   return heads_first(o_BxHxLxDv).astype(q.dtype)

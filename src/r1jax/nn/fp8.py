@@ -116,12 +116,24 @@ def scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dt
   return acc_MxN.astype(out_dtype)
 
 
+def _gspmd_partitioned() -> bool:
+  """Under a multi-device mesh outside shard_map GSPMD partitions the GEMM, and a pallas_call has no
+  partitioning rule: it would be replicated (every device running the whole GEMM)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1 and not mesh.manual_axes
+
+
 def resolve_impl(impl: Impl, interpret: bool = False) -> str:
-  """'auto' is the Pallas kernel on GPU and the XLA formulation elsewhere. 'pallas' where it cannot run is
-  an error, never a silent fallback."""
+  """'auto' is the Pallas kernel on GPU where operands are per device (one device, or inside the expert
+  shard_map) and the XLA formulation elsewhere (the same recipe; GSPMD partitions it). 'pallas' where it
+  cannot run is an error, never a silent fallback."""
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and fp8_kernel.IMPORT_ERROR is None else "xla"
+    gpu = jax.default_backend() == "gpu" and fp8_kernel.IMPORT_ERROR is None
+    return "pallas" if gpu and not _gspmd_partitioned() else "xla"
   if impl == "pallas":
+    if _gspmd_partitioned() and not interpret:
+      raise ValueError("fp8 impl 'pallas' under a multi-device mesh outside shard_map would run replicated "
+                       "(pallas_call has no partitioning rule): use impl='auto' or 'xla'")
     if fp8_kernel.IMPORT_ERROR is not None:
       raise ValueError(f"fp8 impl 'pallas' needs jax.experimental.pallas.triton: {fp8_kernel.IMPORT_ERROR}")
     if not interpret and jax.default_backend() != "gpu":
@@ -145,20 +157,10 @@ def _rows(scale_XbxYb, block: int):
   return jnp.repeat(scale_XbxYb, block, axis=0)
 
 
-def _pad_rows(x, block: int):
-  return jnp.pad(x, ((0, -x.shape[0] % block), (0, 0)))
-
-
-def _varying(x) -> frozenset:
-  """The manual mesh axes x varies over inside shard_map (empty outside); `.mat.varying` in JAX 0.10."""
-  t = jax.typeof(x)
-  return frozenset(getattr(t, "vma", None) or getattr(getattr(t, "mat", None), "varying", ()))
-
-
 def _sum_to(g, like):
   """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
   over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
-  extra = tuple(sorted(_varying(g) - _varying(like)))
+  extra = tuple(sorted(fp8_kernel.varying(g) - fp8_kernel.varying(like)))
   return jax.lax.psum(g, extra) if extra else g
 
 
@@ -187,8 +189,8 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
                     interpret)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2); zero rows pad the tokens to whole blocks and change no amax.
-  x_KxM = _pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
-  dy_NxM = _pad_rows(dy_MxN.astype(jnp.float32), block).T
+  x_KxM = fp8_kernel.pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
+  dy_NxM = fp8_kernel.pad_rows(dy_MxN.astype(jnp.float32), block).T
   xtq_KxM, xts_KxMb = quantize_act(x_KxM, block, pow2)
   dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
   dw_KxN = _gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block, w_KxN.dtype, impl, tiles, interpret)

@@ -61,12 +61,14 @@ def _tile(p, n_m: int, n_n: int, group_m: int):
   return first_m + (p % per_group) % size, (p % per_group) // size
 
 
-def _pad_rows(x, multiple: int):
+def pad_rows(x, multiple: int):
+  """Zero rows up to a multiple of `multiple` (zeros change no amax and add nothing to a product)."""
   pad = -x.shape[0] % multiple
   return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
 
 
-def _varying(x) -> frozenset:
+def varying(x) -> frozenset:
+  """The manual mesh axes x varies over inside shard_map (empty outside); `.mat.varying` in JAX 0.10."""
   t = jax.typeof(x)
   return frozenset(getattr(t, "vma", None) or getattr(getattr(t, "mat", None), "varying", ()))
 
@@ -74,15 +76,15 @@ def _varying(x) -> frozenset:
 def _same_varying(*xs):
   """Inside shard_map (check_vma) a pallas_call's operands and output must declare how they vary over the
   manual axes: a weight replicated over the batch axes is cast to vary like the activations."""
-  union = frozenset().union(*map(_varying, xs))
-  return [jax.lax.pcast(x, tuple(sorted(union - _varying(x))), to="varying") if union - _varying(x) else x
+  union = frozenset().union(*map(varying, xs))
+  return [jax.lax.pcast(x, tuple(sorted(union - varying(x))), to="varying") if union - varying(x) else x
           for x in xs]
 
 
 def _manual_type(x) -> dict:
   """The output's manual-axis type: that of the (cast) operands; nothing outside shard_map."""
   mat = getattr(jax.typeof(x), "mat", None)
-  return {"manual_axis_type": mat} if _varying(x) and mat is not None else {}
+  return {"manual_axis_type": mat} if varying(x) and mat is not None else {}
 
 
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
@@ -98,8 +100,8 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
   bm, bn = tiles.bm, tiles.bn
   if any(v < 16 or v & (v - 1) for v in (block, bm, bn)):
     raise ValueError(f"Triton tiles must be powers of two >= 16: block {block}, bm {bm}, bn {bn}")
-  a, b = _pad_rows(aq_MxK, bm), _pad_rows(bq_NxK, bn)
-  as_KbxM, bs_KbxN = _pad_rows(as_MxKb, bm).T, _pad_rows(bs_NxKb, bn).T
+  a, b = pad_rows(aq_MxK, bm), pad_rows(bq_NxK, bn)
+  as_KbxM, bs_KbxN = pad_rows(as_MxKb, bm).T, pad_rows(bs_NxKb, bn).T
   a, as_KbxM, b, bs_KbxN = _same_varying(a, as_KbxM, b, bs_KbxN)
   n_m, n_n = a.shape[0] // bm, b.shape[0] // bn
   ij = functools.partial(_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
