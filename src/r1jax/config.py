@@ -184,9 +184,6 @@ class ModelConfig:
       if self.fp8.use(part) and bad:
         _fail(k(f"fp8.{part}"), True, f"dims {bad} are not multiples of model.fp8.block={self.fp8.block}; "
               f"set model.fp8.{part}=false or another block")
-    if self.fp8.use("routed_experts") and self.expert_gemm == "ragged_dot":
-      _fail(k("fp8.routed_experts"), True, "model.expert_gemm=ragged_dot has no FP8 form (FP8 expert GEMMs are "
-            "the capacity-padded einsum): set model.expert_gemm=einsum or auto")
 
   def _validate_gqa(self, k):
     if self.head_dim <= 0 or self.head_dim % 2:

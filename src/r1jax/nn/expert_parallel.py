@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.config import FP8Config, ModelConfig
 from r1jax.nn import fp8 as fp8_lib
+from r1jax.nn import fp8_ragged
 from r1jax.sharding import mesh_axes
 
 
@@ -60,8 +61,12 @@ def plan(experts_TxK, n_experts: int, C: int, valid_T=None) -> Plan:
   return Plan(slot, token_EC, jnp.minimum(counts_E[:n_experts], C).astype(jnp.int32), dropped)
 
 
-def grouped_ffn(experts: dict, x_NxD, group_sizes_E):
-  """SwiGLU of each expert over its contiguous rows of x (rows sorted by expert), via ragged_dot."""
+def grouped_ffn(experts: dict, x_NxD, group_sizes_E, fp8: FP8Config | None = None):
+  """SwiGLU of each expert over its contiguous rows of x (rows sorted by expert), via ragged_dot, or as
+  block-scaled FP8 grouped GEMMs (fp8_ragged)."""
+  if fp8 is not None:
+    mm = lambda x, w: fp8_ragged.ragged_dot(x, w, group_sizes_E, fp8.block, fp8.pow2_scales)  # noqa: E731
+    return mm(jax.nn.silu(mm(x_NxD, experts["w_gate"])) * mm(x_NxD, experts["w_up"]), experts["w_down"])
   dt = x_NxD.dtype
   gate = jax.lax.ragged_dot(x_NxD, experts["w_gate"].astype(dt), group_sizes_E)
   up = jax.lax.ragged_dot(x_NxD, experts["w_up"].astype(dt), group_sizes_E)
@@ -80,13 +85,13 @@ def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None):
   return jnp.einsum("enf,efd->end", jax.nn.silu(gate) * up, experts["w_down"].astype(dt))
 
 
-def compact_ffn(experts: dict, x_ExNxD, valid_ExN):
+def compact_ffn(experts: dict, x_ExNxD, valid_ExN, fp8: FP8Config | None = None):
   """The padded rows' SwiGLU computed on valid rows only: pack them per expert, ragged_dot, unpack."""
   E, N, D = x_ExNxD.shape
   key = jnp.where(valid_ExN, jnp.arange(E, dtype=jnp.int32)[:, None], E).reshape(E * N)
   order = jnp.argsort(key, stable=True)  # valid rows grouped by expert first, padding last
   y_sorted = grouped_ffn(experts, jnp.take(x_ExNxD.reshape(E * N, D), order, axis=0),
-                         valid_ExN.sum(1).astype(jnp.int32))
+                         valid_ExN.sum(1).astype(jnp.int32), fp8)
   y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
   return jnp.where(valid_ExN.reshape(E * N, 1), y, 0).reshape(E, N, D)
 
@@ -96,8 +101,6 @@ def gemm_impl(cfg: ModelConfig) -> str:
   padded einsum (measured, JAX 0.11.2), and ran out of memory at V2-Lite sizes."""
   if cfg.expert_gemm != "auto":
     return cfg.expert_gemm
-  if cfg.fp8.use("routed_experts"):
-    return "einsum"  # the FP8 expert GEMM is the per-expert form (config refuses an explicit ragged_dot)
   return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
 
 
@@ -125,7 +128,7 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
   if gemm_impl(cfg) == "ragged_dot":
     kept_SxE = _exchange(pl.kept_E, exp_axes).reshape(n_ep, E_loc)
     valid = jnp.arange(C)[None, None, :] < kept_SxE.T[:, :, None]
-    y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C))
+    y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C), cfg.fp8.use("routed_experts"))
   else:
     y_ExNxD = padded_ffn(experts, x_ExNxD, cfg.fp8.use("routed_experts"))
   back = y_ExNxD.reshape(E_loc, n_ep, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
