@@ -15,8 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
-from r1jax.nn import attention, block, layers, moe, mtp, rope
+from r1jax.config import ConfigError, ModelConfig
+from r1jax.nn import attention, block, fp8_weights, layers, moe, mtp, rope
 from r1jax.sharding import constrain
 
 
@@ -76,6 +76,7 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   returns the normed states only (losses.head_logprobs runs the head on them chunk by chunk)."""
   chex.assert_rank(tokens_BxL, 2)
   chex.assert_type(tokens_BxL, int)
+  check_fp8_params(params, cfg)
   B, L = tokens_BxL.shape
   if positions_BxL is None:
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -157,6 +158,7 @@ def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, tok
   anything: they are overwritten before they become visible. `token_mask` marks rows' real tokens (router
   statistics and expert capacity count only those)."""
   chex.assert_rank(tokens_BxT, 2)
+  check_fp8_params(params, cfg)
   ctx = decode_context(write_B, tokens_BxT.shape[1], cfg, token_mask_BxT)
   x_BxTxD = _embed_fn(params, cfg)(constrain(tokens_BxT, "batch", "seq"))
   router, new_cache = {}, dict(cache)
@@ -225,8 +227,13 @@ def trainable_mask(params: dict) -> dict:
 _PARTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "head")
 
 
+def _keys(path) -> list:
+  """Plain keys of a jax key path (or of a tuple of keys)."""
+  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
+
+
 def _part(path) -> str:
-  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  keys = _keys(path)
   if keys[0] == "embed":
     return "embedding"
   if keys[0] == "head":
@@ -236,6 +243,27 @@ def _part(path) -> str:
     if key in keys:
       return part
   return "dense_mlp" if "ffn" in keys else "norms"
+
+
+def fp8_part(path) -> str | None:
+  """The FP8Config part whose matmuls use this parameter (a key path or a tuple of keys); None for the
+  embedding, head, router and norms, which stay high precision."""
+  keys = _keys(path)
+  if keys[:2] == ["mtp", "proj"]:
+    return "mtp_proj"
+  part = _part(path)
+  return part if part in ("attention", "dense_mlp", "routed_experts", "shared_experts") else None
+
+
+def check_fp8_params(params: dict, cfg: ModelConfig):
+  """keep_fp8 weights (QuantizedWeight) run only in FP8 GEMMs: a one-line error naming the first one whose part
+  model.fp8 leaves in high precision."""
+  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8_weights.is_quantized)[0]:
+    part = fp8_part(path)
+    if fp8_weights.is_quantized(x) and (part is None or cfg.fp8.use(part) is None):
+      fix = f"set model.fp8.enabled=true and model.fp8.{part}=true" if part else "import it without keep_fp8"
+      raise ConfigError(f"parameter {'/'.join(map(str, _keys(path)))} is a keep_fp8 e4m3 weight but model.fp8 runs "
+                        f"its matmul in high precision: {fix}")
 
 
 def param_count(cfg: ModelConfig) -> dict:

@@ -11,6 +11,7 @@ import optax
 
 from r1jax import losses, model, sharding
 from r1jax.config import ModelConfig, OptimConfig, RunConfig
+from r1jax.nn import fp8_weights
 
 
 @flax.struct.dataclass
@@ -151,6 +152,7 @@ def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict)
   """The optimizer update, then the aux-loss-free router-bias update from the observed load. A non-finite
   loss or gradient norm leaves params, optimizer state and biases untouched and is counted (bad_steps in a
   row, skipped_steps in all). The step counter is the caller's."""
+  fp8_weights.refuse_training(state.params)  # every step kind (SFT, GRPO) ends here: refused while tracing
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if router:

@@ -25,7 +25,7 @@ from r1jax.config import ConfigError, MeshConfig, ModelConfig, RunConfig
 from r1jax.interop import hf_config, hf_weights
 from r1jax.interop.hf_weights import CheckpointError
 from r1jax.interop.safetensors_io import Checkpoint, ShardWriter
-from r1jax.nn import layers
+from r1jax.nn import fp8_weights, layers
 
 log = logging.getLogger(__name__)
 
@@ -74,28 +74,66 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, mesh=None, keep_fp8: bo
   """Parameters of `cfg` from the checkpoint, each array assembled straight into its target sharding.
 
   Every device reads only its own slice (tensor by tensor from memory-mapped shards, FP8 dequantised on the
-  fly), so host memory stays near one HF tensor plus the slices being placed.
+  fly), so host memory stays near one HF tensor plus the slices being placed. `keep_fp8` (inference only)
+  keeps the e4m3 weights of the matmuls model.fp8 runs in FP8 as fp8_weights.QuantizedWeight.
   """
   model_dir = Path(model_dir)
   info = hf_config.from_hf(_raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
-  if keep_fp8:
-    raise ConfigError("keep_fp8: r1jax trains from master weights and quantises each GEMM (model.fp8), as "
-                      "DeepSeek's training does; import dequantises FP8 checkpoints to model.param_dtype, and with "
-                      "param_dtype float32 the FP8 forward re-creates the checkpoint's e4m3 values")
+  if keep_fp8 and not cfg.fp8.enabled:
+    raise ConfigError("keep_fp8 needs model.fp8.enabled=true (kept e4m3 weights run only in FP8 GEMMs): set it, "
+                      "or import without keep_fp8 to dequantise to model.param_dtype")
   ckpt = Checkpoint(model_dir)
   abstract = model.abstract(cfg)
   leaves = hf_weights.plan(cfg, abstract, info)
   not_read = hf_weights.check(ckpt, leaves, cfg, info)
-  if info.fp8_block:
+  kept = _kept_fp8(ckpt, leaves, cfg, info) if keep_fp8 else [False] * len(leaves)
+  if info.fp8_block and not keep_fp8:
     log.info("dequantising FP8 weights (%dx%d blocks) to %s", *info.fp8_block, cfg.param_dtype)
   mesh = mesh if mesh is not None else _single_device_mesh()
-  flat_shardings = jax.tree.leaves(layers.shardings(abstract, mesh))
-  arrays = [jax.make_array_from_callback(leaf.shape, s, hf_weights.reader(ckpt, leaf, info))
-            for leaf, s in zip(leaves, flat_shardings)]
+  boxed = jax.tree.leaves(abstract, is_leaf=layers.is_param)
+  arrays = [_place(ckpt, leaf, p, keep, cfg.fp8.block, mesh, info) for leaf, p, keep in zip(leaves, boxed, kept)]
   params = jax.tree.unflatten(jax.tree.structure(abstract, is_leaf=layers.is_param), arrays)
   if "lm_head.weight" in not_read:
     _check_tied_head(ckpt, info)
   return params
+
+
+def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], cfg: ModelConfig, info) -> list[bool]:
+  """Which leaves keep_fp8 keeps: FP8 in the checkpoint, FP8 in model.fp8, tiles that are r1jax's tiles. The
+  others are dequantised, listed in one log line."""
+  kept, dequantised = [], []
+  for leaf in leaves:
+    if not hf_weights.is_fp8(ckpt, leaf):
+      kept.append(False)
+      continue
+    part = model.fp8_part(leaf.path)
+    why = ("it stays high precision" if part is None else f"model.fp8.{part} is off" if not cfg.fp8.use(part)
+           else hf_weights.fp8_misfit(leaf, info, cfg.fp8.block))
+    kept.append(why is None)
+    if why:
+      dequantised.append(f"{'/'.join(leaf.path)} ({why})")
+  if info.fp8_block is None:
+    log.warning("keep_fp8: the checkpoint holds no FP8 weights; nothing kept")
+  elif not any(kept):
+    log.warning("keep_fp8: no FP8 weight fits model.fp8; nothing kept")
+  else:
+    log.info("keep_fp8: keeping %d weights as e4m3 with %dx%d block scales", sum(kept), *info.fp8_block)
+  if dequantised:
+    log.info("keep_fp8: dequantising %s", "; ".join(dequantised))
+  return kept
+
+
+def _place(ckpt, leaf: hf_weights.Leaf, p: layers.Param, keep: bool, block: int, mesh, info):
+  """One parameter read straight into its sharding: an array, or a QuantizedWeight of two for a kept leaf."""
+  if not keep:
+    s = layers.shardings(p, mesh)
+    return jax.make_array_from_callback(leaf.shape, s, hf_weights.reader(ckpt, leaf, info))
+  s = layers.shardings(layers.Param(fp8_weights.abstract(leaf.shape, block), p.names), mesh)
+  q_leaf, scale_leaf = hf_weights.fp8_leaves(leaf, block)
+  q = hf_weights.reader(ckpt, q_leaf, info, hf_weights.e4m3_tensor(ckpt, leaf))
+  scale = hf_weights.reader(ckpt, scale_leaf, info, hf_weights.scale_tensor(ckpt, scale_leaf))
+  return fp8_weights.QuantizedWeight(jax.make_array_from_callback(q_leaf.shape, s.q_KxN, q),
+                                     jax.make_array_from_callback(scale_leaf.shape, s.scale_KbxNb, scale))
 
 
 def _check_tied_head(ckpt, info):
@@ -215,6 +253,9 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
   Host memory stays near one HF tensor plus the shard being filled; in multi-process runs every process must
   call this, and process 0 writes.
   """
+  if (kept := fp8_weights.first_quantized(params)) is not None:
+    raise ConfigError(f"export_hf: parameter {kept} is a keep_fp8 e4m3 weight; export params imported without "
+                      "keep_fp8")
   arch = arch or hf_config.default_arch(cfg)
   dtype = dtype or cfg.param_dtype
   if dtype not in _DTYPES:

@@ -239,8 +239,10 @@ def check(ckpt, leaves: list[Leaf], cfg: ModelConfig, info: HFInfo) -> set[str]:
   return not_read
 
 
-def reader(ckpt, leaf: Leaf, info: HFInfo):
-  """Callback for jax.make_array_from_callback: the r1jax slice `index` of `leaf`, read tensor by tensor."""
+def reader(ckpt, leaf: Leaf, info: HFInfo, tensor=None):
+  """Callback for jax.make_array_from_callback: the r1jax slice `index` of `leaf`, read tensor by tensor;
+  `tensor(name)` is one HF tensor in r1jax's layout (default: float32, FP8 dequantised)."""
+  tensor = tensor or (lambda name: to_r1jax(leaf, read_tensor(ckpt, name, info)))
   cache = {}
 
   def read(index) -> np.ndarray:
@@ -261,10 +263,61 @@ def reader(ckpt, leaf: Leaf, info: HFInfo):
         if leaf.template is None:
           piece = np.zeros(leaf.piece_shape, np.float32)
         else:
-          piece = to_r1jax(leaf, read_tensor(ckpt, leaf.name(layer, e), info))
+          piece = tensor(leaf.name(layer, e))
         pieces.append(piece[inner].astype(leaf.dtype))
     out_shape = [len(layer_ids)] * (leaf.layers is not None) + [len(expert_ids)] * (leaf.n_experts is not None)
     cache[key] = np.stack(pieces).reshape(*out_shape, *pieces[0].shape)
     return cache[key]
 
+  return read
+
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def is_fp8(ckpt, leaf: Leaf) -> bool:
+  """Every HF tensor of `leaf` is stored as e4m3 (header only; nothing is read)."""
+  return leaf.template is not None and all(ckpt.dtype(leaf.name(*i)) == "F8_E4M3" for i in leaf.indices())
+
+
+def fp8_misfit(leaf: Leaf, info: HFInfo, block: int) -> str | None:
+  """Why the checkpoint's e4m3 tiles of `leaf` cannot serve as r1jax's block x block weight tiles, or None."""
+  if info.fp8_block is None:
+    return "config.json has no quantization_config"
+  if info.fp8_block != (block, block):
+    return f"checkpoint blocks {info.fp8_block[0]}x{info.fp8_block[1]} differ from model.fp8.block={block}"
+  if not leaf.matrix or any(d % block for d in leaf.piece_shape):
+    return f"dims {list(leaf.piece_shape)} are not whole {block}x{block} blocks"
+  cols = leaf.rope_cols
+  if cols is not None and np.any(cols // block != np.arange(len(cols)) // block):
+    return "its RoPE column permutation crosses blocks"
+  return None
+
+
+def fp8_leaves(leaf: Leaf, block: int) -> tuple[Leaf, Leaf]:
+  """A kept FP8 leaf as two: its e4m3 values and its fp32 block scales [..., K / block, N / block]."""
+  lead, (K, N) = leaf.shape[:leaf.n_lead], leaf.piece_shape
+  return (dataclasses.replace(leaf, dtype=E4M3),
+          dataclasses.replace(leaf, shape=(*lead, K // block, N // block), dtype=np.dtype(np.float32), rope_cols=None))
+
+
+def e4m3_tensor(ckpt, leaf: Leaf):
+  """`reader`'s tensor(name) for the e4m3 values of a kept leaf: the checkpoint's bytes in r1jax's layout."""
+  def read(name: str) -> np.ndarray:
+    t = ckpt.get(name)
+    if t.dtype != E4M3:
+      raise CheckpointError(f"tensor {name} is {ckpt.dtype(name)}, not F8_E4M3 like the other tensors of its layers")
+    return to_r1jax(leaf, t)
+  return read
+
+
+def scale_tensor(ckpt, scale_leaf: Leaf):
+  """`reader`'s tensor(name) for the block scales of a kept leaf: `weight_scale_inv` [out/b, in/b], transposed."""
+  def read(name: str) -> np.ndarray:
+    scale, want = scale_name(name), scale_leaf.piece_shape[::-1]
+    if scale not in ckpt:
+      raise CheckpointError(f"tensor {name} is FP8 but has no {scale}")
+    if ckpt.shape(scale) != want:
+      raise CheckpointError(f"tensor {scale}: shape {list(ckpt.shape(scale))}, expected {list(want)}")
+    return ckpt.get(scale).astype(np.float32).T
   return read

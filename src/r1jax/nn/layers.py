@@ -10,13 +10,14 @@ import jax.numpy as jnp
 from r1jax import sharding
 from r1jax.config import FP8Config
 from r1jax.nn import fp8 as _fp8
+from r1jax.nn import fp8_weights
 
 
 @dataclasses.dataclass(frozen=True)
 class Param:
   """A weight and the logical names of its dimensions (static), as created by an init function."""
 
-  value: jax.Array
+  value: jax.Array  # or a fp8_weights.QuantizedWeight (a keep_fp8 import), named like the weight it stands for
   names: tuple[str | None, ...]
 
 
@@ -60,8 +61,12 @@ def unbox(tree):
 
 
 def shardings(tree, mesh):
-  """NamedShardings for a tree of Params (abstract or concrete), via sharding.RULES."""
-  return jax.tree.map(lambda p: sharding.named(mesh, p.names), tree, is_leaf=is_param)
+  """NamedShardings for a tree of Params (abstract or concrete), via sharding.RULES; a QuantizedWeight gets
+  one for its e4m3 values and one for its scales (fp8_weights.shardings)."""
+  def one(p):
+    s = sharding.named(mesh, p.names)
+    return fp8_weights.shardings(s, p.value) if fp8_weights.is_quantized(p.value) else s
+  return jax.tree.map(one, tree, is_leaf=is_param)
 
 
 def rms_norm(x, w, eps: float):
@@ -73,7 +78,13 @@ def rms_norm(x, w, eps: float):
 
 def dense(x, w, fp8: FP8Config | None = None):
   """x[..., K] @ w[K, N] in x's dtype: the one entry point for projections. With an FP8Config (see
-  FP8Config.use), DeepSeek's block-scaled FP8 GEMM in both passes (nn/fp8.py)."""
+  FP8Config.use), DeepSeek's block-scaled FP8 GEMM in both passes (nn/fp8.py); a keep_fp8 weight (a
+  QuantizedWeight) runs the forward GEMM from its stored e4m3 values (nn/fp8_weights.py)."""
+  if fp8_weights.is_quantized(w):
+    if fp8 is None:
+      raise ValueError(f"layers.dense: a keep_fp8 e4m3 weight {list(w.shape)} reached a matmul that model.fp8 runs "
+                       "in high precision: enable FP8 for its part or import without keep_fp8")
+    return fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)
   if fp8 is not None:
     return _fp8.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)
   return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import attention, layers, rope
+from r1jax.nn import attention, fp8_weights, layers, rope
 from r1jax.sharding import constrain
 
 
@@ -89,7 +89,7 @@ def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, 
   q_nope, q_pe = _queries(p, x_BxTxD, cos, sin, cfg)
   ckv_BxTxR, k_pe_BxTxDr = _latents(p, x_BxTxD, cos, sin, cfg)
   latent_BxSxRr = layers.write_rows(cache["latent"], jnp.concatenate([ckv_BxTxR, k_pe_BxTxDr], -1), write_B)
-  wkv_b_RxHxDnv = p["wkv_b"].astype(x_BxTxD.dtype).reshape(R, H, Dn + Dv)
+  wkv_b_RxHxDnv = fp8_weights.cast(p["wkv_b"], x_BxTxD.dtype).reshape(R, H, Dn + Dv)  # high precision (keep_fp8 too)
   w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
   q_lat_BxTxHxR = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk_RxHxDn)
   q_BxTxHxRr = jnp.concatenate([q_lat_BxTxHxR, q_pe], -1)
