@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from r1jax.nn import fp8
-from r1jax.nn.fp8_kernel import Tiles
+from r1jax.nn.fp8_triton import Tiles
 
 F8 = ml_dtypes.float8_e4m3fn
 SMALL = Tiles(bm=32, bn=64, num_warps=4, num_stages=2, group_m=2)  # interpreter-sized kernel tiles
@@ -195,26 +195,26 @@ def test_backward_gemms_follow_the_recipe_exactly():
 
 @pytest.mark.parametrize("M,K,N,block,tiles", [(64, 256, 256, 128, SMALL),
                                                (50, 96, 96, 32, Tiles(16, 32, 4, 2, group_m=2))])
-def test_pallas_kernel_interpreted_equals_xla(M, K, N, block, tiles):
+def test_triton_kernel_interpreted_equals_xla(M, K, N, block, tiles):
   """Same products and scales, different fp32 summation order: 1e-5. The second case pads rows to the
   tile (50 -> 64), and its 4 x 3 tile grid ends in a partial group of row tiles."""
   x, w, dy = (jnp.asarray(t) for t in operands(M, K, N, seed=8))
   xla = lambda x, w: fp8.dot(x, w, block=block)  # noqa: E731
-  pallas = lambda x, w: fp8.dot(x, w, block=block, impl="pallas", tiles=tiles, interpret=True)  # noqa: E731
+  pallas = lambda x, w: fp8.dot(x, w, block=block, impl="triton", tiles=tiles, interpret=True)  # noqa: E731
   y_x, y_p = np.asarray(jax.jit(xla)(x, w)), np.asarray(jax.jit(pallas)(x, w))
   np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-5 * np.abs(y_x).max())
   for g_p, g_x in zip(_grads(pallas, x, w, dy), _grads(xla, x, w, dy)):
     np.testing.assert_allclose(np.asarray(g_p), np.asarray(g_x), rtol=1e-5, atol=1e-5 * np.abs(g_x).max())
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "triton"])
 def test_batched_dot_is_per_expert_dot(impl):
   E, C, K, N = 3, 24, 64, 96
   rng = np.random.default_rng(9)
   x = jnp.asarray(rng.standard_normal((E, C, K)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((E, K, N)) * np.array([1e-2, 1.0, 30.0])[:, None, None], jnp.float32)
   dy = jnp.asarray(rng.standard_normal((E, C, N)), jnp.float32)
-  kw = {"block": 32, "impl": impl, "tiles": SMALL, "interpret": impl == "pallas"}
+  kw = {"block": 32, "impl": impl, "tiles": SMALL, "interpret": impl == "triton"}
   y = jax.jit(lambda x, w: fp8.batched_dot(x, w, **kw))(x, w)
   one = jax.jit(lambda x, w: fp8.dot(x, w, **kw))
   y_ref = jnp.stack([one(x[e], w[e]) for e in range(E)])
@@ -258,9 +258,13 @@ def test_shapes_not_divisible_by_block_raise():
 
 def test_impl_choice_never_falls_back_silently():
   x, w = jnp.ones((8, 128)), jnp.ones((128, 128))
-  assert fp8.resolve_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
   if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match="GPU"):
-      fp8.dot(x, w, impl="pallas")
-  with pytest.raises(ValueError, match="'xla', 'pallas' or 'auto'"):
+    assert fp8.resolve_impl("auto") == "xla"
+    for impl in ("triton", "mosaic_gpu"):
+      with pytest.raises(ValueError, match="GPU kernel"):
+        fp8.dot(x, w, impl=impl)
+  if jax.default_backend() != "tpu":
+    with pytest.raises(ValueError, match="TPU kernel"):
+      fp8.dot(x, w, impl="mosaic_tpu")
+  with pytest.raises(ValueError, match="'auto', 'xla', 'mosaic_gpu', 'triton', 'mosaic_tpu'"):
     fp8.dot(x, w, impl="cublas")

@@ -96,17 +96,19 @@ def test_fp8_blocks_must_survive_the_tensor_split(tiny):
     sharding.validate_mesh(cfg, jax.sharding.AbstractMesh((1, 1, 2, 2), sharding.AXES))
 
 
-def test_pallas_is_not_chosen_where_gspmd_would_replicate_it(monkeypatch):
+def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):
   """A pallas_call has no partitioning rule: under a multi-device mesh outside shard_map `auto` takes the
-  XLA formulation and an explicit 'pallas' is refused."""
+  XLA formulation and an explicit kernel is refused. On one GPU: Mosaic GPU on Hopper, else Triton."""
   from r1jax.nn import fp8
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert fp8.resolve_impl("auto") == "pallas"
-  with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
-    assert fp8.resolve_impl("auto") == "xla"
-    with pytest.raises(ValueError, match="would run replicated"):
-      fp8.resolve_impl("pallas")
+  for hopper, kernel in ((True, "mosaic_gpu"), (False, "triton")):
+    monkeypatch.setattr(fp8, "_hopper", lambda hopper=hopper: hopper)
+    assert fp8.resolve_impl("auto") == kernel
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
+      assert fp8.resolve_impl("auto") == "xla"
+      with pytest.raises(ValueError, match="would run replicated"):
+        fp8.resolve_impl(kernel)
 
 
 def test_a_dequantised_fp8_checkpoint_requantises_to_itself():

@@ -29,7 +29,8 @@ class FP8Config:
   enabled: bool = False
   block: int = 128  # 1 x block activation tiles and block x block weight tiles (128 in V3; smaller for tiny tests)
   pow2_scales: bool = False  # scales rounded up to powers of two
-  impl: Literal["auto", "xla", "pallas"] = "auto"  # auto: the Pallas kernel on GPU, the XLA formulation elsewhere
+  # auto: Mosaic GPU kernel on Hopper, Triton on other GPUs, XLA elsewhere (fp8.resolve_impl)
+  impl: Literal["auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu"] = "auto"
   attention: bool = True  # MLA/GQA projections
   dense_mlp: bool = True
   shared_experts: bool = True

@@ -1,5 +1,5 @@
 """FP8 GEMM benchmarks at the DeepSeek-V3 671B projection shapes (4096 tokens): bf16 `jnp.dot` against
-the block-scaled fp8 GEMM (XLA formulation, Pallas kernel), forward and forward+backward, with errors
+the block-scaled fp8 GEMM (XLA formulation, Pallas kernels), forward and forward+backward, with errors
 against an fp32 product of the original operands. Plain functions returning JSON-able dicts."""
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.nn import fp8, fp8_kernel
-from r1jax.nn.fp8_kernel import Tiles
+from r1jax.nn import fp8, fp8_mosaic_gpu, fp8_triton
 
 # (M tokens, K, N): expert gate/up, expert down, MLA q down-projection, dense-layer up (V3 671B preset)
 V3_SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 1536), (4096, 7168, 18432))
-TUNE_CANDIDATES = (Tiles(64, 128, 4, 4), Tiles(64, 256, 8, 3), Tiles(128, 128, 8, 4), Tiles(128, 128, 4, 3),
-                   Tiles(128, 256, 8, 3), Tiles(64, 128, 4, 4, group_m=1))
+GPU_IMPLS = ("xla", "triton", "mosaic_gpu")
+_T, _M = fp8_triton.Tiles, fp8_mosaic_gpu.Tiles
+TUNE_CANDIDATES = {
+    "triton": (_T(64, 128, 4, 4), _T(64, 256, 8, 3), _T(128, 128, 8, 4), _T(128, 128, 4, 3), _T(128, 256, 8, 3),
+               _T(64, 128, 4, 4, group_m=1)),
+    "mosaic_gpu": (_M(64, 128, 4, 8), _M(64, 128, 5, 8), _M(64, 128, 5, 4), _M(64, 160, 4, 8), _M(64, 192, 4, 8),
+                   _M(64, 192, 4, 4), _M(64, 96, 6, 8)),
+}
 
 
 def _median_s(fn, *args, repeats: int, warmup: int = 2) -> float:
@@ -58,7 +63,7 @@ def _fp32_products(x, w, dy, reference: str):
   return mm(x32, w32), mm(dy32, w32.T), mm(x32.T, dy32)
 
 
-def _fns(impl: str, tiles: Tiles | None):
+def _fns(impl: str, tiles=None):
   """(forward, forward+backward) jitted for one implementation; fwd+bwd returns y, dx and dw."""
   if impl == "bf16":
     f = lambda x, w: jnp.dot(x, w)  # noqa: E731
@@ -72,8 +77,8 @@ def _fns(impl: str, tiles: Tiles | None):
   return jax.jit(f), jax.jit(fwd_bwd)
 
 
-def bench_gemms(shapes=V3_SHAPES, impls=("xla", "pallas"), repeats: int = 10, dtype=jnp.bfloat16,
-                tiles: Tiles | None = None, backward: bool = True,
+def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.bfloat16, tiles: dict | None = None,
+                backward: bool = True,
                 reference: Literal["device", "numpy"] = "device") -> dict:
   """Per shape: bf16 and each fp8 impl's forward (and fwd+bwd) median ms, TFLOP/s (2MKN forward, 6MKN
   fwd+bwd), speed relative to bf16 in the same call, and relative Frobenius errors of y (and dx, dw)."""
@@ -86,7 +91,7 @@ def bench_gemms(shapes=V3_SHAPES, impls=("xla", "pallas"), repeats: int = 10, dt
     for impl in ("bf16", *[i for i in impls if i != "bf16"]):
       row = {"shape": list(shape), "impl": impl}
       try:
-        fwd, fwd_bwd = _fns(impl, tiles)
+        fwd, fwd_bwd = _fns(impl, (tiles or {}).get(impl))
         t = _median_s(fwd, x, w, repeats=repeats)
         row.update(fwd_ms=1e3 * t, fwd_tflops=2 * M * K * N / t / 1e12, rel_err=_rel_err(fwd(x, w), ref_y))
         if backward:
@@ -104,12 +109,15 @@ def bench_gemms(shapes=V3_SHAPES, impls=("xla", "pallas"), repeats: int = 10, dt
       rows.append(row)
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "repeats": repeats,
-          "tiles": (tiles or Tiles())._asdict(), "reference": reference, "results": rows}
+          "tiles": {i: (t or fp8.KERNELS[i].Tiles())._asdict() for i in impls if i in fp8.KERNELS
+                    for t in [(tiles or {}).get(i)]},
+          "reference": reference, "results": rows}
 
 
-def tune(shape=V3_SHAPES[0], candidates=TUNE_CANDIDATES, repeats: int = 10, block: int = 128) -> list[dict]:
-  """The Pallas kernel alone (operands quantised beforehand) per tile config, fastest first; a config
-  that fails to compile (e.g. shared memory) is listed with its error."""
+def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats: int = 10,
+         block: int = 128) -> list[dict]:
+  """One kernel alone (operands quantised beforehand) per tile config, fastest first; a config that fails
+  to compile (e.g. shared memory) is listed with its error."""
   M, K, N = shape
   x, w, _ = _operands(shape, jnp.bfloat16)
   xq, xs = fp8.quantize_act(x, block)
@@ -117,10 +125,10 @@ def tune(shape=V3_SHAPES[0], candidates=TUNE_CANDIDATES, repeats: int = 10, bloc
   wtq, wts = wq.T, jnp.repeat(ws.T, block, axis=0)
   ref = fp8.scaled_matmul_nt_xla(xq, xs, wtq, wts, block=block, out_dtype=jnp.float32)
   rows = []
-  for tiles in candidates:
+  for tiles in candidates or TUNE_CANDIDATES[impl]:
     row = dict(tiles._asdict())
     try:
-      f = jax.jit(functools.partial(fp8_kernel.scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
+      f = jax.jit(functools.partial(fp8.KERNELS[impl].scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
                                     tiles=tiles))
       t = _median_s(f, xq, xs, wtq, wts, repeats=repeats)
       row.update(ms=1e3 * t, tflops=2 * M * K * N / t / 1e12, rel_diff_vs_xla=_rel_err(f(xq, xs, wtq, wts), ref))

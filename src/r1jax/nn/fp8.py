@@ -4,7 +4,8 @@ fp32 accumulation promoted every `block`-deep K step; dgrad and wgrad as the sam
 
 x ~= q * scale: quantising divides by the scale, dequantising multiplies. Every GEMM here is one
 primitive, a @ b^T with per-row per-K-block scales on both operands (weight block scales are repeated
-over their block's rows): `scaled_matmul_nt_xla` (reference, any backend) or the Pallas kernel."""
+over their block's rows): `scaled_matmul_nt_xla` (reference, any backend) or a Pallas kernel: Mosaic GPU
+(Hopper wgmma, fp8_mosaic_gpu), Triton (any CUDA GPU, fp8_triton) or Mosaic TPU (fp8_mosaic_tpu)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn import fp8_kernel
-from r1jax.nn.fp8_kernel import Tiles
+from r1jax.nn import fp8_mosaic_gpu, fp8_mosaic_tpu, fp8_triton, kernel_util
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4  # DeepSeek's floor, so an all-zero tile gets a finite scale (inference/kernel.py)
 PARTIAL_BYTES = 1 << 30  # the XLA path's fp32 partial products [c, M, N] for c K blocks at a time
-Impl = Literal["xla", "pallas", "auto"]
+Impl = Literal["auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu"]
+KERNELS = {"mosaic_gpu": fp8_mosaic_gpu, "triton": fp8_triton, "mosaic_tpu": fp8_mosaic_tpu}
+_KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 
-__all__ = ["E4M3", "Tiles", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "quantize_act",
-           "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla"]
+__all__ = ["E4M3", "KERNELS", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "gemm_nt",
+           "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla"]
 
 
 def _scale(amax, pow2: bool):
@@ -123,33 +125,50 @@ def _gspmd_partitioned() -> bool:
   return not mesh.empty and mesh.size > 1 and not mesh.manual_axes
 
 
+def _hopper() -> bool:
+  """Compute capability 9.x: wgmma, which the Mosaic GPU kernel is written for."""
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
 def resolve_impl(impl: Impl, interpret: bool = False) -> str:
-  """'auto' is the Pallas kernel on GPU where operands are per device (one device, or inside the expert
-  shard_map) and the XLA formulation elsewhere (the same recipe; GSPMD partitions it). 'pallas' where it
-  cannot run is an error, never a silent fallback."""
+  """'auto' is a kernel where operands are per device (one device, or inside the expert shard_map) on GPU:
+  Mosaic GPU on Hopper (measured fastest), Triton on other GPUs; the XLA formulation elsewhere (the same
+  recipe; GSPMD partitions it; the Mosaic TPU kernel is compiled but not yet measured, so it is opt-in).
+  A kernel where it cannot run is an error, never a silent fallback."""
   if impl == "auto":
-    gpu = jax.default_backend() == "gpu" and fp8_kernel.IMPORT_ERROR is None
-    return "pallas" if gpu and not _gspmd_partitioned() else "xla"
-  if impl == "pallas":
-    if _gspmd_partitioned() and not interpret:
-      raise ValueError("fp8 impl 'pallas' under a multi-device mesh outside shard_map would run replicated "
-                       "(pallas_call has no partitioning rule): use impl='auto' or 'xla'")
-    if fp8_kernel.IMPORT_ERROR is not None:
-      raise ValueError(f"fp8 impl 'pallas' needs jax.experimental.pallas.triton: {fp8_kernel.IMPORT_ERROR}")
-    if not interpret and jax.default_backend() != "gpu":
-      raise ValueError(f"fp8 impl 'pallas' is a GPU (Triton) kernel; backend is {jax.default_backend()!r}: "
-                       "use impl='xla' or 'auto', or interpret=True to emulate it")
+    if jax.default_backend() != "gpu" or _gspmd_partitioned():
+      return "xla"
+    if _hopper() and fp8_mosaic_gpu.IMPORT_ERROR is None:
+      return "mosaic_gpu"
+    return "triton" if fp8_triton.IMPORT_ERROR is None else "xla"
+  if impl == "xla":
     return impl
-  if impl != "xla":
-    raise ValueError(f"fp8 impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+  if impl not in KERNELS:
+    raise ValueError(f"fp8 impl must be 'auto', 'xla', {', '.join(map(repr, KERNELS))}, got {impl!r}")
+  if _gspmd_partitioned() and not interpret:
+    raise ValueError(f"fp8 impl {impl!r} under a multi-device mesh outside shard_map would run replicated "
+                     "(pallas_call has no partitioning rule): use impl='auto' or 'xla'")
+  if KERNELS[impl].IMPORT_ERROR is not None:
+    raise ValueError(f"fp8 impl {impl!r} is unavailable in this jax: {KERNELS[impl].IMPORT_ERROR}")
+  if not interpret and jax.default_backend() != _KERNEL_BACKEND[impl]:
+    raise ValueError(f"fp8 impl {impl!r} is a {_KERNEL_BACKEND[impl].upper()} kernel; backend is "
+                     f"{jax.default_backend()!r}: use impl='xla' or 'auto', or interpret=True to emulate it")
   return impl
 
 
+def gemm_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, impl: str = "xla", tiles=None,
+            interpret: bool = False):
+  """The one GEMM primitive, a @ b^T with per-row per-K-block scales, by a resolved impl; `tiles` is that
+  kernel's own Tiles (None: its defaults)."""
+  if impl == "xla":
+    return scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype)
+  return KERNELS[impl].scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype,
+                                        tiles=tiles, interpret=interpret)
+
+
 def _gemm_nt(aq, a_scale, bq, b_scale, block, out_dtype, impl, tiles, interpret):
-  if impl == "pallas":
-    return fp8_kernel.scaled_matmul_nt(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype,
-                                       tiles=tiles, interpret=interpret)
-  return scaled_matmul_nt_xla(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype)
+  return gemm_nt(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype, impl=impl, tiles=tiles,
+                 interpret=interpret)
 
 
 def _rows(scale_XbxYb, block: int):
@@ -160,7 +179,7 @@ def _rows(scale_XbxYb, block: int):
 def _sum_to(g, like):
   """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
   over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
-  extra = tuple(sorted(fp8_kernel.varying(g) - fp8_kernel.varying(like)))
+  extra = tuple(sorted(kernel_util.varying(g) - kernel_util.varying(like)))
   return jax.lax.psum(g, extra) if extra else g
 
 
@@ -189,8 +208,8 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
                     interpret)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2); zero rows pad the tokens to whole blocks and change no amax.
-  x_KxM = fp8_kernel.pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
-  dy_NxM = fp8_kernel.pad_rows(dy_MxN.astype(jnp.float32), block).T
+  x_KxM = kernel_util.pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
+  dy_NxM = kernel_util.pad_rows(dy_MxN.astype(jnp.float32), block).T
   xtq_KxM, xts_KxMb = quantize_act(x_KxM, block, pow2)
   dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
   dw_KxN = _gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block, w_KxN.dtype, impl, tiles, interpret)
@@ -200,11 +219,11 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
-def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles: Tiles | None = None,
+def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
         interpret: bool = False):
   """x[..., K] @ w[K, N] as the block-scaled fp8 GEMM, in x's dtype; fp8 dgrad/wgrad in the backward.
 
-  `tiles` sets the Pallas kernel's tiles; `interpret` runs that kernel in Pallas's interpreter (tests).
+  `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests).
   """
   impl = resolve_impl(impl, interpret)
   if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
@@ -212,12 +231,12 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
   K, N = w_KxN.shape
   if K % block or N % block:
     raise ValueError(f"fp8.dot: weight shape {w_KxN.shape} must have both dims multiples of block {block}")
-  y = _dot(x_MxK.reshape(-1, K), w_KxN, block, impl, pow2, tiles or Tiles(), interpret)
+  y = _dot(x_MxK.reshape(-1, K), w_KxN, block, impl, pow2, tiles, interpret)
   return y.reshape(*x_MxK.shape[:-1], N)
 
 
-def batched_dot(x_ExMxK, w_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False,
-                tiles: Tiles | None = None, interpret: bool = False):
+def batched_dot(x_ExMxK, w_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
+                interpret: bool = False):
   """Per-expert `dot` over capacity-padded rows (x [E, C, D] @ w [E, D, F]), vmapped."""
   if x_ExMxK.ndim != 3 or w_ExKxN.ndim != 3 or x_ExMxK.shape[0] != w_ExKxN.shape[0]:
     raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {w_ExKxN.shape} need [E, M, K] and [E, K, N]")

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ConfigError
-from r1jax.nn import fp8, fp8_kernel
+from r1jax.nn import fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,6 @@ def shardings(weight: NamedSharding, w: QuantizedWeight) -> QuantizedWeight:
   return QuantizedWeight(weight, scale)
 
 
-def _gemm_nt(aq, a_scale, bq, b_scale, block: int, out_dtype, impl: str):
-  """fp8._gemm_nt without its tile knobs (a public fp8.gemm_nt would remove this copy)."""
-  if impl == "pallas":
-    return fp8_kernel.scaled_matmul_nt(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype)
-  return fp8.scaled_matmul_nt_xla(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype)
-
-
 def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow2: bool = False):
   """x[..., K] @ w as fp8.dot's forward GEMM, with w's stored e4m3 values and scales in place of quantising a
   master weight. Forward only: w is frozen (stop_gradient) and there is no FP8 backward."""
@@ -79,7 +72,7 @@ def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow
                      f"needs [{K}] inputs and {block}x{block} tiles (model.fp8.block must match the checkpoint's)")
   xq_MxK, xs_MxKb = fp8.quantize_act(x_MxK.reshape(-1, K), block, pow2)
   ws_NxKb = jnp.repeat(scale_KbxNb.T, block, axis=0)  # per-row scales for the primitive, as fp8._rows
-  y_MxN = _gemm_nt(xq_MxK, xs_MxKb, q_KxN.T, ws_NxKb, block, x_MxK.dtype, impl)
+  y_MxN = fp8.gemm_nt(xq_MxK, xs_MxKb, q_KxN.T, ws_NxKb, block=block, out_dtype=x_MxK.dtype, impl=impl)
   return y_MxN.reshape(*x_MxK.shape[:-1], N)
 
 

@@ -18,7 +18,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
   pl = pltpu = None
   IMPORT_ERROR = e
 
-from r1jax.nn.fp8_kernel import _manual_type, _same_varying, pad_rows
+from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
 
 SUBLANES_8BIT, LANES = 32, 128  # Mosaic's native tile of an 8-bit array is (32, 128); fp32's is (8, 128)
 
@@ -99,7 +99,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
   bm, bn = min(tiles.bm, _round_up(M, SUBLANES_8BIT)), min(tiles.bn, _round_up(N, LANES))
   bk = _k_step(K, block, tiles.bk)
   a, as_MxKb, b, bs_KbxN = pad_rows(aq_MxK, bm), pad_rows(as_MxKb, bm), pad_rows(bq_NxK, bn), pad_rows(bs_NxKb, bn).T
-  a, as_MxKb, b, bs_KbxN = _same_varying(a, as_MxKb, b, bs_KbxN)
+  a, as_MxKb, b, bs_KbxN = same_varying(a, as_MxKb, b, bs_KbxN)
   Kb = K // block
   out = pl.pallas_call(
       functools.partial(_kernel, block=block, per_step=bk // block),
@@ -108,7 +108,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       in_specs=[pl.BlockSpec((bm, bk), lambda i, j, g: (i, g)), pl.BlockSpec((bm, Kb), lambda i, j, g: (i, 0)),
                 pl.BlockSpec((bn, bk), lambda i, j, g: (j, g)), pl.BlockSpec((Kb, bn), lambda i, j, g: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, g: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype, **_manual_type(a)),
+      out_shape=jax.ShapeDtypeStruct((a.shape[0], b.shape[0]), out_dtype, **manual_type(a)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
+
 try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -61,32 +63,6 @@ def _tile(p, n_m: int, n_n: int, group_m: int):
   return first_m + (p % per_group) % size, (p % per_group) // size
 
 
-def pad_rows(x, multiple: int):
-  """Zero rows up to a multiple of `multiple` (zeros change no amax and add nothing to a product)."""
-  pad = -x.shape[0] % multiple
-  return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
-
-
-def varying(x) -> frozenset:
-  """The manual mesh axes x varies over inside shard_map (empty outside); `.mat.varying` in JAX 0.10."""
-  t = jax.typeof(x)
-  return frozenset(getattr(t, "vma", None) or getattr(getattr(t, "mat", None), "varying", ()))
-
-
-def _same_varying(*xs):
-  """Inside shard_map (check_vma) a pallas_call's operands and output must declare how they vary over the
-  manual axes: a weight replicated over the batch axes is cast to vary like the activations."""
-  union = frozenset().union(*map(varying, xs))
-  return [jax.lax.pcast(x, tuple(sorted(union - varying(x))), to="varying") if union - varying(x) else x
-          for x in xs]
-
-
-def _manual_type(x) -> dict:
-  """The output's manual-axis type: that of the (cast) operands; nothing outside shard_map."""
-  mat = getattr(jax.typeof(x), "mat", None)
-  return {"manual_axis_type": mat} if varying(x) and mat is not None else {}
-
-
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret: bool = False):
   """a @ b^T with per-row, per-K-block scales on both operands, out_dtype result (the XLA reference is
@@ -102,7 +78,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
     raise ValueError(f"Triton tiles must be powers of two >= 16: block {block}, bm {bm}, bn {bn}")
   a, b = pad_rows(aq_MxK, bm), pad_rows(bq_NxK, bn)
   as_KbxM, bs_KbxN = pad_rows(as_MxKb, bm).T, pad_rows(bs_NxKb, bn).T
-  a, as_KbxM, b, bs_KbxN = _same_varying(a, as_KbxM, b, bs_KbxN)
+  a, as_KbxM, b, bs_KbxN = same_varying(a, as_KbxM, b, bs_KbxN)
   n_m, n_n = a.shape[0] // bm, b.shape[0] // bn
   ij = functools.partial(_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
   out = pl.pallas_call(
@@ -111,7 +87,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       in_specs=[pl.BlockSpec((bm, K), lambda p: (ij(p)[0], 0)), pl.BlockSpec((Kb, bm), lambda p: (0, ij(p)[0])),
                 pl.BlockSpec((bn, K), lambda p: (ij(p)[1], 0)), pl.BlockSpec((Kb, bn), lambda p: (0, ij(p)[1]))],
       out_specs=pl.BlockSpec((bm, bn), lambda p: ij(p)),
-      out_shape=jax.ShapeDtypeStruct((n_m * bm, n_n * bn), out_dtype, **_manual_type(a)),
+      out_shape=jax.ShapeDtypeStruct((n_m * bm, n_n * bn), out_dtype, **manual_type(a)),
       compiler_params=_COMPILER_PARAMS(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
       interpret=interpret,
       name=f"fp8_block{block}_gemm",

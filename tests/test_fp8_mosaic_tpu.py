@@ -12,8 +12,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from r1jax.nn import fp8, fp8_tpu
-from r1jax.nn.fp8_tpu import Tiles
+from r1jax.nn import fp8, fp8_mosaic_tpu
+from r1jax.nn.fp8_mosaic_tpu import Tiles
 
 # The TPU-semantics interpreter: uninitialised VMEM reads NaN and out-of-bounds reads raise, so a missing
 # accumulator reset or a wrong block index fails loudly instead of reading zeros.
@@ -34,7 +34,7 @@ def operands(M, K, N, seed=0):
 
 
 def kernel(tiles, out_dtype):
-  return jax.jit(lambda *ops: fp8_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=out_dtype, tiles=tiles,
+  return jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=out_dtype, tiles=tiles,
                                                        interpret=INTERPRET))
 
 
@@ -70,7 +70,7 @@ def test_inside_shard_map_with_a_replicated_weight():
   generic interpreter, interpret=True, fails inside shard_map on JAX 0.10.2's varying-axes checks.)"""
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
   aq, as_, bq, bs = operands(96, 256, 128, seed=2)
-  local = lambda *ops: fp8_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32,  # noqa: E731
+  local = lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32,  # noqa: E731
                                                 tiles=Tiles(bm=32, bn=128, bk=128), interpret=INTERPRET)
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P("data")))
   y = f(aq, as_, bq, bs)
@@ -81,9 +81,9 @@ def test_inside_shard_map_with_a_replicated_weight():
 def test_bad_tiles_raise():
   ops = operands(8, 256, 128)
   with pytest.raises(ValueError, match="bm 48"):
-    fp8_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32, tiles=Tiles(bm=48))
+    fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32, tiles=Tiles(bm=48))
   with pytest.raises(ValueError, match="block 64"):
-    fp8_tpu.scaled_matmul_nt(*ops, block=64, out_dtype=jnp.float32)
+    fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=64, out_dtype=jnp.float32)
 
 
 def abstract_operands(M, K, N, sharding=None):
@@ -95,7 +95,7 @@ def abstract_operands(M, K, N, sharding=None):
 def test_lowers_to_mosaic_tpu(M, K, N):
   """Pallas -> Mosaic lowering for TPU, which runs anywhere: block shapes pass the (8, 128) rule and every
   op in the kernel has a Mosaic lowering. Mosaic's own layout passes run only in libtpu (next test)."""
-  f = jax.jit(lambda *ops: fp8_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
+  f = jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
   assert "tpu_custom_call" in f.trace(*abstract_operands(M, K, N)).lower(lowering_platforms=("tpu",)).as_text()
 
 
@@ -115,6 +115,6 @@ def test_compiles_for_tpu_ahead_of_time(topology, M, K, N):
 
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask on this machine
   device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-  f = jax.jit(lambda *ops: fp8_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
+  f = jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
   compiled = f.trace(*abstract_operands(M, K, N, jax.sharding.SingleDeviceSharding(device))).lower().compile()
   assert compiled.memory_analysis().output_size_in_bytes == M * N * 2

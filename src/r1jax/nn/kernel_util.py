@@ -1,0 +1,33 @@
+"""Helpers the Pallas kernels share: zero-padding rows to whole tiles, and the manual-axis types a
+pallas_call's operands and output must declare inside shard_map."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pad_rows(x, multiple: int):
+  """Zero rows up to a multiple of `multiple` (zeros change no amax and add nothing to a product)."""
+  pad = -x.shape[0] % multiple
+  return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+
+
+def varying(x) -> frozenset:
+  """The manual mesh axes x varies over inside shard_map (empty outside); `.mat.varying` in JAX 0.10."""
+  t = jax.typeof(x)
+  return frozenset(getattr(t, "vma", None) or getattr(getattr(t, "mat", None), "varying", ()))
+
+
+def same_varying(*xs):
+  """Inside shard_map (check_vma) a pallas_call's operands and output must declare how they vary over the
+  manual axes: a weight replicated over the batch axes is cast to vary like the activations."""
+  union = frozenset().union(*map(varying, xs))
+  return [jax.lax.pcast(x, tuple(sorted(union - varying(x))), to="varying") if union - varying(x) else x
+          for x in xs]
+
+
+def manual_type(x) -> dict:
+  """The output's manual-axis type: that of the (cast) operands; nothing outside shard_map."""
+  mat = getattr(jax.typeof(x), "mat", None)
+  return {"manual_axis_type": mat} if varying(x) and mat is not None else {}

@@ -1,0 +1,68 @@
+"""The Mosaic GPU (Hopper wgmma) FP8 kernel. On CPU: its Pallas body traces and lowers to Mosaic GPU for CUDA
+at the shapes the model and its backward give it (JAX 0.10's Mosaic GPU interpreter cannot emulate the
+transposed wgmma operand 8-bit wgmma needs, so values are checked on a GPU). On a Hopper GPU
+(`R1JAX_TEST_PLATFORMS=cuda pytest -m gpu`): equal to the XLA formulation, forward and both gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.nn import fp8, fp8_mosaic_gpu
+from r1jax.nn.fp8_mosaic_gpu import Tiles
+
+ON_HOPPER = jax.default_backend() == "gpu" and fp8._hopper()
+
+
+def _operands(M, K, N, seed=0):
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kx, (M, K), jnp.bfloat16), (jax.random.normal(kw, (K, N)) / K**0.5).astype(jnp.bfloat16),
+          jax.random.normal(kg, (M, N), jnp.bfloat16))
+
+
+def _fwd_bwd(impl):
+  f = functools.partial(fp8.dot, block=128, impl=impl)
+
+  def run(x, w, dy):
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+
+  return run
+
+
+@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+@pytest.mark.parametrize("M,K,N,tiles", [(4096, 7168, 1536, Tiles()), (200, 256, 384, Tiles()),
+                                         (256, 512, 384, Tiles(64, 192, 4, 4))])
+def test_kernel_lowers_for_cuda(M, K, N, tiles, monkeypatch):
+  """The forward GEMM and the fp8.dot backward (dgrad over N, wgrad over tokens: M = 200 pads to a block)
+  trace and lower for CUDA; compilation to SASS and values need a GPU (the gpu-marked test below)."""
+  mm = functools.partial(fp8_mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.bfloat16, tiles=tiles,
+                         num_sms=132)
+  ops = (jax.ShapeDtypeStruct((M, K), fp8.E4M3), jax.ShapeDtypeStruct((M, K // 128), jnp.float32),
+         jax.ShapeDtypeStruct((N, K), fp8.E4M3), jax.ShapeDtypeStruct((N, K // 128), jnp.float32))
+  text = jax.jit(mm).trace(*ops).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  x, w, dy = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((M, K), (K, N), (M, N)))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowering for CUDA from a CPU-only machine
+  lowered = jax.jit(_fwd_bwd("mosaic_gpu")).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("mosaic_gpu") >= 3  # y, dx and dw each one kernel
+
+
+def test_block_must_be_a_swizzle_width():
+  q = jnp.zeros((128, 48), fp8.E4M3)
+  with pytest.raises(ValueError, match="block 48"):
+    fp8_mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=48, out_dtype=jnp.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
+@pytest.mark.parametrize("M,K,N", [(4096, 7168, 2048), (200, 256, 384)])
+def test_kernel_equals_xla_on_hopper(M, K, N):
+  """Same e4m3 products and fp32 scales, different fp32 summation order: 1e-5 of the largest value (bf16
+  outputs are compared after rounding, so one bf16 ulp, 2^-8 relative, is allowed on top)."""
+  x, w, dy = _operands(M, K, N, seed=3)
+  for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu"))(x, w, dy), jax.jit(_fwd_bwd("xla"))(x, w, dy)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-5 * np.abs(want).max())
