@@ -66,3 +66,21 @@ def test_kernel_equals_xla_on_hopper(M, K, N):
   for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu"))(x, w, dy), jax.jit(_fwd_bwd("xla"))(x, w, dy)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
+  """As in the expert shard_map: rows split over 8 devices, the weight replicated. The custom_vjp's dx must
+  vary like x although plgpu.kernel drops its output's manual-axis type (kernel_util.varying_like)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("e",))
+  f = jax.shard_map(lambda x, w: fp8.dot(x, w, block=128, impl="mosaic_gpu"), mesh=mesh,
+                    in_specs=(P("e"), P()), out_specs=P("e"))
+  grads = jax.grad(lambda x, w: f(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+  x = jax.ShapeDtypeStruct((8 * 256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("e")))
+  w = jax.ShapeDtypeStruct((512, 384), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text

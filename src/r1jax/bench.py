@@ -20,17 +20,22 @@ def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def memory_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
-  """Device memory bandwidth from a large device-to-device copy (bytes read + bytes written)."""
-  x = jnp.ones(n_bytes // 4, jnp.float32)
-  copy = jax.jit(lambda a: a + 1.0)
-  copy(x).block_until_ready()
+def median_seconds(fn, *args, repeats: int, warmup: int = 1) -> float:
+  """Median wall time of fn(*args) over `repeats` runs after `warmup` (which includes compilation)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    copy(x).block_until_ready()
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return 2 * n_bytes / statistics.median(times) / 1e9
+  return statistics.median(times)
+
+
+def memory_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
+  """Device memory bandwidth from a large device-to-device copy (bytes read + bytes written)."""
+  return 2 * n_bytes / median_seconds(jax.jit(lambda a: a + 1.0), jnp.ones(n_bytes // 4, jnp.float32),
+                                      repeats=repeats) / 1e9
 
 
 def cache_values_per_token(cfg) -> dict:
@@ -171,14 +176,7 @@ def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
 def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
   """The bf16 matmul throughput this device reaches on an n x n x n product (the MFU denominator)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times) / 1e12
+  return 2 * n**3 / median_seconds(jax.jit(lambda x: x @ x), a, repeats=repeats) / 1e12
 
 
 def train_batch(cfg: RunConfig, packed: int = 0) -> dict:
@@ -279,16 +277,6 @@ def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
   return out
 
 
-def _median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def bench_all_to_all(cfg: RunConfig, mesh, repeats: int = 20, link_probe_bytes: int = 1 << 26) -> dict:
   """The MoE exchange on `mesh`, measured apart from the layer: one all-to-all of a layer's [E, C, D]
   dispatch buffer per device over the expert axes (expert_parallel's own exchange), timed; the link rate
@@ -312,7 +300,7 @@ def bench_all_to_all(cfg: RunConfig, mesh, repeats: int = 20, link_probe_bytes: 
     x = jax.jit(lambda: jnp.zeros((mesh.size * E, rows, D), dt), out_shardings=split)()  # made in place
     fn = jax.jit(jax.shard_map(lambda b: ep._exchange(b, exp_axes), mesh=mesh, in_specs=P(all_axes),
                                out_specs=P(all_axes)))
-    return _median_time(fn, x, repeats=repeats)
+    return median_seconds(fn, x, repeats=repeats)
 
   leaves = (n_ep - 1) / n_ep
   layer_s = exchange_seconds(predicted["capacity"])

@@ -5,14 +5,13 @@ against an fp32 product of the original operands. Plain functions returning JSON
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.bench import median_seconds
 from r1jax.nn import fp8, fp8_mosaic_gpu, fp8_triton
 
 # (M tokens, K, N): expert gate/up, expert down, MLA q down-projection, dense-layer up (V3 671B preset)
@@ -25,18 +24,6 @@ TUNE_CANDIDATES = {
     "mosaic_gpu": (_M(64, 128, 4, 8), _M(64, 128, 5, 8), _M(64, 128, 5, 4), _M(64, 160, 4, 8), _M(64, 192, 4, 8),
                    _M(64, 192, 4, 4), _M(64, 96, 6, 8)),
 }
-
-
-def _median_s(fn, *args, repeats: int, warmup: int = 2) -> float:
-  """Median wall time of fn(*args) over `repeats` runs after `warmup` (which includes compilation)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _operands(shape, dtype, seed: int = 0):
@@ -92,10 +79,10 @@ def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.
       row = {"shape": list(shape), "impl": impl}
       try:
         fwd, fwd_bwd = _fns(impl, (tiles or {}).get(impl))
-        t = _median_s(fwd, x, w, repeats=repeats)
+        t = median_seconds(fwd, x, w, repeats=repeats)
         row.update(fwd_ms=1e3 * t, fwd_tflops=2 * M * K * N / t / 1e12, rel_err=_rel_err(fwd(x, w), ref_y))
         if backward:
-          tb = _median_s(fwd_bwd, x, w, dy, repeats=repeats)
+          tb = median_seconds(fwd_bwd, x, w, dy, repeats=repeats)
           _, dx, dw = fwd_bwd(x, w, dy)
           row.update(fwdbwd_ms=1e3 * tb, fwdbwd_tflops=6 * M * K * N / tb / 1e12,
                      dx_rel_err=_rel_err(dx, ref_dx), dw_rel_err=_rel_err(dw, ref_dw))
@@ -130,7 +117,7 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
     try:
       f = jax.jit(functools.partial(fp8.KERNELS[impl].scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
                                     tiles=tiles))
-      t = _median_s(f, xq, xs, wtq, wts, repeats=repeats)
+      t = median_seconds(f, xq, xs, wtq, wts, repeats=repeats)
       row.update(ms=1e3 * t, tflops=2 * M * K * N / t / 1e12, rel_diff_vs_xla=_rel_err(f(xq, xs, wtq, wts), ref))
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

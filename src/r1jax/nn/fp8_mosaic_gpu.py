@@ -20,7 +20,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
   pl = plgpu = None
   IMPORT_ERROR = e
 
-from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
+from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying, varying_like
 
 WG_COMPUTE = 2  # compute warpgroups per CTA; a third one issues the TMA copies
 
@@ -142,4 +142,4 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret or None,
   )
-  return call(a, b, as_KbxM, bs_KbxN)[:M, :N]
+  return varying_like(call(a, b, as_KbxM, bs_KbxN), a)[:M, :N]

@@ -31,3 +31,10 @@ def manual_type(x) -> dict:
   """The output's manual-axis type: that of the (cast) operands; nothing outside shard_map."""
   mat = getattr(jax.typeof(x), "mat", None)
   return {"manual_axis_type": mat} if varying(x) and mat is not None else {}
+
+
+def varying_like(y, x):
+  """y cast to vary over x's manual axes: a kernel whose launcher drops the manual-axis type of its output
+  (plgpu.kernel traces with check_vma off) still computes a per-device value from per-device operands."""
+  extra = tuple(sorted(varying(x) - varying(y)))
+  return jax.lax.pcast(y, extra, to="varying") if extra else y
