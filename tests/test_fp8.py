@@ -1,6 +1,6 @@
 """FP8 training GEMMs (V3 report §3.3) against an independent numpy version of DeepSeek's recipe: e4m3
 values, scale = max(amax, 1e-4) / 448 per 1x128 activation tile and per 128x128 weight tile, products of
-dequantised operands in float64, and the Pallas kernel (interpreted on CPU) against the XLA formulation."""
+dequantised operands in float64, and the Triton kernel (interpreted on CPU) against the XLA formulation."""
 
 import jax
 import jax.numpy as jnp
@@ -200,10 +200,10 @@ def test_triton_kernel_interpreted_equals_xla(M, K, N, block, tiles):
   tile (50 -> 64), and its 4 x 3 tile grid ends in a partial group of row tiles."""
   x, w, dy = (jnp.asarray(t) for t in operands(M, K, N, seed=8))
   xla = lambda x, w: fp8.dot(x, w, block=block)  # noqa: E731
-  pallas = lambda x, w: fp8.dot(x, w, block=block, impl="triton", tiles=tiles, interpret=True)  # noqa: E731
-  y_x, y_p = np.asarray(jax.jit(xla)(x, w)), np.asarray(jax.jit(pallas)(x, w))
+  triton = lambda x, w: fp8.dot(x, w, block=block, impl="triton", tiles=tiles, interpret=True)  # noqa: E731
+  y_x, y_p = np.asarray(jax.jit(xla)(x, w)), np.asarray(jax.jit(triton)(x, w))
   np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-5 * np.abs(y_x).max())
-  for g_p, g_x in zip(_grads(pallas, x, w, dy), _grads(xla, x, w, dy)):
+  for g_p, g_x in zip(_grads(triton, x, w, dy), _grads(xla, x, w, dy)):
     np.testing.assert_allclose(np.asarray(g_p), np.asarray(g_x), rtol=1e-5, atol=1e-5 * np.abs(g_x).max())
 
 

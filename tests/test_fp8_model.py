@@ -105,6 +105,7 @@ def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):
   for hopper, kernel in ((True, "mosaic_gpu"), (False, "triton")):
     monkeypatch.setattr(fp8, "_hopper", lambda hopper=hopper: hopper)
     assert fp8.resolve_impl("auto") == kernel
+    assert fp8.resolve_impl("auto", block=16) == "triton"  # below Mosaic GPU's smallest swizzle
     with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
       assert fp8.resolve_impl("auto") == "xla"
       with pytest.raises(ValueError, match="would run replicated"):

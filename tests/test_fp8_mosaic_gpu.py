@@ -45,9 +45,23 @@ def test_kernel_lowers_for_cuda(M, K, N, tiles, monkeypatch):
   text = jax.jit(mm).trace(*ops).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   x, w, dy = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((M, K), (K, N), (M, N)))
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowering for CUDA from a CPU-only machine
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowering for a Hopper GPU from a CPU-only machine
+  monkeypatch.setattr(fp8, "_hopper", lambda: True)
   lowered = jax.jit(_fwd_bwd("mosaic_gpu")).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
   assert lowered.count("mosaic_gpu") >= 3  # y, dx and dw each one kernel
+
+
+def test_refusals(monkeypatch):
+  """A non-Hopper GPU, and the interpreter (which cannot emulate the transposed 8-bit wgmma operand), are
+  one-line errors, not a failure deep in Mosaic's compiler."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(fp8, "_hopper", lambda: False)
+  with pytest.raises(ValueError, match="compute capability 9"):
+    fp8.resolve_impl("mosaic_gpu")
+  q = jnp.zeros((128, 128), fp8.E4M3)
+  with pytest.raises(ValueError, match="no interpreter"):
+    fp8_mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=128, out_dtype=jnp.float32,
+                                    interpret=True)
 
 
 def test_block_must_be_a_swizzle_width():
@@ -61,11 +75,12 @@ def test_block_must_be_a_swizzle_width():
 @pytest.mark.parametrize("M,K,N", [(4096, 7168, 2048), (200, 256, 384)])
 def test_kernel_equals_xla_on_hopper(M, K, N):
   """Same e4m3 products and fp32 scales, different fp32 summation order: 1e-5 of the largest value (bf16
-  outputs are compared after rounding, so one bf16 ulp, 2^-8 relative, is allowed on top)."""
+  outputs are compared after rounding: a sum that lands near a rounding boundary flips by one bf16 ulp,
+  up to 2^-7 relative)."""
   x, w, dy = _operands(M, K, N, seed=3)
   for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu"))(x, w, dy), jax.jit(_fwd_bwd("xla"))(x, w, dy)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
@@ -82,5 +97,6 @@ def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
   x = jax.ShapeDtypeStruct((8 * 256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("e")))
   w = jax.ShapeDtypeStruct((512, 384), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(fp8, "_hopper", lambda: True)
   text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text

@@ -29,7 +29,8 @@ class FP8Config:
   enabled: bool = False
   block: int = 128  # 1 x block activation tiles and block x block weight tiles (128 in V3; smaller for tiny tests)
   pow2_scales: bool = False  # scales rounded up to powers of two
-  # auto: Mosaic GPU kernel on Hopper, Triton on other GPUs, XLA elsewhere (fp8.resolve_impl)
+  # auto: Mosaic GPU kernel on Hopper, Triton on other GPUs, XLA elsewhere (fp8.resolve_impl); the ragged_dot
+  # expert form (fp8_ragged) is the XLA formulation whatever this says
   impl: Literal["auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu"] = "auto"
   attention: bool = True  # MLA/GQA projections
   dense_mlp: bool = True

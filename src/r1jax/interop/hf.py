@@ -112,10 +112,11 @@ def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], cfg: ModelConfig, info) -> li
     kept.append(why is None)
     if why:
       dequantised.append(f"{'/'.join(leaf.path)} ({why})")
-  if info.fp8_block is None:
-    log.warning("keep_fp8: the checkpoint holds no FP8 weights; nothing kept")
-  elif not any(kept):
-    log.warning("keep_fp8: no FP8 weight fits model.fp8; nothing kept")
+  if info.fp8_block is None:  # a full-precision import where a one-byte one was asked for: refuse it
+    raise ConfigError("keep_fp8: the checkpoint holds no FP8 weights; import without keep_fp8")
+  if not any(kept):
+    reasons = sorted({d[d.index(" (") + 2:-1] for d in dequantised})
+    raise ConfigError(f"keep_fp8: no FP8 weight fits model.fp8, nothing would be kept: {'; '.join(reasons)}")
   else:
     log.info("keep_fp8: keeping %d weights as e4m3 with %dx%d block scales", sum(kept), *info.fp8_block)
   if dequantised:

@@ -130,15 +130,16 @@ def _hopper() -> bool:
   return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
-def resolve_impl(impl: Impl, interpret: bool = False) -> str:
+def resolve_impl(impl: Impl, interpret: bool = False, block: int = 128) -> str:
   """'auto' is a kernel where operands are per device (one device, or inside the expert shard_map) on GPU:
   Mosaic GPU on Hopper (measured fastest), Triton on other GPUs; the XLA formulation elsewhere (the same
   recipe; GSPMD partitions it; the Mosaic TPU kernel is compiled but not yet measured, so it is opt-in).
+  Mosaic GPU takes blocks of 32, 64 or 128 (a swizzle width); smaller test blocks go to Triton.
   A kernel where it cannot run is an error, never a silent fallback."""
   if impl == "auto":
     if jax.default_backend() != "gpu" or _gspmd_partitioned():
       return "xla"
-    if _hopper() and fp8_mosaic_gpu.IMPORT_ERROR is None:
+    if _hopper() and fp8_mosaic_gpu.IMPORT_ERROR is None and block in fp8_mosaic_gpu.BLOCKS:
       return "mosaic_gpu"
     return "triton" if fp8_triton.IMPORT_ERROR is None else "xla"
   if impl == "xla":
@@ -153,6 +154,9 @@ def resolve_impl(impl: Impl, interpret: bool = False) -> str:
   if not interpret and jax.default_backend() != _KERNEL_BACKEND[impl]:
     raise ValueError(f"fp8 impl {impl!r} is a {_KERNEL_BACKEND[impl].upper()} kernel; backend is "
                      f"{jax.default_backend()!r}: use impl='xla' or 'auto', or interpret=True to emulate it")
+  if impl == "mosaic_gpu" and jax.default_backend() == "gpu" and not _hopper():
+    raise ValueError(f"fp8 impl 'mosaic_gpu' uses wgmma (compute capability 9.x); this GPU is "
+                     f"{getattr(jax.devices()[0], 'compute_capability', '?')}: use impl='triton' or 'auto'")
   return impl
 
 
@@ -160,6 +164,10 @@ def gemm_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, impl: st
             interpret: bool = False):
   """The one GEMM primitive, a @ b^T with per-row per-K-block scales, by a resolved impl; `tiles` is that
   kernel's own Tiles (None: its defaults)."""
+  (M, K), (N, K2) = aq_MxK.shape, bq_NxK.shape
+  if K != K2 or K % block or as_MxKb.shape != (M, K // block) or bs_NxKb.shape != (N, K // block):
+    raise ValueError(f"fp8.gemm_nt: a {aq_MxK.shape} scales {as_MxKb.shape}, b {bq_NxK.shape} scales {bs_NxKb.shape} "
+                     f"need a [M, K], b [N, K] and [rows, K/{block}] scales with K a multiple of block {block}")
   if impl == "xla":
     return scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype)
   return KERNELS[impl].scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype,
@@ -225,7 +233,7 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
 
   `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests).
   """
-  impl = resolve_impl(impl, interpret)
+  impl = resolve_impl(impl, interpret, block)
   if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
     raise ValueError(f"fp8.dot: x {x_MxK.shape} @ w {w_KxN.shape} needs w [K, N] with K = x's last dim")
   K, N = w_KxN.shape

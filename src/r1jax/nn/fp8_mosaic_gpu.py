@@ -22,6 +22,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
 
 from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying, varying_like
 
+BLOCKS = (32, 64, 128)  # e4m3 K rows of 32, 64 or 128 bytes: the shared-memory swizzle widths
 WG_COMPUTE = 2  # compute warpgroups per CTA; a third one issues the TMA copies
 
 
@@ -116,21 +117,20 @@ def _num_sms() -> int:
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret=False, num_sms: int | None = None):
   """a @ b^T with per-row, per-K-block scales on both operands (fp8.scaled_matmul_nt_xla's contract); rows
-  of a and b zero-padded to the CTA tile and cropped after. `interpret` takes Mosaic GPU's CPU interpreter
-  (True or its params)."""
+  of a and b zero-padded to the CTA tile and cropped after. No CPU emulation: JAX 0.10's Mosaic GPU
+  interpreter has no transposed wgmma operand, which 8-bit wgmma needs (tests lower it for CUDA instead)."""
   if IMPORT_ERROR is not None:
     raise RuntimeError(f"the Mosaic GPU FP8 kernel needs jax.experimental.pallas.mosaic_gpu: {IMPORT_ERROR}")
   tiles = tiles or Tiles()
   M, K = aq_MxK.shape
   N = bq_NxK.shape[0]
-  if block * aq_MxK.dtype.itemsize not in (32, 64, 128):
+  if block not in BLOCKS:
     raise ValueError(f"Mosaic GPU FP8 kernel: block {block} must be 32, 64 or 128 (a swizzle width in bytes)")
   a, b = pad_rows(aq_MxK, WG_COMPUTE * tiles.tile_m), pad_rows(bq_NxK, tiles.tile_n)
   as_KbxM, bs_KbxN = pad_rows(as_MxKb, WG_COMPUTE * tiles.tile_m).T, pad_rows(bs_NxKb, tiles.tile_n).T
   a, b, as_KbxM, bs_KbxN = same_varying(a, b, as_KbxM, bs_KbxN)
-  if interpret is True:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # not public in JAX 0.10
-    interpret = InterpretGPUParams()
+  if interpret:
+    raise ValueError("the Mosaic GPU FP8 kernel has no interpreter path; check values on a Hopper GPU")
   grid = min(num_sms or _num_sms(), (a.shape[0] // (WG_COMPUTE * tiles.tile_m)) * (b.shape[0] // tiles.tile_n))
   call = plgpu.kernel(
       functools.partial(_kernel, block=block, tiles=tiles),
@@ -140,6 +140,5 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       num_threads=WG_COMPUTE + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret or None,
   )
   return varying_like(call(a, b, as_KbxM, bs_KbxN), a)[:M, :N]

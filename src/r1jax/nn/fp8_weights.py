@@ -28,10 +28,6 @@ class QuantizedWeight:
   def shape(self) -> tuple[int, ...]:
     return self.q_KxN.shape
 
-  @property
-  def block(self) -> int:
-    return self.q_KxN.shape[-1] // self.scale_KbxNb.shape[-1]
-
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["q_KxN", "scale_KbxNb"], meta_fields=[])
 
@@ -63,8 +59,8 @@ def shardings(weight: NamedSharding, w: QuantizedWeight) -> QuantizedWeight:
 
 def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow2: bool = False):
   """x[..., K] @ w as fp8.dot's forward GEMM, with w's stored e4m3 values and scales in place of quantising a
-  master weight. Forward only: w is frozen (stop_gradient) and there is no FP8 backward."""
-  impl = fp8.resolve_impl(impl)
+  master weight. Inference only: not differentiable (w frozen, no FP8 backward; training refuses these weights)."""
+  impl = fp8.resolve_impl(impl, block=block)
   q_KxN, scale_KbxNb = jax.lax.stop_gradient(w.q_KxN), jax.lax.stop_gradient(w.scale_KbxNb)
   (K, N), Kb = q_KxN.shape, x_MxK.shape[-1] // block
   if x_MxK.shape[-1] != K or scale_KbxNb.shape != (Kb, N // block):
