@@ -28,11 +28,12 @@ def np_cast(x, scale):
 
 
 def np_quant_act(x, block, pow2=False):
-  """Row by row, `block` columns at a time: (e4m3 values, float32 scales [rows, K/block])."""
+  """Row by row, `block` columns at a time (a last partial tile is its own tile): (e4m3 values, float32
+  scales [rows, ceil(K/block)])."""
   x = np.asarray(x, np.float32)
   rows = x.reshape(-1, x.shape[-1])
   q = np.zeros(rows.shape, F8)
-  scale = np.zeros((rows.shape[0], rows.shape[1] // block), np.float32)
+  scale = np.zeros((rows.shape[0], -(-rows.shape[1] // block)), np.float32)
   for j in range(scale.shape[1]):
     cols = slice(j * block, (j + 1) * block)
     scale[:, j] = np_scale(np.abs(rows[:, cols]).max(axis=1), pow2)
@@ -41,10 +42,11 @@ def np_quant_act(x, block, pow2=False):
 
 
 def np_quant_weight(w, block, pow2=False):
-  """Tile by tile over block x block: (e4m3 values, float32 scales [K/block, N/block])."""
+  """Tile by tile over block x block, partial tiles at the edges included (DeepSeek's ceil-sized scales):
+  (e4m3 values, float32 scales [ceil(K/block), ceil(N/block)])."""
   w = np.asarray(w, np.float32)
   q = np.zeros(w.shape, F8)
-  scale = np.zeros((w.shape[0] // block, w.shape[1] // block), np.float32)
+  scale = np.zeros((-(-w.shape[0] // block), -(-w.shape[1] // block)), np.float32)
   for i in range(scale.shape[0]):
     for j in range(scale.shape[1]):
       tile = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
@@ -53,13 +55,14 @@ def np_quant_weight(w, block, pow2=False):
   return q, scale
 
 
-def np_deq_act(q, scale):
-  block = q.shape[-1] // scale.shape[-1]
-  return q.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=-1)
+def np_deq_act(q, scale, block=None):
+  block = block or q.shape[-1] // scale.shape[-1]
+  return q.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=-1)[..., :q.shape[-1]]
 
 
-def np_deq_weight(q, scale):
-  return q.astype(np.float64) * np.kron(scale.astype(np.float64), np.ones((q.shape[0] // scale.shape[0],) * 2))
+def np_deq_weight(q, scale, block=None):
+  block = block or q.shape[0] // scale.shape[0]
+  return q.astype(np.float64) * np.kron(scale.astype(np.float64), np.ones((block, block)))[:q.shape[0], :q.shape[1]]
 
 
 def rel_fro(a, b):
@@ -156,6 +159,19 @@ def test_dot_is_the_product_of_dequantised_operands():
   assert (err <= 2.0**-8 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), err.max()
 
 
+def test_partial_output_block_is_its_own_tile():
+  """V3's kv_a projection is 576 = 4.5 blocks wide: the last 64 columns get their own weight scales (as in
+  DeepSeek's ceil-sized checkpoint scales); the product equals float64 of the dequantised operands."""
+  x, w, _ = operands(40, 256, 192, seed=11)
+  w[:, 128:] *= 50.0  # the partial block's scale must come from its own columns only
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  xb_np, wb_np = np.asarray(xb, np.float32), np.asarray(wb, np.float32)
+  ref = np_deq_act(*np_quant_act(xb_np, 128)) @ np_deq_weight(*np_quant_weight(wb_np, 128), 128)
+  y = np.asarray(jax.jit(fp8.dot)(xb, wb)).astype(np.float64)
+  assert y.shape == (40, 192)
+  assert (np.abs(y - ref) <= 2.0**-8 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all()
+
+
 def test_dot_error_against_the_exact_product():
   """e4m3 keeps 3 mantissa bits: 2^-4 relative rounding at worst, ~2.5% RMS per operand, ~3.6% for the
   product of two rounded operands (sqrt 2). 5e-2 bounds it with margin; above 1e-2 shows fp8 ran."""
@@ -179,13 +195,15 @@ def test_gradients_close_to_fp32_matmul():
   assert 1e-2 < rel_fro(dx, dx_ref) < 6e-2 and 1e-2 < rel_fro(dw, dw_ref) < 6e-2
 
 
-def test_backward_gemms_follow_the_recipe_exactly():
+@pytest.mark.parametrize("N", [64, 80])
+def test_backward_gemms_follow_the_recipe_exactly(N):
   """float64 numpy of V3 Figure 6: dgrad = deq(q_1x128(dy)) @ deq(q_128x128(w))^T; wgrad = deq(q(x^T))
-  @ deq(q(dy^T))^T with x the cached fp8 activation dequantised, both in per-channel 128-token tiles."""
-  M, K, N, block = 100, 96, 64, 32  # 100 tokens: the last token block is zero-padded
+  @ deq(q(dy^T))^T with x the cached fp8 activation dequantised, both in per-channel 128-token tiles.
+  N = 80 ends in a partial output block (16 of 32 columns), scaled over its own columns in w and dy."""
+  M, K, block = 100, 96, 32  # 100 tokens: the last token block is zero-padded
   x, w, dy = operands(M, K, N, seed=7)
   dx, dw = (np.asarray(g) for g in _grads(lambda x, w: fp8.dot(x, w, block=block), *map(jnp.asarray, (x, w, dy))))
-  dx_ref = np_deq_act(*np_quant_act(dy, block)) @ np_deq_weight(*np_quant_weight(w, block)).T
+  dx_ref = np_deq_act(*np_quant_act(dy, block), block) @ np_deq_weight(*np_quant_weight(w, block), block).T
   x_cached = np_deq_act(*np_quant_act(x, block)).astype(np.float32)
   pad = lambda t: np.concatenate([t, np.zeros((-M % block, t.shape[1]), np.float32)])  # noqa: E731
   dw_ref = np_deq_act(*np_quant_act(pad(x_cached).T, block)) @ np_deq_act(*np_quant_act(pad(dy).T, block)).T
@@ -244,8 +262,7 @@ def test_shapes_not_divisible_by_block_raise():
   x = jnp.ones((8, 256))
   with pytest.raises(ValueError, match="100"):
     fp8.dot(jnp.ones((8, 100)), jnp.ones((100, 128)))
-  with pytest.raises(ValueError, match="200"):
-    fp8.dot(x, jnp.ones((256, 200)))
+  assert fp8.dot(x, jnp.ones((256, 200))).shape == (8, 200)  # a partial output block is padded (see above)
   with pytest.raises(ValueError, match="must be a multiple of block"):
     fp8.quantize_act(jnp.ones((4, 96)), block=128)
   with pytest.raises(ValueError, match="multiples of block"):

@@ -81,6 +81,32 @@ def test_fp8_training_matches_high_precision_training(tiny):
   assert not np.array_equal(low, high)  # FP8 changed the arithmetic
 
 
+def test_mla_with_a_partial_output_block(tiny):
+  """Block 32: the kv_a projection is 48 wide (kv_lora 32 + rope 16, 1.5 blocks), padded to 2 blocks and
+  cropped as for V3's 576. The output (two FP8 GEMMs deep, ~2.5% RMS rounding per operand) stays within 8%
+  of the fp32 layer; a weight gradient crosses up to three FP8 dgrads before its own wgrad, ~sqrt(8) x 2.5% =
+  7% RMS: 15%. A wrong crop or misplaced block would be off by O(1); above 1e-3 shows FP8 ran."""
+  from r1jax.nn import attention, mla, rope
+
+  cfg = dataclasses.replace(tiny.model, fp8=dataclasses.replace(FP8, block=32))
+  cfg.validate()  # input dims are whole blocks; the 48-wide output is allowed
+  assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % 32 and cfg.fp8.use("attention")
+  p = layers.unbox(mla.init(jax.random.key(0), cfg))
+  x = jax.random.normal(jax.random.key(1), (2, 24, cfg.dim))
+  cos, sin = rope.cos_sin(jnp.broadcast_to(jnp.arange(24), (2, 24)), cfg)
+
+  def run(model_cfg):
+    f = lambda p: jnp.sum(jnp.sin(mla.apply(p, x, cos, sin, attention.Mask(), model_cfg)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(f))(p), jax.jit(lambda p: mla.apply(p, x, cos, sin, attention.Mask(), model_cfg))(p)
+
+  (_, g8), y8 = run(cfg)
+  (_, g32), y32 = run(tiny.model)
+  rel = lambda a, b: np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))  # noqa: E731
+  assert 1e-3 < rel(y8, y32) < 0.08
+  for name in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
+    assert g8[name].shape == p[name].shape and 1e-3 < rel(g8[name], g32[name]) < 0.15, (name, rel(g8[name], g32[name]))
+
+
 def test_fp8_dims_must_be_whole_blocks():
   with pytest.raises(ConfigError, match="model.fp8.attention.*not multiples of model.fp8.block=128"):
     config.load("configs/tiny.yaml", ["model.fp8.enabled=true"])

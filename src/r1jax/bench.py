@@ -251,7 +251,8 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
 def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_bench.bench_gemms, GPU only: TFLOP/s, ratio to
   bf16, error vs fp32), then the train step (bench_train) with model.fp8 off and on from the same state and batch,
-  and both final losses (`steps` >= 100 for the 1% bar). Matmuls whose dims are not whole blocks stay bf16 (the bench model's kv_a projection is 576 wide: attention off)."""
+  and both final losses (`steps` >= 100 for the 1% bar). Parts whose input dims are not whole blocks stay
+  bf16 (attention off then)."""
   from r1jax import fp8_bench
 
   out = {"bench": "fp8", "platform": jax.devices()[0].platform}
@@ -260,7 +261,7 @@ def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
   on = dataclasses.replace(cfg.model.fp8, enabled=True)
   try:
     dataclasses.replace(cfg.model, fp8=on).validate()
-  except ConfigError:  # the bench model's kv_a projection (576 wide) is not whole 128-blocks
+  except ConfigError:  # some attention input dim is not whole blocks
     on = dataclasses.replace(on, attention=False)
   off_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False)))
   on_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()

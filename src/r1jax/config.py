@@ -168,23 +168,21 @@ class ModelConfig:
     self._validate_fp8(k)
 
   def _validate_fp8(self, k):
-    """The FP8 matmuls' dims must be whole blocks (DeepSeek's checkpoints round partial blocks up; here a
-    layout that needs that is refused rather than padded on every call)."""
+    """The FP8 matmuls' input dims must be whole blocks (1 x block activation tiles); a partial last block of
+    output columns is padded, as DeepSeek's checkpoints round it up (fp8.dot)."""
     if not self.fp8.enabled:
       return
     if self.attention == "gqa":
-      attn = [self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+      attn = [self.dim, self.n_heads * self.head_dim]
     else:
-      H = self.n_heads
-      attn = [self.dim, self.q_lora_rank, H * self.qk_head_dim, self.kv_lora_rank + self.qk_rope_head_dim,
-              self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), H * self.v_head_dim]
+      attn = [self.dim, self.q_lora_rank, self.kv_lora_rank, self.n_heads * self.v_head_dim]
     experts = [self.dim, self.moe_inter_dim]
-    dims = {"attention": attn, "dense_mlp": [self.dim, self.inter_dim], "shared_experts": experts,
-            "routed_experts": experts, "mtp_proj": [2 * self.dim, self.dim]}
-    for part, sizes in dims.items():
+    inputs = {"attention": attn, "dense_mlp": [self.dim, self.inter_dim], "shared_experts": experts,
+              "routed_experts": experts, "mtp_proj": [2 * self.dim]}
+    for part, sizes in inputs.items():
       bad = [d for d in sizes if d and d % self.fp8.block]
       if self.fp8.use(part) and bad:
-        _fail(k(f"fp8.{part}"), True, f"dims {bad} are not multiples of model.fp8.block={self.fp8.block}; "
+        _fail(k(f"fp8.{part}"), True, f"input dims {bad} are not multiples of model.fp8.block={self.fp8.block}; "
               f"set model.fp8.{part}=false or another block")
 
   def _validate_gqa(self, k):

@@ -237,9 +237,14 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
   if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
     raise ValueError(f"fp8.dot: x {x_MxK.shape} @ w {w_KxN.shape} needs w [K, N] with K = x's last dim")
   K, N = w_KxN.shape
-  if K % block or N % block:
-    raise ValueError(f"fp8.dot: weight shape {w_KxN.shape} must have both dims multiples of block {block}")
-  y = _dot(x_MxK.reshape(-1, K), w_KxN, block, impl, pow2, tiles, interpret)
+  if K % block:
+    raise ValueError(f"fp8.dot: weight shape {w_KxN.shape}: its input dim {K} must be a multiple of block {block} "
+                     "(the activations' 1 x block tiles)")
+  # A partial last block of output columns (V3's kv_a projection is 512 + 64 wide) becomes a whole one padded
+  # with zero columns, as DeepSeek's checkpoints round those scales up (576 -> 5 blocks): zeros change no
+  # amax, the extra outputs are cropped, and their zero cotangents add nothing to dx or dw.
+  w_KxNp = jnp.pad(w_KxN, ((0, 0), (0, -N % block)))
+  y = _dot(x_MxK.reshape(-1, K), w_KxNp, block, impl, pow2, tiles, interpret)[:, :N]
   return y.reshape(*x_MxK.shape[:-1], N)
 
 
