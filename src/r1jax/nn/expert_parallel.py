@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.config import FP8Config, ModelConfig
 from r1jax.nn import fp8 as fp8_lib
-from r1jax.nn import fp8_ragged
+from r1jax.nn import fp8_ragged, fp8_weights
 from r1jax.sharding import mesh_axes
 
 
@@ -75,9 +75,11 @@ def grouped_ffn(experts: dict, x_NxD, group_sizes_E, fp8: FP8Config | None = Non
 
 def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None):
   """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM), or as
-  block-scaled FP8 GEMMs per expert."""
+  block-scaled FP8 GEMMs per expert (from stored e4m3 bytes for keep_fp8 experts)."""
   if fp8 is not None:
-    mm = lambda x, w: fp8_lib.batched_dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)  # noqa: E731
+    kept = lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)  # noqa: E731  (keep_fp8)
+    mm = lambda x, w: (jax.vmap(kept)(x, w) if fp8_weights.is_quantized(w)  # noqa: E731
+                       else fp8_lib.batched_dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))
     return mm(jax.nn.silu(mm(x_ExNxD, experts["w_gate"])) * mm(x_ExNxD, experts["w_up"]), experts["w_down"])
   dt = x_ExNxD.dtype
   gate = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_gate"].astype(dt))

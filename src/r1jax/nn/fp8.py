@@ -174,11 +174,6 @@ def gemm_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, impl: st
                                         tiles=tiles, interpret=interpret)
 
 
-def _gemm_nt(aq, a_scale, bq, b_scale, block, out_dtype, impl, tiles, interpret):
-  return gemm_nt(aq, a_scale, bq, b_scale, block=block, out_dtype=out_dtype, impl=impl, tiles=tiles,
-                 interpret=interpret)
-
-
 def _rows(scale_XbxYb, block: int):
   """Block scales repeated over each block's rows: per-row scales for the primitive."""
   return jnp.repeat(scale_XbxYb, block, axis=0)
@@ -199,8 +194,8 @@ def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
 def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
   xq_MxK, xs_MxKb = quantize_act(x_MxK, block, pow2)
   wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
-  y_MxN = _gemm_nt(xq_MxK, xs_MxKb, wq_KxN.T, _rows(ws_KbxNb.T, block), block, x_MxK.dtype, impl, tiles,
-                   interpret)
+  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_KxN.T, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
+                  impl=impl, tiles=tiles, interpret=interpret)
   # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
   # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
   return y_MxN, (xq_MxK, xs_MxKb, w_KxN)
@@ -212,15 +207,16 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
   xq_MxK, xs_MxKb, w_KxN = res
   wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
   dyq_MxN, dys_MxNb = quantize_act(dy_MxN, block, pow2)
-  dx_MxK = _gemm_nt(dyq_MxN, dys_MxNb, wq_KxN, _rows(ws_KbxNb, block), block, dy_MxN.dtype, impl, tiles,
-                    interpret)
+  dx_MxK = gemm_nt(dyq_MxN, dys_MxNb, wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
+                   impl=impl, tiles=tiles, interpret=interpret)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2); zero rows pad the tokens to whole blocks and change no amax.
   x_KxM = kernel_util.pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
   dy_NxM = kernel_util.pad_rows(dy_MxN.astype(jnp.float32), block).T
   xtq_KxM, xts_KxMb = quantize_act(x_KxM, block, pow2)
   dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
-  dw_KxN = _gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block, w_KxN.dtype, impl, tiles, interpret)
+  dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=w_KxN.dtype, impl=impl,
+                   tiles=tiles, interpret=interpret)
   return _sum_to(dx_MxK, xq_MxK), _sum_to(dw_KxN, w_KxN)
 
 

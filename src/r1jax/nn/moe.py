@@ -146,9 +146,9 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
   replay_TxK = None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1)
   routing = route(router, x_TxD, cfg, replay_TxK)
-  # keep_fp8 experts: the expert GEMMs take plain weights, so this shard's experts of this layer are dequantised
-  # here; the FP8 GEMM re-creates their e4m3 values, as from an import without keep_fp8.
-  experts = fp8_weights.dequantize_tree(experts, jnp.dtype(cfg.param_dtype))
+  if ep.gemm_impl(cfg) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of this
+    # shard and layer are dequantised here, and it re-creates their e4m3 values (the padded form reads them)
+    experts = fp8_weights.dequantize_tree(experts, jnp.dtype(cfg.param_dtype))
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
                                        axes.exp)
   y_TxD = ep.sum_over(y_TxD, axes.exp_mlp)  # the expert FFN width may be split over tensor: add the parts
