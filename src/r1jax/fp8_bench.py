@@ -109,7 +109,7 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
   x, w, _ = _operands(shape, jnp.bfloat16)
   xq, xs = fp8.quantize_act(x, block)
   wq, ws = fp8.quantize_weight(w, block)
-  wtq, wts = wq.T, jnp.repeat(ws.T, block, axis=0)
+  wtq, wts = fp8.weight_nt(wq, ws, block)
   ref = fp8.scaled_matmul_nt_xla(xq, xs, wtq, wts, block=block, out_dtype=jnp.float32)
   rows = []
   for tiles in candidates or TUNE_CANDIDATES[impl]:

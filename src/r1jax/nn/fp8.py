@@ -25,8 +25,8 @@ Impl = Literal["auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu"]
 KERNELS = {"mosaic_gpu": fp8_mosaic_gpu, "triton": fp8_triton, "mosaic_tpu": fp8_mosaic_tpu}
 _KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 
-__all__ = ["E4M3", "KERNELS", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "gemm_nt",
-           "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla"]
+__all__ = ["E4M3", "KERNELS", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "exact_operands",
+           "gemm_nt", "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -81,12 +81,15 @@ def dequantize_weight(q_KxN, scale_KbxNb):
   return (q_blk * scale_KbxNb[..., :, None, :, None]).reshape(q_KxN.shape)
 
 
+def exact_operands(*qs):
+  """e4m3 operands as the backend's dot takes them: as they are on GPU (XLA's fp8 GEMM); elsewhere as bf16,
+  which is exact (e4m3's 3 mantissa and 4 exponent bits fit in bf16's 7 and 8) and native on TPU."""
+  return qs if jax.default_backend() == "gpu" else tuple(q.astype(jnp.bfloat16) for q in qs)
+
+
 def _mm_f32(spec: str, a, b):
-  """e4m3 x e4m3 -> fp32 einsum. Off GPU the operands go in as bf16, which is exact (e4m3's 3 mantissa and
-  4 exponent bits fit in bf16's 7 and 8) and native on TPU; on GPU XLA gets the fp8 operands."""
-  if jax.default_backend() != "gpu":
-    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  """e4m3 x e4m3 -> fp32 einsum (exact_operands)."""
+  return jnp.einsum(spec, *exact_operands(a, b), preferred_element_type=jnp.float32)
 
 
 def _chunk(n_blocks: int, bytes_per_block: int) -> int:
@@ -179,6 +182,11 @@ def _rows(scale_XbxYb, block: int):
   return jnp.repeat(scale_XbxYb, block, axis=0)
 
 
+def weight_nt(wq_KxN, ws_KbxNb, block: int):
+  """A quantised weight as gemm_nt's b operand: (e4m3 [N, K], per-row scales [N, K/block])."""
+  return wq_KxN.T, _rows(ws_KbxNb.T, block)
+
+
 def _sum_to(g, like):
   """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
   over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
@@ -194,7 +202,7 @@ def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
 def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
   xq_MxK, xs_MxKb = quantize_act(x_MxK, block, pow2)
   wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
-  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_KxN.T, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
+  y_MxN = gemm_nt(xq_MxK, xs_MxKb, *weight_nt(wq_KxN, ws_KbxNb, block), block=block, out_dtype=x_MxK.dtype,
                   impl=impl, tiles=tiles, interpret=interpret)
   # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
   # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.

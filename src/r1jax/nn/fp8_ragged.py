@@ -25,12 +25,10 @@ def _row_groups(group_sizes_G, n: int):
 
 
 def _ragged_f32(a_NxB, b_GxBxF, group_sizes_G):
-  """e4m3 x e4m3 -> fp32 ragged product of one K block. Off GPU the operands go in as bf16, exact
-  (fp8._mm_f32). Two-dimensional on purpose: XLA GPU (JAX 0.11.2) rejects a ragged_dot_general with batch
-  dimensions ("dimension number is not unique in Dot", on an H200), so K blocks are not batched."""
-  if jax.default_backend() != "gpu":
-    a_NxB, b_GxBxF = a_NxB.astype(jnp.bfloat16), b_GxBxF.astype(jnp.bfloat16)
-  return jax.lax.ragged_dot(a_NxB, b_GxBxF, group_sizes_G, preferred_element_type=jnp.float32)
+  """e4m3 x e4m3 -> fp32 ragged product of one K block (fp8.exact_operands). Two-dimensional on purpose: XLA
+  GPU (JAX 0.11.2) rejects a ragged_dot_general with batch dimensions ("dimension number is not unique in
+  Dot", on an H200), so K blocks are not batched."""
+  return jax.lax.ragged_dot(*fp8.exact_operands(a_NxB, b_GxBxF), group_sizes_G, preferred_element_type=jnp.float32)
 
 
 def grouped_scaled_matmul(aq_NxK, as_NxKb, bq_GxKxF, bs_GxKbxFb, group_sizes_G, *, block: int, out_dtype):

@@ -67,8 +67,8 @@ def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow
     raise ValueError(f"fp8_weights.dot: x {x_MxK.shape} @ e4m3 {q_KxN.shape} with scales {scale_KbxNb.shape} "
                      f"needs [{K}] inputs and {block}x{block} tiles (model.fp8.block must match the checkpoint's)")
   xq_MxK, xs_MxKb = fp8.quantize_act(x_MxK.reshape(-1, K), block, pow2)
-  ws_NxKb = jnp.repeat(scale_KbxNb.T, block, axis=0)  # per-row scales for the primitive, as fp8._rows
-  y_MxN = fp8.gemm_nt(xq_MxK, xs_MxKb, q_KxN.T, ws_NxKb, block=block, out_dtype=x_MxK.dtype, impl=impl)
+  y_MxN = fp8.gemm_nt(xq_MxK, xs_MxKb, *fp8.weight_nt(q_KxN, scale_KbxNb, block), block=block,
+                      out_dtype=x_MxK.dtype, impl=impl)
   return y_MxN.reshape(*x_MxK.shape[:-1], N)
 
 
