@@ -17,6 +17,7 @@ from r1jax.nn import fp8, fp8_mosaic_gpu, fp8_triton
 # (M tokens, K, N): expert gate/up, expert down, MLA q down-projection, dense-layer up (V3 671B preset)
 V3_SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 1536), (4096, 7168, 18432))
 GPU_IMPLS = ("xla", "triton", "mosaic_gpu")
+CALLS = 20  # back-to-back launches per timing sample (bench.median_seconds): kernels here take 0.1-2 ms
 _T, _M = fp8_triton.Tiles, fp8_mosaic_gpu.Tiles
 TUNE_CANDIDATES = {
     "triton": (_T(64, 128, 4, 4), _T(64, 256, 8, 3), _T(128, 128, 8, 4), _T(128, 128, 4, 3), _T(128, 256, 8, 3),
@@ -79,10 +80,10 @@ def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.
       row = {"shape": list(shape), "impl": impl}
       try:
         fwd, fwd_bwd = _fns(impl, (tiles or {}).get(impl))
-        t = median_seconds(fwd, x, w, repeats=repeats)
+        t = median_seconds(fwd, x, w, repeats=repeats, calls=CALLS)
         row.update(fwd_ms=1e3 * t, fwd_tflops=2 * M * K * N / t / 1e12, rel_err=_rel_err(fwd(x, w), ref_y))
         if backward:
-          tb = median_seconds(fwd_bwd, x, w, dy, repeats=repeats)
+          tb = median_seconds(fwd_bwd, x, w, dy, repeats=repeats, calls=CALLS)
           _, dx, dw = fwd_bwd(x, w, dy)
           row.update(fwdbwd_ms=1e3 * tb, fwdbwd_tflops=6 * M * K * N / tb / 1e12,
                      dx_rel_err=_rel_err(dx, ref_dx), dw_rel_err=_rel_err(dw, ref_dw))
@@ -96,8 +97,8 @@ def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.
       rows.append(row)
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "repeats": repeats,
-          "tiles": {i: (t or fp8.KERNELS[i].Tiles())._asdict() for i in impls if i in fp8.KERNELS
-                    for t in [(tiles or {}).get(i)]},
+          "tiles": {i: (t._asdict() if t else "default" if i == "mosaic_gpu" else fp8.KERNELS[i].Tiles()._asdict())
+                    for i in impls if i in fp8.KERNELS for t in [(tiles or {}).get(i)]},  # default: default_tiles(N)
           "reference": reference, "results": rows}
 
 
@@ -117,7 +118,7 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
     try:
       f = jax.jit(functools.partial(fp8.KERNELS[impl].scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
                                     tiles=tiles))
-      t = median_seconds(f, xq, xs, wtq, wts, repeats=repeats)
+      t = median_seconds(f, xq, xs, wtq, wts, repeats=repeats, calls=CALLS)
       row.update(ms=1e3 * t, tflops=2 * M * K * N / t / 1e12, rel_diff_vs_xla=_rel_err(f(xq, xs, wtq, wts), ref))
     except Exception as e:  # noqa: BLE001
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -30,13 +30,20 @@ class Tiles(NamedTuple):
   """Per-warpgroup output tile (tile_m x tile_n; the CTA tile is 2 x tile_m by tile_n), pipeline depth
   (`stages` K steps in flight) and `swizzle_width` tiles visited together along M (L2 reuse of b).
   tile_m x tile_n fp32 is held twice per thread (main accumulator and wgmma result): 64 x 128 uses 128 of
-  the 255 registers. Defaults: the fastest at 2 of the 4 V3 shapes and within 3% at a third in one H200
-  sweep (bench/results/h200_fp8_mosaic_gpu.json); fp8_bench.tune tries others."""
+  the 255 registers. Unset, `default_tiles` picks them per shape."""
 
   tile_m: int = 64
   tile_n: int = 128
-  stages: int = 5
+  stages: int = 4
   swizzle_width: int = 8
+
+
+def default_tiles(N: int) -> Tiles:
+  """tile_n 192 where it divides N (no padded columns), else 128; 4 stages. In an H200 sweep
+  (bench/results/h200_fp8_mosaic_gpu.json, 20 back-to-back launches per sample) this was the fastest of 7
+  candidates at each V3 shape: 192 at 7168->1536 (869 TFLOP/s vs 756 at 128) and 7168->18432 (905 vs 850);
+  128 at 7168->2048 and 2048->7168, which 192 does not divide (806 vs 686; 723 vs 565)."""
+  return Tiles(tile_n=192) if N % 192 == 0 else Tiles()
 
 
 def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, block: int, tiles: Tiles):
@@ -122,9 +129,9 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
   interpreter has no transposed wgmma operand, which 8-bit wgmma needs (tests lower it for CUDA instead)."""
   if IMPORT_ERROR is not None:
     raise RuntimeError(f"the Mosaic GPU FP8 kernel needs jax.experimental.pallas.mosaic_gpu: {IMPORT_ERROR}")
-  tiles = tiles or Tiles()
   M, K = aq_MxK.shape
   N = bq_NxK.shape[0]
+  tiles = tiles or default_tiles(N)
   if block not in BLOCKS:
     raise ValueError(f"Mosaic GPU FP8 kernel: block {block} must be 32, 64 or 128 (a swizzle width in bytes)")
   a, b = pad_rows(aq_MxK, WG_COMPUTE * tiles.tile_m), pad_rows(bq_NxK, tiles.tile_n)
@@ -143,3 +150,4 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )
   return varying_like(call(a, b, as_KbxM, bs_KbxN), a)[:M, :N]
+
