@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# FP8 on one GPU, in one call: the GPU-marked FP8 tests; the Mosaic GPU kernel's tile candidates at each V3
-# GEMM shape; then `r1jax bench fp8` (bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and
-# backward, and the bench-config train step with FP8 off and on for STEPS steps: speed and final losses).
+# FP8 on one GPU: STAGES (default "tests tune bench") picks the parts, about 1, 2 and 6 minutes on an H200:
+#   tests  the GPU-marked FP8 tests (the kernel, the vmapped expert GEMM and the tiny model == XLA);
+#   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape;
+#   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
+#          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
+#          LR (speed and the final cross-entropies).
 # Wheels missing from the GPU image travel in .whl/.
 set -uo pipefail
 rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
-STEPS=${STEPS:-100}
-R1JAX_TEST_PLATFORMS=cuda timeout 120 python3 -m pytest -q -m gpu tests/test_fp8_mosaic_gpu.py -p no:cacheprovider 2>&1 | tail -3
-timeout 200 python3 - > "$OUT/fp8_tune.json" <<'PY'
+STAGES=${STAGES:-tests tune bench} STEPS=${STEPS:-100} LR=${LR:-1e-3}
+if [[ " $STAGES " == *" tests "* ]]; then
+  R1JAX_TEST_PLATFORMS=cuda timeout 180 python3 -m pytest -q -m gpu tests/test_fp8_mosaic_gpu.py -p no:cacheprovider 2>&1 | tail -15
+fi
+if [[ " $STAGES " == *" tune "* ]]; then
+  timeout 200 python3 - > "$OUT/fp8_tune.json" <<'PY'
 import json
 from r1jax import fp8_bench
 print(json.dumps({str(s): fp8_bench.tune("mosaic_gpu", s) for s in fp8_bench.V3_SHAPES}, indent=1))
 PY
-echo "tune rc=$?"; python3 -c "
+  echo "tune rc=$?"; python3 -c "
 import json; d = json.load(open('$OUT/fp8_tune.json'))
 for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['swizzle_width'], round(r.get('tflops', 0))) for r in rows[:4]])"
-timeout 330 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype=bfloat16 --config configs/bench_gpu.yaml \
-  --steps "$STEPS" --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"; echo "fp8 rc=$?"; tail -3 "$OUT/fp8.err"
-python3 -c "
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  timeout 480 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype=bfloat16 optim.lr="$LR" \
+    --config configs/bench_gpu.yaml --steps "$STEPS" --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
+  echo "fp8 rc=$?"; tail -3 "$OUT/fp8.err"
+  python3 -c "
 import json; d = json.load(open('$OUT/fp8.json'))
 for r in d.get('gemms', {}).get('results', []): print(r['shape'], r['impl'], {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}, r.get('error', '')[:200])
-print('train off/on tok/s', d['train_off'].get('tokens_per_s'), d['train_on'].get('tokens_per_s', d['train_on']), d.get('final_loss'))"
+print('train off/on tok/s', d['train_off'].get('tokens_per_s'), d['train_on'].get('tokens_per_s', d['train_on']), d.get('final_ce'))"
+fi
