@@ -103,6 +103,18 @@ def test_quantize_weight_matches_numpy(shape, block, pow2):
                                 np_deq_weight(q_np, scale_np).astype(np.float32))
 
 
+def test_dequantize_weight_with_a_partial_last_column_block():
+  """A checkpoint's weight whose output dim ends in a partial block (scales rounded up, DeepSeek's kv_a):
+  each value times its tile's scale, against the Kronecker-product reference of the FP8 import tests."""
+  from fp8_checkpoint import quantize, reference_dequant
+
+  w = np.random.default_rng(4).standard_normal((64, 40)).astype(np.float32)
+  q, scale = quantize(w, (16, 16))
+  assert scale.shape == (4, 3)
+  np.testing.assert_array_equal(np.asarray(fp8.dequantize_weight(jnp.asarray(q), jnp.asarray(scale))),
+                                reference_dequant(q, scale, (16, 16)))
+
+
 def test_pow2_scales_are_powers_of_two_at_least_the_plain_scale():
   rng = np.random.default_rng(3)
   x = (rng.standard_normal((64, 512)) * rng.uniform(1e-6, 1e4, size=(64, 1))).astype(np.float32)

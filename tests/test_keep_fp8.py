@@ -168,3 +168,22 @@ def test_weights_that_do_not_fit_are_dequantised(ckpt, caplog):
   cfg = hf.read_config(ckpt.fp8_dir, FP8_ON + ["model.fp8.block=32", "model.fp8.attention=false"]).model
   with pytest.raises(ConfigError, match="nothing would be kept: .*checkpoint blocks 16x16 differ from model.fp8.block=32"):
     hf.load_params(ckpt.fp8_dir, cfg, keep_fp8=True)  # a full-precision import where one byte was asked for
+
+
+def test_partial_output_blocks_are_kept(tmp_path):
+  """At 32 x 32 blocks MLA's 48-wide kv_a ends in a half block, whose scale the checkpoint rounds up (2 scales
+  for 48 columns, as V3's 576-wide kv_a has 5). It is kept, bytes and scales as stored, and the kept GEMM
+  zero-pads that block as fp8.dot does: logits equal the dequantising import's to fp32 rounding."""
+  ckpt32 = build(tmp_path / "ckpt", (32, 32))
+  cfg = hf.read_config(ckpt32.fp8_dir, FP8_ON + ["model.fp8.block=32"])
+  kept = hf.load_params(ckpt32.fp8_dir, cfg.model, keep_fp8=True)
+  dequantised = hf.load_params(ckpt32.fp8_dir, cfg.model)
+  wkv_a = kept["dense_layers"]["attn"]["wkv_a"]
+  assert fp8_weights.is_quantized(wkv_a) and wkv_a.shape[-2:] == (128, 48) and wkv_a.scale_KbxNb.shape[-2:] == (4, 2)
+  name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+  np.testing.assert_array_equal(np.asarray(wkv_a.q_KxN)[0].view(np.uint8), ckpt32.tensors[name].view(torch.uint8).numpy().T)
+  np.testing.assert_array_equal(np.asarray(wkv_a.scale_KbxNb)[0],
+                                ckpt32.tensors[name[:-len("weight")] + "weight_scale_inv"].numpy().T)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.model.vocab_size)
+  for g, ref in zip(_forward_jit(kept, tokens, cfg.model), _forward_jit(dequantised, tokens, cfg.model)):
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))

@@ -181,7 +181,7 @@ def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
 def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
   """The bf16 matmul throughput this device reaches on an n x n x n product (the MFU denominator)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  return 2 * n**3 / median_seconds(jax.jit(lambda x: x @ x), a, repeats=repeats) / 1e12
+  return 2 * n**3 / median_seconds(jax.jit(lambda x: x @ x), a, repeats=repeats, calls=10) / 1e12
 
 
 def train_batch(cfg: RunConfig, packed: int = 0, tokens=None) -> dict:

@@ -286,8 +286,8 @@ def fp8_misfit(leaf: Leaf, info: HFInfo, block: int) -> str | None:
     return "config.json has no quantization_config"
   if info.fp8_block != (block, block):
     return f"checkpoint blocks {info.fp8_block[0]}x{info.fp8_block[1]} differ from model.fp8.block={block}"
-  if not leaf.matrix or any(d % block for d in leaf.piece_shape):
-    return f"dims {list(leaf.piece_shape)} are not whole {block}x{block} blocks"
+  if not leaf.matrix or leaf.piece_shape[0] % block:  # a partial last block of output columns is kept
+    return f"input dim {leaf.piece_shape[0] if leaf.matrix else list(leaf.piece_shape)} is not whole {block}-blocks"
   cols = leaf.rope_cols
   if cols is not None and np.any(cols // block != np.arange(len(cols)) // block):
     return "its RoPE column permutation crosses blocks"
@@ -295,10 +295,11 @@ def fp8_misfit(leaf: Leaf, info: HFInfo, block: int) -> str | None:
 
 
 def fp8_leaves(leaf: Leaf, block: int) -> tuple[Leaf, Leaf]:
-  """A kept FP8 leaf as two: its e4m3 values and its fp32 block scales [..., K / block, N / block]."""
+  """A kept FP8 leaf as two: its e4m3 values and its fp32 block scales [..., K / block, ceil(N / block)]."""
   lead, (K, N) = leaf.shape[:leaf.n_lead], leaf.piece_shape
   return (dataclasses.replace(leaf, dtype=E4M3),
-          dataclasses.replace(leaf, shape=(*lead, K // block, N // block), dtype=np.dtype(np.float32), rope_cols=None))
+          dataclasses.replace(leaf, shape=(*lead, K // block, -(-N // block)), dtype=np.dtype(np.float32),
+                              rope_cols=None))
 
 
 def e4m3_tensor(ckpt, leaf: Leaf):

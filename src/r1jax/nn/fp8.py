@@ -74,11 +74,14 @@ def dequantize_act(q_MxK, scale_MxKb):
 
 
 def dequantize_weight(q_KxN, scale_KbxNb):
-  """fp32 q * scale, each scale over its tile."""
+  """fp32 q * scale, each scale over its block x block tile (block = K / Kb); a last partial block of columns
+  takes its tile's scale (DeepSeek's checkpoints round those scales up: V3's 576-wide kv_a has 5 blocks)."""
   *lead, K, N = q_KxN.shape
   Kb, Nb = scale_KbxNb.shape[-2:]
-  q_blk = q_KxN.astype(jnp.float32).reshape(*lead, Kb, K // Kb, Nb, N // Nb)
-  return (q_blk * scale_KbxNb[..., :, None, :, None]).reshape(q_KxN.shape)
+  block = K // Kb
+  q = jnp.pad(q_KxN.astype(jnp.float32), [(0, 0)] * (len(lead) + 1) + [(0, Nb * block - N)])
+  q_blk = q.reshape(*lead, Kb, block, Nb, block)
+  return (q_blk * scale_KbxNb[..., :, None, :, None]).reshape(*lead, K, Nb * block)[..., :N]
 
 
 def exact_operands(*qs):

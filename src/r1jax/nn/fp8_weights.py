@@ -22,7 +22,7 @@ class QuantizedWeight:
   [in, out]). Leading axes (layers, experts) are shared by both arrays."""
 
   q_KxN: jax.Array  # float8_e4m3fn [..., K, N]
-  scale_KbxNb: jax.Array  # float32 [..., K / block, N / block]
+  scale_KbxNb: jax.Array  # float32 [..., K / block, ceil(N / block)]
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -37,10 +37,11 @@ def is_quantized(x) -> bool:
 
 
 def abstract(shape: tuple[int, ...], block: int) -> QuantizedWeight:
-  """ShapeDtypeStructs of a kept weight of `shape` in block x block tiles."""
+  """ShapeDtypeStructs of a kept weight of `shape` in block x block tiles (a last partial block of output
+  columns has its own scale)."""
   *lead, K, N = shape
   return QuantizedWeight(jax.ShapeDtypeStruct(tuple(shape), fp8.E4M3),
-                         jax.ShapeDtypeStruct((*lead, K // block, N // block), jnp.float32))
+                         jax.ShapeDtypeStruct((*lead, K // block, -(-N // block)), jnp.float32))
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -59,17 +60,19 @@ def shardings(weight: NamedSharding, w: QuantizedWeight) -> QuantizedWeight:
 
 def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow2: bool = False):
   """x[..., K] @ w as fp8.dot's forward GEMM, with w's stored e4m3 values and scales in place of quantising a
-  master weight. Inference only: not differentiable (w frozen, no FP8 backward; training refuses these weights)."""
+  master weight (a last partial block of output columns zero-padded to a whole one, as fp8.dot does).
+  Inference only: not differentiable (w frozen, no FP8 backward; training refuses these weights)."""
   impl = fp8.resolve_impl(impl, block=block)
   q_KxN, scale_KbxNb = jax.lax.stop_gradient(w.q_KxN), jax.lax.stop_gradient(w.scale_KbxNb)
   (K, N), Kb = q_KxN.shape, x_MxK.shape[-1] // block
-  if x_MxK.shape[-1] != K or scale_KbxNb.shape != (Kb, N // block):
+  if x_MxK.shape[-1] != K or scale_KbxNb.shape != (Kb, -(-N // block)):
     raise ValueError(f"fp8_weights.dot: x {x_MxK.shape} @ e4m3 {q_KxN.shape} with scales {scale_KbxNb.shape} "
                      f"needs [{K}] inputs and {block}x{block} tiles (model.fp8.block must match the checkpoint's)")
   xq_MxK, xs_MxKb = fp8.quantize_act(x_MxK.reshape(-1, K), block, pow2)
-  y_MxN = fp8.gemm_nt(xq_MxK, xs_MxKb, *fp8.weight_nt(q_KxN, scale_KbxNb, block), block=block,
-                      out_dtype=x_MxK.dtype, impl=impl)
-  return y_MxN.reshape(*x_MxK.shape[:-1], N)
+  q_KxNp = jnp.pad(q_KxN, ((0, 0), (0, -N % block)))
+  y_MxNp = fp8.gemm_nt(xq_MxK, xs_MxKb, *fp8.weight_nt(q_KxNp, scale_KbxNb, block), block=block,
+                       out_dtype=x_MxK.dtype, impl=impl)
+  return y_MxNp[:, :N].reshape(*x_MxK.shape[:-1], N)
 
 
 def dequantize(w: QuantizedWeight, dtype):
