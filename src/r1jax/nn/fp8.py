@@ -26,7 +26,8 @@ KERNELS = {"mosaic_gpu": fp8_mosaic_gpu, "triton": fp8_triton, "mosaic_tpu": fp8
 _KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 
 __all__ = ["E4M3", "KERNELS", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "exact_operands",
-           "gemm_nt", "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
+           "gemm_nt", "k_chunk", "mm_f32", "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla",
+           "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -90,12 +91,12 @@ def exact_operands(*qs):
   return qs if jax.default_backend() == "gpu" else tuple(q.astype(jnp.bfloat16) for q in qs)
 
 
-def _mm_f32(spec: str, a, b):
+def mm_f32(spec: str, a, b):
   """e4m3 x e4m3 -> fp32 einsum (exact_operands)."""
   return jnp.einsum(spec, *exact_operands(a, b), preferred_element_type=jnp.float32)
 
 
-def _chunk(n_blocks: int, bytes_per_block: int) -> int:
+def k_chunk(n_blocks: int, bytes_per_block: int) -> int:
   """The most K blocks (a divisor of n_blocks) whose fp32 partial products fit in PARTIAL_BYTES."""
   fits = max(1, PARTIAL_BYTES // max(bytes_per_block, 1))
   return max(c for c in range(1, n_blocks + 1) if n_blocks % c == 0 and c <= fits)
@@ -109,12 +110,12 @@ def scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dt
   """
   (M, K), N = aq_MxK.shape, bq_NxK.shape[0]
   Kb = K // block
-  c = _chunk(Kb, M * N * 4)
+  c = k_chunk(Kb, M * N * 4)
   a_MxKbxB, b_NxKbxB = aq_MxK.reshape(M, Kb, block), bq_NxK.reshape(N, Kb, block)
 
   def chunk_sum(i):
     sl = lambda t: jax.lax.dynamic_slice_in_dim(t, i * c, c, axis=1)  # noqa: E731
-    p_CxMxN = _mm_f32("mcb,ncb->cmn", sl(a_MxKbxB), sl(b_NxKbxB))
+    p_CxMxN = mm_f32("mcb,ncb->cmn", sl(a_MxKbxB), sl(b_NxKbxB))
     return jnp.sum(p_CxMxN * sl(as_MxKb).T[:, :, None] * sl(bs_NxKb).T[:, None, :], axis=0)
 
   if c == Kb:
@@ -190,13 +191,6 @@ def weight_nt(wq_KxN, ws_KbxNb, block: int):
   return wq_KxN.T, _rows(ws_KbxNb.T, block)
 
 
-def _sum_to(g, like):
-  """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
-  over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
-  extra = tuple(sorted(kernel_util.varying(g) - kernel_util.varying(like)))
-  return jax.lax.psum(g, extra) if extra else g
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
   return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret)[0]
@@ -228,7 +222,7 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
   dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
   dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=w_KxN.dtype, impl=impl,
                    tiles=tiles, interpret=interpret)
-  return _sum_to(dx_MxK, xq_MxK), _sum_to(dw_KxN, w_KxN)
+  return kernel_util.sum_to(dx_MxK, xq_MxK), kernel_util.sum_to(dw_KxN, w_KxN)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)

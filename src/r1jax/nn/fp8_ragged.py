@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn import fp8
+from r1jax.nn import fp8, kernel_util
 
 __all__ = ["grouped_scaled_matmul", "ragged_dot"]
 
@@ -33,10 +33,10 @@ def _ragged_f32(a_NxB, b_GxBxF, group_sizes_G):
 
 def grouped_scaled_matmul(aq_NxK, as_NxKb, bq_GxKxF, bs_GxKbxFb, group_sizes_G, *, block: int, out_dtype):
   """Row n of a times its group's b: sum over K blocks of fp32(a_k @ b[g]_k) * as[n, k] * bs[g, k, f/block]
-  (V3 report §3.3.2 promotion); c K blocks per loop step, their fp32 partials bounded as in fp8._chunk."""
+  (V3 report §3.3.2 promotion); c K blocks per loop step, their fp32 partials bounded as in fp8.k_chunk."""
   (N, K), F = aq_NxK.shape, bq_GxKxF.shape[-1]
   Kb, Fb = K // block, F // block
-  c = fp8._chunk(Kb, N * F * 4)
+  c = fp8.k_chunk(Kb, N * F * 4)
   gid_N = _row_groups(group_sizes_G, N)
 
   def block_product(k):
@@ -92,7 +92,7 @@ def _wgrad(x_NxK, dy_NxF, group_sizes_G, block: int, pow2: bool):
 
   def add_chunk(i, dw_GxKxF):
     sl = lambda t: jax.lax.dynamic_slice_in_dim(t, i * c, c, axis=1)  # noqa: E731
-    p_CxKxF = fp8._mm_f32("kcb,fcb->ckf", sl(xq_KxTxB), sl(dyq_FxTxB))
+    p_CxKxF = fp8.mm_f32("kcb,fcb->ckf", sl(xq_KxTxB), sl(dyq_FxTxB))
     p_CxKxF = p_CxKxF * sl(xs_KxT).T[:, :, None] * sl(dys_FxT).T[:, None, :]
     return dw_GxKxF.at[jax.lax.dynamic_slice_in_dim(tile_group_T, i * c, c)].add(p_CxKxF)
 
@@ -122,7 +122,7 @@ def _ragged_bwd(block, pow2, res, dy_NxF):
   dx_NxK = grouped_scaled_matmul(dyq_NxF, dys_NxFb, wq_GxKxF.transpose(0, 2, 1), ws_GxKbxFb.transpose(0, 2, 1),
                                  group_sizes_G, block=block, out_dtype=dy_NxF.dtype)
   dw_GxKxF = _wgrad(fp8.dequantize_act(xq_NxK, xs_NxKb), dy_NxF, group_sizes_G, block, pow2)
-  return fp8._sum_to(dx_NxK, xq_NxK), fp8._sum_to(dw_GxKxF.astype(w_GxKxF.dtype), w_GxKxF), None
+  return kernel_util.sum_to(dx_NxK, xq_NxK), kernel_util.sum_to(dw_GxKxF.astype(w_GxKxF.dtype), w_GxKxF), None
 
 
 _ragged.defvjp(_ragged_fwd, _ragged_bwd)

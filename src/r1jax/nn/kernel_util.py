@@ -1,5 +1,5 @@
-"""Helpers the Pallas kernels share: zero-padding rows to whole tiles, and the manual-axis types a
-pallas_call's operands and output must declare inside shard_map."""
+"""Helpers the Pallas kernels and FP8 custom_vjps share: zero-padding rows to whole tiles, and the manual-axis
+types a pallas_call's operands and output, and a custom_vjp's cotangents, must declare inside shard_map."""
 
 from __future__ import annotations
 
@@ -38,3 +38,10 @@ def varying_like(y, x):
   (plgpu.kernel traces with check_vma off) still computes a per-device value from per-device operands."""
   extra = tuple(sorted(varying(x) - varying(y)))
   return jax.lax.pcast(y, extra, to="varying") if extra else y
+
+
+def sum_to(g, like):
+  """A custom_vjp must return each cotangent with its primal's type: inside shard_map a weight replicated
+  over some manual axes gets its gradient summed over them (what the transpose of the implicit pvary does)."""
+  extra = tuple(sorted(varying(g) - varying(like)))
+  return jax.lax.psum(g, extra) if extra else g
