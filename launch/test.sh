@@ -8,4 +8,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 export JAX_PLATFORMS=cpu
 # Compiled executables cached on disk (shared by workers and subprocesses; tests/conftest.py says why).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax-tests}" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q --durations=25 "$@"

@@ -273,8 +273,8 @@ def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_bench.bench_gemms, GPU only: TFLOP/s, ratio to
   bf16, error vs fp32), then the train step (bench_train) with model.fp8 off and on from the same state, on the
   same fresh batches of `progressions` (learnable data), and the two final cross-entropies, each the mean of the
-  last 10 steps (`steps` >= 100 for the issue's 1% bar). Parts whose input dims are not whole blocks stay
-  bf16 (attention off then)."""
+  last 10 steps (`steps` >= 100 for the issue's 1% bar), next to a control run's (FP8 off, lr x 1.001). Parts
+  whose input dims are not whole blocks stay bf16 (attention off then)."""
   from r1jax import fp8_bench
 
   out = {"bench": "fp8", "platform": jax.devices()[0].platform}
@@ -287,12 +287,18 @@ def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
     on = dataclasses.replace(on, attention=False)
   off_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False)))
   on_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()
+  # The control: FP8 off with the learning rate nudged by 0.1%, a perturbation with no FP8 in it. How far it
+  # ends from the off run is the noise floor the FP8 gap is read against (bench/results/cpu2_fp8_loss_calibration.json).
+  nudged_cfg = dataclasses.replace(off_cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * 1.001))
   out["train_off"] = bench_train(off_cfg, steps, data="progressions")
   try:  # a failure here is reported in the JSON next to the measurements above, not lost with them
     out["train_on"] = bench_train(on_cfg, steps, data="progressions")
     out["train_speedup"] = out["train_on"]["tokens_per_s"] / out["train_off"]["tokens_per_s"]
-    off_ce, on_ce = (float(np.mean(out[k]["ce"][-10:])) for k in ("train_off", "train_on"))
+    out["train_off_lr_nudged"] = {"ce": bench_train(nudged_cfg, steps, data="progressions")["ce"]}
+    off_ce, on_ce, nudged_ce = (float(np.mean(out[k]["ce"][-10:])) for k in ("train_off", "train_on",
+                                                                            "train_off_lr_nudged"))
     out["final_ce"] = {"off": off_ce, "on": on_ce, "rel_diff": abs(on_ce - off_ce) / off_ce, "lr": cfg.optim.lr,
+                       "off_lr_x1.001": nudged_ce, "noise_rel_diff": abs(nudged_ce - off_ce) / off_ce,
                        "steps": len(out["train_on"]["ce"]), "uniform": math.log(cfg.model.vocab_size)}
   except Exception as e:  # noqa: BLE001
     out["train_on"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
