@@ -125,10 +125,11 @@ def test_vmapped_expert_gemm_equals_xla_on_hopper():
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
 def test_model_loss_and_gradients_equal_xla_on_hopper(tiny):
   """The tiny model (fp32 compute, every FP8 matmul on at block 32) through the kernel, as training calls it
-  (padding, vmapped experts, partial output block of kv_a, remat): loss and every gradient equal the XLA
+  (padded rows, vmapped experts, kv_a's partial output block): loss and every gradient equal the XLA
   formulation's. Only fp32 summation order differs, which can flip an e4m3 rounding in a later layer's
-  quantisation (2^-4 of one element), so gradients are compared by relative Frobenius error: 1e-2 against
-  the O(1) of a wrong tile, scale or expert."""
+  quantisation (2^-4 of one element), so each gradient is compared by relative Frobenius error (relative to
+  at least 1e-3 of the whole gradient's norm, for near-zero leaves): 1e-2 against the O(1) of a wrong tile,
+  scale or expert."""
   import dataclasses
 
   from r1jax import train
@@ -149,7 +150,6 @@ def test_model_loss_and_gradients_equal_xla_on_hopper(tiny):
   (loss, _), g = grads("mosaic_gpu")
   (loss_x, _), g_x = grads("xla")
   np.testing.assert_allclose(loss, loss_x, rtol=1e-4)
-  rel = jax.tree.map(lambda a, b: float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30)), g, g_x)
-  worst = max(jax.tree.leaves(rel))
-  assert worst < 1e-2, rel
-
+  floor = 1e-3 * float(jnp.sqrt(sum(jnp.sum(b * b) for b in jax.tree.leaves(g_x))))
+  rel = jax.tree.map(lambda a, b: float(jnp.linalg.norm(a - b) / max(float(jnp.linalg.norm(b)), floor)), g, g_x)
+  assert max(jax.tree.leaves(rel)) < 1e-2, rel

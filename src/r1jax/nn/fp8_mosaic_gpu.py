@@ -150,4 +150,3 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )
   return varying_like(call(a, b, as_KbxM, bs_KbxN), a)[:M, :N]
-
