@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# FP8 on one GPU: STAGES (default "tests tune bench") picks the parts, about 1, 2 and 6 minutes on an H200:
-#   tests  the GPU-marked FP8 tests (the kernel, the vmapped expert GEMM and the tiny model == XLA);
+# FP8 on one GPU: STAGES (default "tests tune bench") picks the parts, about 3, 2 and 6 minutes on an H200:
+#   tests  the GPU-marked FP8 tests (the kernel, the vmapped expert GEMM and the tiny model == XLA; TESTS adds
+#          files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
 #          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
@@ -13,7 +14,8 @@ export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 STAGES=${STAGES:-tests tune bench} STEPS=${STEPS:-100} LR=${LR:-1e-3}
 if [[ " $STAGES " == *" tests "* ]]; then
-  R1JAX_TEST_PLATFORMS=cuda timeout 180 python3 -m pytest -q -m gpu tests/test_fp8_mosaic_gpu.py -p no:cacheprovider 2>&1 | tail -15
+  R1JAX_TEST_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu tests/test_fp8_mosaic_gpu.py ${TESTS:-} \
+    -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?"; tail -40 "$OUT/gpu_tests.log"
 fi
 if [[ " $STAGES " == *" tune "* ]]; then
   timeout 200 python3 - > "$OUT/fp8_tune.json" <<'PY'

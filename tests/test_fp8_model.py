@@ -11,6 +11,7 @@ import pytest
 from r1jax import config, sharding, train
 from r1jax.bench import progressions
 from r1jax.config import ConfigError, FP8Config, MeshConfig
+from r1jax.nn import fp8 as fp8_lib
 from r1jax.nn import layers, moe
 
 FP8 = FP8Config(enabled=True, block=16, impl="xla")  # the tiny model's dims are multiples of 16
@@ -105,6 +106,48 @@ def test_mla_with_a_partial_output_block(tiny):
   assert 1e-3 < rel(y8, y32) < 0.08
   for name in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
     assert g8[name].shape == p[name].shape and 1e-3 < rel(g8[name], g32[name]) < 0.15, (name, rel(g8[name], g32[name]))
+
+
+def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
+  """Under remat "dots" the backward recomputes no per-token FP8 GEMM or its quantisation (a kernel is no
+  dot_general, so the bf16 policy alone recomputed them all): as many dot_generals (the XLA formulation's
+  K-block products) and amax reductions as without remat. The per-expert GEMMs (batched, as bf16 expert
+  einsums are) are recomputed: one more forward's worth of each."""
+  from r1jax.nn import block, fp8
+
+  w1, w2 = (jax.random.normal(k, (32, 32)) * 0.1 for k in jax.random.split(jax.random.key(0), 2))
+
+  def count(dot, x, policy):
+    f = lambda x, w1, w2: jnp.sum(dot(jax.nn.silu(dot(x, w1)), w2) ** 2)  # noqa: E731
+    f = f if policy is None else jax.checkpoint(f, policy=policy)
+    text = str(jax.make_jaxpr(jax.grad(f, argnums=(1, 2)))(x, w1, w2))
+    return text.count("dot_general"), text.count("reduce_max")
+
+  dots = block._REMAT_POLICIES["dots"]
+  one = lambda x, w: fp8.dot(x, w, block=16)  # noqa: E731
+  x = jax.random.normal(jax.random.key(1), (32, 32))
+  assert count(one, x, dots) == count(one, x, None) == (6, 12)  # 2 forward, 2 dgrad, 2 wgrad GEMMs
+  assert count(one, x, jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == (8, 16)  # what it was
+  batched = lambda x, w: fp8.batched_dot(x, jnp.broadcast_to(w, (2, *w.shape)), block=16)  # noqa: E731
+  assert count(batched, jnp.stack([x, x]), dots) == (8, 16)
+
+
+def test_dense_many_is_the_separate_gemms():
+  """One FP8 GEMM over concatenated columns equals one GEMM per weight when every weight but the last ends
+  on a block boundary (the same tiles and block products; fp32 operands, so only fp32 summation order
+  differs, in dx's sum over both weights); otherwise the weights run separately, bitwise as `dense`."""
+  fp8 = FP8Config(enabled=True, block=16, impl="xla")
+  x = jax.random.normal(jax.random.key(0), (2, 24, 32))
+  for widths in ((32, 48), (48, 40), (40, 32)):  # joined, joined with a partial last block, separate
+    ws = [jax.random.normal(k, (32, n)) * 0.2 for k, n in zip(jax.random.split(jax.random.key(1), 2), widths)]
+    f_many = lambda x, ws: sum(jnp.sum(jnp.sin(y)) for y in layers.dense_many(x, ws, fp8))  # noqa: E731
+    f_each = lambda x, ws: sum(jnp.sum(jnp.sin(layers.dense(x, w, fp8))) for w in ws)  # noqa: E731
+    ys_many, ys_each = layers.dense_many(x, ws, fp8), [layers.dense(x, w, fp8) for w in ws]
+    g_many, g_each = jax.grad(f_many, argnums=(0, 1))(x, ws), jax.grad(f_each, argnums=(0, 1))(x, ws)
+    assert [y.shape for y in ys_many] == [(2, 24, n) for n in widths]
+    for a, b in zip([*ys_many, *jax.tree.leaves(g_many)], [*ys_each, *jax.tree.leaves(g_each)]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert fp8_lib.joins_columns(*widths, block=16) == (widths[0] % 16 == 0)
 
 
 def test_fp8_dims_must_be_whole_blocks():

@@ -106,8 +106,10 @@ def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
 def test_vmapped_expert_gemm_equals_xla_on_hopper():
   """The padded expert form vmaps fp8.dot over experts (Pallas's batching rule adds a grid axis to the
-  kernel): each expert's product and gradients equal the XLA formulation's. fp32 operands and outputs, so
-  only summation order differs (no bf16 output rounding to allow for)."""
+  kernel): each expert's product and gradients equal the XLA formulation's. fp32 operands and outputs, so no
+  bf16 output rounding to allow for; but both sides' 128-deep e4m3 tensor-core products (the kernel's wgmma,
+  XLA's cuBLAS GEMM) accumulate with Hopper's ~14-bit fp8 adder (V3 report §3.3.2), differently: 1e-4 of the
+  norm and 1e-3 of the largest entry, against the O(1) of a wrong expert, tile or scale."""
   E, M, K, N = 4, 200, 256, 384
   ks = jax.random.split(jax.random.key(5), 3)
   x, w, dy = (jax.random.normal(k, s, jnp.float32) for k, s in zip(ks, [(E, M, K), (E, K, N), (E, M, N)]))
@@ -116,9 +118,10 @@ def test_vmapped_expert_gemm_equals_xla_on_hopper():
     y, vjp = jax.vjp(functools.partial(fp8.batched_dot, block=128, impl=impl), x, w)
     return (y, *vjp(dy))
 
-  for got, want in zip(jax.jit(lambda: run("mosaic_gpu"))(), jax.jit(lambda: run("xla"))()):
-    got, want = np.asarray(got), np.asarray(want)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  for name, got, want in zip("y dx dw".split(), jax.jit(lambda: run("mosaic_gpu"))(), jax.jit(lambda: run("xla"))()):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rel, worst = np.linalg.norm(got - want) / np.linalg.norm(want), np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-4 and worst < 1e-3, (name, rel, worst)
 
 
 @pytest.mark.gpu

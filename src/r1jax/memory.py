@@ -93,6 +93,16 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
     attn_rest += 2 * H / t * seq * f32
   shared = 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t
   dense_dots, moe_dots = (proj + 3 * cfg.inter_dim / t) * b, (proj + shared) * b + E * f32  # + router scores
+  if cfg.fp8.enabled and cfg.remat == "dots":  # a kept FP8 GEMM keeps its e4m3 input and scales too (fp8.py)
+    q8 = 1 + f32 / cfg.fp8.block
+    if cfg.attention == "mla":  # x once for wq_a and wkv_a (twice without q_lora), the latents, o's input
+      attn_in = (D + cfg.q_lora_rank if cfg.q_lora_rank else 2 * D) + cfg.kv_lora_rank + H * cfg.v_head_dim / t
+    else:  # x for each of q, k, v, and o's input
+      attn_in = 3 * D + H * cfg.head_dim / t
+    attn_in = attn_in if cfg.fp8.use("attention") else 0
+    mlp_in = lambda use, inter: (D + inter / t) if use else 0  # noqa: E731  (gate/up share one quantised x)
+    dense_dots += q8 * (attn_in + mlp_in(cfg.fp8.use("dense_mlp"), cfg.inter_dim))
+    moe_dots += q8 * (attn_in + cfg.n_shared_experts * mlp_in(cfg.fp8.use("shared_experts"), cfg.moe_inter_dim))
   C = expert_parallel.capacity(max(1, int(tokens)), cfg)
   rows = C * E / max(tokens, 1)  # padded expert rows per token
   # dispatched rows, gate/up/silu/product, expert outputs; gathered outputs per slot in bf16 and fp32

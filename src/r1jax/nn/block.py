@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import attention, gqa, layers, mla, moe
+from r1jax.nn import attention, fp8, gqa, layers, mla, moe
 from r1jax.sharding import constrain
 
 
@@ -78,7 +78,10 @@ def cache_names(cfg: ModelConfig) -> dict:
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # bf16 dots without batch dims, and the FP8 GEMMs in their place (a kernel is no dot_general: fp8.SAVED_NAMES)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*fp8.SAVED_NAMES)),
 }
 
 

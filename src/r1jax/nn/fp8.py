@@ -15,6 +15,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from r1jax.nn import fp8_mosaic_gpu, fp8_mosaic_tpu, fp8_triton, kernel_util
 
 E4M3 = jnp.float8_e4m3fn
@@ -24,10 +26,16 @@ PARTIAL_BYTES = 1 << 30  # the XLA path's fp32 partial products [c, M, N] for c 
 Impl = Literal["auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu"]
 KERNELS = {"mosaic_gpu": fp8_mosaic_gpu, "triton": fp8_triton, "mosaic_tpu": fp8_mosaic_tpu}
 _KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
+# Remat names: a kernel's output is no dot_general, so jax.checkpoint's dots policies would recompute every
+# FP8 GEMM (and its quantisation) in the backward; the "dots" remat policy (nn/block.py) saves these names
+# as it saves bf16 dots without batch dims. The per-expert (vmapped) GEMMs get their own, unsaved, names,
+# as the bf16 expert einsums have a batch dim and are recomputed.
+SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
+BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
 
-__all__ = ["E4M3", "KERNELS", "batched_dot", "dequantize_act", "dequantize_weight", "dot", "exact_operands",
-           "gemm_nt", "k_chunk", "mm_f32", "quantize_act", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla",
-           "weight_nt"]
+__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "dequantize_act", "dequantize_weight", "dot",
+           "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act", "quantize_weight", "resolve_impl",
+           "scaled_matmul_nt_xla", "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -132,6 +140,14 @@ def _gspmd_partitioned() -> bool:
   return not mesh.empty and mesh.size > 1 and not mesh.manual_axes
 
 
+def joins_columns(*N: int, block: int) -> bool:
+  """Whether GEMMs of one input by weights N[i] wide may run as one GEMM over the concatenated columns (one
+  quantisation of the input, one wider launch, dgrad as one K = sum(N) product): the same block-scaled
+  products when every weight but the last ends on a block boundary, and cheap where the weights are whole
+  on the device; under GSPMD partitioning a concatenation of sharded columns would reshard them."""
+  return all(n % block == 0 for n in N[:-1]) and not _gspmd_partitioned()
+
+
 def _hopper() -> bool:
   """Compute capability 9.x: wgmma, which the Mosaic GPU kernel is written for."""
   return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
@@ -191,22 +207,24 @@ def weight_nt(wq_KxN, ws_KbxNb, block: int):
   return wq_KxN.T, _rows(ws_KbxNb.T, block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
-  return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
+  return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names)[0]
 
 
-def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret):
+def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
   xq_MxK, xs_MxKb = quantize_act(x_MxK, block, pow2)
   wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
   y_MxN = gemm_nt(xq_MxK, xs_MxKb, *weight_nt(wq_KxN, ws_KbxNb, block), block=block, out_dtype=x_MxK.dtype,
                   impl=impl, tiles=tiles, interpret=interpret)
   # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
   # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
-  return y_MxN, (xq_MxK, xs_MxKb, w_KxN)
+  out_name, res_name = names
+  return checkpoint_name(y_MxN, out_name), (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
+                                            w_KxN)
 
 
-def _dot_bwd(block, impl, pow2, tiles, interpret, res, dy_MxN):
+def _dot_bwd(block, impl, pow2, tiles, interpret, names, res, dy_MxN):
   """V3 report Figure 6: dgrad with dy in 1 x block tiles along N against w's same block x block tiles;
   wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens)."""
   xq_MxK, xs_MxKb, w_KxN = res
@@ -229,10 +247,11 @@ _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-        interpret: bool = False):
+        interpret: bool = False, names: tuple[str, str] = SAVED_NAMES):
   """x[..., K] @ w[K, N] as the block-scaled fp8 GEMM, in x's dtype; fp8 dgrad/wgrad in the backward.
 
-  `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests).
+  `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests);
+  `names` are the remat names of the output and of the residuals (SAVED_NAMES).
   """
   impl = resolve_impl(impl, interpret, block)
   if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
@@ -245,7 +264,7 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
   # with zero columns, as DeepSeek's checkpoints round those scales up (576 -> 5 blocks): zeros change no
   # amax, the extra outputs are cropped, and their zero cotangents add nothing to dx or dw.
   w_KxNp = jnp.pad(w_KxN, ((0, 0), (0, -N % block)))
-  y = _dot(x_MxK.reshape(-1, K), w_KxNp, block, impl, pow2, tiles, interpret)[:, :N]
+  y = _dot(x_MxK.reshape(-1, K), w_KxNp, block, impl, pow2, tiles, interpret, tuple(names))[:, :N]
   return y.reshape(*x_MxK.shape[:-1], N)
 
 
@@ -254,5 +273,6 @@ def batched_dot(x_ExMxK, w_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bo
   """Per-expert `dot` over capacity-padded rows (x [E, C, D] @ w [E, D, F]), vmapped."""
   if x_ExMxK.ndim != 3 or w_ExKxN.ndim != 3 or x_ExMxK.shape[0] != w_ExKxN.shape[0]:
     raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {w_ExKxN.shape} need [E, M, K] and [E, K, N]")
-  one = functools.partial(dot, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret)
+  one = functools.partial(dot, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
+                          names=BATCHED_NAMES)
   return jax.vmap(one)(x_ExMxK, w_ExKxN)

@@ -30,26 +30,22 @@ def init(key, cfg: ModelConfig) -> dict:
   return p
 
 
-def _queries(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
-  """Per-head queries: (q_nope [B, L, H, Dn], roped q_pe [B, L, H, Dr])."""
+def _project(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
+  """Per-head queries (q_nope [B, L, H, Dn], roped q_pe [B, L, H, Dr]) and what MLA caches per token (the
+  normalised kv latent [B, L, R], the roped shared key [B, L, Dr]). x's two projections, wq_a and wkv_a, go
+  through layers.dense_many (in FP8: one quantisation of x)."""
   B, L, _ = x_BxLxD.shape
   fp8 = cfg.fp8.use("attention")
   if cfg.q_lora_rank:
-    cq_BxLxRq = layers.rms_norm(layers.dense(x_BxLxD, p["wq_a"], fp8), p["q_norm"], cfg.norm_eps)
-    q = layers.dense(cq_BxLxRq, p["wq_b"], fp8)
-  else:
-    q = layers.dense(x_BxLxD, p["wq"], fp8)
+    cq_BxLxRq, kv_a = layers.dense_many(x_BxLxD, [p["wq_a"], p["wkv_a"]], fp8)
+    q = layers.dense(layers.rms_norm(cq_BxLxRq, p["q_norm"], cfg.norm_eps), p["wq_b"], fp8)
+  else:  # wq's columns are split over heads ("tensor"), wkv_a's not: separate GEMMs
+    q, kv_a = layers.dense(x_BxLxD, p["wq"], fp8), layers.dense(x_BxLxD, p["wkv_a"], fp8)
   q_BxLxHxDqk = constrain(q.reshape(B, L, cfg.n_heads, cfg.qk_head_dim), "batch", "seq", "act_heads", None)
-  Dn = cfg.qk_nope_head_dim
-  return q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin)
-
-
-def _latents(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
-  """What MLA caches per token: the normalised kv latent [B, L, R] and the roped shared key [B, L, Dr]."""
-  kv_a = layers.dense(x_BxLxD, p["wkv_a"], cfg.fp8.use("attention"))
-  ckv_BxLxR = layers.rms_norm(kv_a[..., :cfg.kv_lora_rank], p["kv_norm"], cfg.norm_eps)
-  k_pe_BxLxDr = rope.apply(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
-  return ckv_BxLxR, k_pe_BxLxDr
+  Dn, R = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  ckv_BxLxR = layers.rms_norm(kv_a[..., :R], p["kv_norm"], cfg.norm_eps)
+  k_pe_BxLxDr = rope.apply(kv_a[..., None, R:], cos, sin)[:, :, 0]
+  return q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin), ckv_BxLxR, k_pe_BxLxDr
 
 
 def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
@@ -57,8 +53,7 @@ def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
   own no-RoPE part followed by the shared RoPE key."""
   B, L, _ = x_BxLxD.shape
   H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-  q_nope, q_pe = _queries(p, x_BxLxD, cos, sin, cfg)
-  ckv_BxLxR, k_pe_BxLxDr = _latents(p, x_BxLxD, cos, sin, cfg)
+  q_nope, q_pe, ckv_BxLxR, k_pe_BxLxDr = _project(p, x_BxLxD, cos, sin, cfg)
   kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"], cfg.fp8.use("attention")).reshape(B, L, H, Dn + Dv)
   kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
   k_pe_BxLxHxDr = jnp.broadcast_to(k_pe_BxLxDr[:, :, None], (B, L, H, cfg.qk_rope_head_dim))
@@ -86,8 +81,7 @@ def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, 
   the cached latent as the one key (R + Dr wide) and its first R values as the value. Returns (y, cache)."""
   B, T, _ = x_BxTxD.shape
   H, Dn, Dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  q_nope, q_pe = _queries(p, x_BxTxD, cos, sin, cfg)
-  ckv_BxTxR, k_pe_BxTxDr = _latents(p, x_BxTxD, cos, sin, cfg)
+  q_nope, q_pe, ckv_BxTxR, k_pe_BxTxDr = _project(p, x_BxTxD, cos, sin, cfg)
   latent_BxSxRr = layers.write_rows(cache["latent"], jnp.concatenate([ckv_BxTxR, k_pe_BxTxDr], -1), write_B)
   wkv_b_RxHxDnv = fp8_weights.cast(p["wkv_b"], x_BxTxD.dtype).reshape(R, H, Dn + Dv)  # high precision (keep_fp8 too)
   w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
