@@ -5,7 +5,8 @@
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
 #          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
-#          LR (speed and the final cross-entropies, next to a control run: FP8 off at LR x 1.001).
+#          LR (speed and the final cross-entropies, next to a control run: FP8 off at LR x 1.001);
+#          BENCH_ARGS=--train-only skips the GEMM and quantiser tables (about 2 minutes).
 # Wheels missing from the GPU image travel in .whl/.
 set -uo pipefail
 rm -rf /tmp/site
@@ -29,10 +30,11 @@ for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['swizzle_width'
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timeout 480 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype=bfloat16 optim.lr="$LR" \
-    --config configs/bench_gpu.yaml --steps "$STEPS" --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
+    --config configs/bench_gpu.yaml --steps "$STEPS" ${BENCH_ARGS:-} --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
   echo "fp8 rc=$?"; tail -3 "$OUT/fp8.err"
   python3 -c "
 import json; d = json.load(open('$OUT/fp8.json'))
 for r in d.get('gemms', {}).get('results', []): print(r['shape'], r['impl'], {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}, r.get('error', '')[:200])
+for r in d.get('quantize', []): print(r)
 print('train off/on tok/s', d['train_off'].get('tokens_per_s'), d['train_on'].get('tokens_per_s', d['train_on']), d.get('final_ce'))"
 fi

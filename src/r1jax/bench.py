@@ -269,17 +269,19 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   }
 
 
-def bench_fp8(cfg: RunConfig, steps: int = 10) -> dict:
+def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_bench.bench_gemms, GPU only: TFLOP/s, ratio to
-  bf16, error vs fp32), then the train step (bench_train) with model.fp8 off and on from the same state, on the
+  bf16, error vs fp32) and the quantisations (fp8_bench.bench_quantize: XLA vs the one-pass kernel), unless
+  `gemms` is off; then the train step (bench_train) with model.fp8 off and on from the same state, on the
   same fresh batches of `progressions` (learnable data), and the two final cross-entropies, each the mean of the
   last 10 steps (`steps` >= 100 for the issue's 1% bar), next to a control run's (FP8 off, lr x 1.001). Parts
   whose input dims are not whole blocks stay bf16 (attention off then)."""
   from r1jax import fp8_bench
 
   out = {"bench": "fp8", "platform": jax.devices()[0].platform}
-  if out["platform"] == "gpu":  # 4096 x 7168 x 18432 GEMMs: not for a CPU
+  if out["platform"] == "gpu" and gemms:  # 4096 x 7168 x 18432 GEMMs: not for a CPU
     out["gemms"] = fp8_bench.bench_gemms()
+    out["quantize"] = fp8_bench.bench_quantize()
   on = dataclasses.replace(cfg.model.fp8, enabled=True)
   try:
     dataclasses.replace(cfg.model, fp8=on).validate()

@@ -124,3 +124,62 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     rows.append(row)
   return sorted(rows, key=lambda r: r.get("ms", float("inf")))
+
+
+# (M tokens, K): a routed expert's gate/up input in the bench config (32 experts x 2560 capacity rows, dim
+# 2048) and the V3 671B dense-up input at 4096 tokens; weights: bench-config gate/up, V3 dense up.
+QUANT_ACTS = ((81920, 2048), (4096, 7168))
+QUANT_WEIGHTS = ((2048, 2048), (7168, 18432))
+
+
+def bench_quantize(acts=QUANT_ACTS, weights=QUANT_WEIGHTS, repeats: int = 10, block: int = 128) -> list[dict]:
+  """The quantisations one FP8 GEMM's forward and backward need, by XLA (fp8.py's functions, as many fusions
+  as XLA makes) and by the one-pass Triton kernel (fp8_quantize_triton): x in 1 x 128 tiles; dy in 1 x 128
+  and transposed 128 x 1 tiles; the cached e4m3 x dequantised and requantised transposed (wgrad); a weight in
+  128 x 128 tiles, both majors. ms, GB/s of the bytes the op must move (read once, write each output once),
+  and whether the kernel's bytes equal XLA's."""
+  from r1jax.nn import fp8_quantize_triton as fq
+
+  def xla_rows_cols(x):
+    return (*fp8.quantize_act(x, block), *fp8.quantize_act(x.astype(jnp.float32).T, block))
+
+  def xla_requant(q, s):
+    return fp8.quantize_act(fp8.dequantize_act(q, s).T, block)
+
+  def xla_weight(w):
+    q, s = fp8.quantize_weight(w, block)
+    return q, s, q.T
+
+  cases = []
+  for M, K in acts:
+    x = jax.random.normal(jax.random.key(0), (M, K), jnp.bfloat16)
+    q, s = jax.jit(lambda x: fp8.quantize_act(x, block))(x)
+    moved = 2 * M * K  # bf16 in
+    cases += [("act_rows", (M, K), (x,), lambda x: fp8.quantize_act(x, block),
+               lambda x: fq.quantize_act(x, block), moved + M * K),
+              ("act_rows_cols", (M, K), (x,), xla_rows_cols, lambda x: fq.quantize_act(x, block, cols=True),
+               moved + 2 * M * K),
+              ("requant_cols", (M, K), (q, s), xla_requant,
+               lambda q, s: fq.quantize_act(q, block, rows=False, cols=True, in_scale_MxKb=s), 2 * M * K)]
+  for K, N in weights:
+    w = jax.random.normal(jax.random.key(1), (K, N), jnp.bfloat16)
+    cases.append(("weight_nt", (K, N), (w,), xla_weight, lambda w: fq.quantize_weight(w, block), 4 * K * N))
+  rows = []
+  for name, shape, args, xla_fn, kernel_fn, nbytes in cases:
+    row = {"op": name, "shape": list(shape), "bytes": nbytes}
+    for impl, fn in (("xla", xla_fn), ("triton", kernel_fn)):
+      try:
+        f = jax.jit(fn)
+        t = median_seconds(f, *args, repeats=repeats, calls=CALLS)
+        row.update({f"{impl}_ms": 1e3 * t, f"{impl}_GBps": nbytes / t / 1e9})
+      except Exception as e:  # noqa: BLE001 - reported beside the other measurements
+        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if "xla_ms" in row and "triton_ms" in row:
+      got, want = jax.jit(kernel_fn)(*args), jax.jit(xla_fn)(*args)
+      row["speedup"] = row["xla_ms"] / row["triton_ms"]
+      row["bitwise_equal"] = all(
+          bool(jnp.array_equal(jax.lax.bitcast_convert_type(a, jnp.uint8) if a.dtype == fp8.E4M3 else a,
+                               jax.lax.bitcast_convert_type(b, jnp.uint8) if b.dtype == fp8.E4M3 else b))
+          for a, b in zip(got, want))
+    rows.append(row)
+  return rows

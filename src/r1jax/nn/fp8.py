@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jax.ad_checkpoint import checkpoint_name
 
-from r1jax.nn import fp8_mosaic_gpu, fp8_mosaic_tpu, fp8_triton, kernel_util
+from r1jax.nn import fp8_mosaic_gpu, fp8_mosaic_tpu, fp8_quantize_triton, fp8_triton, kernel_util
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -207,15 +207,41 @@ def weight_nt(wq_KxN, ws_KbxNb, block: int):
   return wq_KxN.T, _rows(ws_KbxNb.T, block)
 
 
+def _fused_quantizer(impl: str) -> bool:
+  """With a GPU GEMM kernel the quantisations run as fp8_quantize_triton's one-pass kernel (each operand read
+  once for every layout it is needed in; bitwise the XLA functions here), elsewhere as those functions."""
+  return impl in ("mosaic_gpu", "triton") and fp8_quantize_triton.IMPORT_ERROR is None
+
+
+def _quantize_rows_cols(x_MxK, block, pow2, *, rows, cols, in_scale_MxKb=None, fused=False, interpret=False):
+  """(q_MxK, s_MxKb) in 1 x block tiles if rows, then (qt_KxM, st_KxMb), x^T in 1 x block tiles (x's block x 1
+  tiles, for wgrad), if cols; x is e4m3 dequantised by in_scale_MxKb when given."""
+  if fused:
+    return fp8_quantize_triton.quantize_act(x_MxK, block, pow2, rows=rows, cols=cols, in_scale_MxKb=in_scale_MxKb,
+                                            interpret=interpret)
+  x = x_MxK if in_scale_MxKb is None else dequantize_act(x_MxK, in_scale_MxKb)
+  return (quantize_act(x, block, pow2) if rows else ()) + (quantize_act(x.astype(jnp.float32).T, block, pow2)
+                                                           if cols else ())
+
+
+def _quantize_weight_nt(w_KxN, block, pow2, *, fused=False, interpret=False):
+  """(q_KxN, s_KbxNb, q_NxK): a weight's tiles in both majors (the forward GEMM reads it N-major)."""
+  if fused:
+    return fp8_quantize_triton.quantize_weight(w_KxN, block, pow2, transpose=True, interpret=interpret)
+  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
+  return wq_KxN, ws_KbxNb, wq_KxN.T
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
   return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names)[0]
 
 
 def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
-  xq_MxK, xs_MxKb = quantize_act(x_MxK, block, pow2)
-  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
-  y_MxN = gemm_nt(xq_MxK, xs_MxKb, *weight_nt(wq_KxN, ws_KbxNb, block), block=block, out_dtype=x_MxK.dtype,
+  fused = _fused_quantizer(impl)
+  xq_MxK, xs_MxKb = _quantize_rows_cols(x_MxK, block, pow2, rows=True, cols=False, fused=fused, interpret=interpret)
+  _, ws_KbxNb, wq_NxK = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
+  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
                   impl=impl, tiles=tiles, interpret=interpret)
   # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
   # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
@@ -228,16 +254,18 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, names, res, dy_MxN):
   """V3 report Figure 6: dgrad with dy in 1 x block tiles along N against w's same block x block tiles;
   wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens)."""
   xq_MxK, xs_MxKb, w_KxN = res
-  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
-  dyq_MxN, dys_MxNb = quantize_act(dy_MxN, block, pow2)
-  dx_MxK = gemm_nt(dyq_MxN, dys_MxNb, wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
+  M = dy_MxN.shape[0]
+  fused = _fused_quantizer(impl)
+  quantize = functools.partial(_quantize_rows_cols, block=block, pow2=pow2, fused=fused, interpret=interpret)
+  wq_KxN, ws_KbxNb, _ = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
+  # Zero rows pad the tokens to whole blocks for wgrad's token tiles; they change no amax and add nothing.
+  dyq_MxN, dys_MxNb, dytq_NxM, dyts_NxMb = quantize(kernel_util.pad_rows(dy_MxN, block), rows=True, cols=True)
+  dx_MxK = gemm_nt(dyq_MxN[:M], dys_MxNb[:M], wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
                    impl=impl, tiles=tiles, interpret=interpret)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
-  # workflow (V3 report §3.5.2); zero rows pad the tokens to whole blocks and change no amax.
-  x_KxM = kernel_util.pad_rows(dequantize_act(xq_MxK, xs_MxKb), block).T
-  dy_NxM = kernel_util.pad_rows(dy_MxN.astype(jnp.float32), block).T
-  xtq_KxM, xts_KxMb = quantize_act(x_KxM, block, pow2)
-  dytq_NxM, dyts_NxMb = quantize_act(dy_NxM, block, pow2)
+  # workflow (V3 report §3.5.2).
+  xtq_KxM, xts_KxMb = quantize(kernel_util.pad_rows(xq_MxK, block), rows=False, cols=True,
+                               in_scale_MxKb=kernel_util.pad_rows(xs_MxKb, block))
   dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=w_KxN.dtype, impl=impl,
                    tiles=tiles, interpret=interpret)
   return kernel_util.sum_to(dx_MxK, xq_MxK), kernel_util.sum_to(dw_KxN, w_KxN)

@@ -1,0 +1,175 @@
+"""DeepSeek-V3's fine-grained FP8 quantisation (V3 report §3.3, fp8.quantize_act / quantize_weight) as one
+memory-bound Pallas (Triton) kernel: each tile is read once and every layout the GEMMs need (row-scaled q,
+column-scaled q already transposed for wgrad, the weight in both majors) is written from registers.
+
+Bitwise equal to fp8.py, by the same formula: scale = max(amax, 1e-4) * fl(1/448), q = e4m3(x * (1 / scale)).
+- 1 / scale: Triton lowers fp32 `/` to the approximate div.full.f32, so the compiled kernel emits PTX's
+  IEEE reciprocal rcp.rn.f32 (correctly rounded, as XLA's 1 / s); the interpreter (XLA on CPU) divides
+  exactly, so interpret=True keeps plain `1 / s` (inline PTX has no interpreter rule).
+- pow2: frexp/ldexp do not lower to Triton, so the power-of-two ceiling is an integer bit trick, used on
+  both paths: bits + 0x7FFFFF carries into the exponent unless the mantissa is zero (scales are always
+  positive normal floats, >= 1e-4 / 448).
+- Rows M that do not fill the last row tile (rows-only mode) are masked loads and stores.
+Non-finite inputs are outside the contract: Triton's max drops NaN where XLA's keeps it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.nn import fp8
+from r1jax.nn.kernel_util import same_varying
+
+try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+  _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older name
+  IMPORT_ERROR = None
+except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the installed jax
+  pl = plgpu = _COMPILER_PARAMS = None
+  IMPORT_ERROR = e
+
+TILE_ROWS = 32  # rows per program in rows-only mode: a [32, 128] bf16 tile is 8 KiB (untuned)
+_IN_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def _recip(s, interpret: bool):
+  """1 / s correctly rounded (see the module docstring)."""
+  if interpret:
+    return 1.0 / s
+  return plgpu.elementwise_inline_asm("rcp.rn.f32 $0, $1;", args=[s], constraints="=f,f", pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(s.shape, s.dtype)])[0]
+
+
+def _pow2_ceil(s):
+  """The least power of two >= s, for positive normal fp32 s: adding 0x7FFFFF to the bits carries into
+  the exponent unless the mantissa is zero (fp8._scale's frexp/ldexp have no Triton lowering)."""
+  bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+  return jax.lax.bitcast_convert_type((bits + jnp.uint32(0x7FFFFF)) & jnp.uint32(0xFF800000), jnp.float32)
+
+
+def _scale(amax, pow2: bool):
+  """fp8._scale (scales are >= 1e-4 / 448, so always normal)."""
+  s = jnp.maximum(amax, fp8.AMAX_FLOOR) * jnp.float32(1.0 / fp8.E4M3_MAX)
+  return _pow2_ceil(s) if pow2 else s
+
+
+def _row_mask(ref, valid):
+  """valid [tm] broadcast over ref's tile; None (an unmasked access) when the tile is whole."""
+  return None if valid is None else jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (ref.ndim - 1)), ref.shape)
+
+
+def _act_kernel(*refs, rows: bool, cols: bool, dequant: bool, pow2: bool, n_rows: int, interpret: bool):
+  """One [tm, block] tile of x (e4m3 times its row scales if dequant): per-row scales and q, and/or
+  per-column scales and q transposed ([block, tm] into the [K, M] output)."""
+  x_ref, *refs = refs
+  tm = x_ref.shape[0]
+  valid = None
+  if n_rows % tm:  # the last row tile overhangs M
+    valid = pl.program_id(0) * tm + jax.lax.broadcasted_iota(jnp.int32, (tm,), 0) < n_rows
+  # Rows past M are not read (they hold anything) and never stored; only rows-only mode masks, where no
+  # value crosses rows.
+  x_TxB = plgpu.load(x_ref, mask=_row_mask(x_ref, valid)).astype(jnp.float32)
+  if dequant:  # fp8.dequantize_act: fp32 q * scale
+    in_s_ref, *refs = refs
+    x_TxB = x_TxB * plgpu.load(in_s_ref, mask=_row_mask(in_s_ref, valid))[:, None]
+  abs_TxB = jnp.abs(x_TxB)
+  if rows:
+    q_ref, s_ref, *refs = refs
+    s_T = _scale(jnp.max(abs_TxB, axis=1), pow2)
+    plgpu.store(q_ref, (x_TxB * _recip(s_T, interpret)[:, None]).astype(fp8.E4M3), mask=_row_mask(q_ref, valid))
+    plgpu.store(s_ref, s_T, mask=_row_mask(s_ref, valid))
+  if cols:
+    qt_ref, st_ref = refs
+    s_B = _scale(jnp.max(abs_TxB, axis=0), pow2)
+    qt_ref[...] = (x_TxB * _recip(s_B, interpret)[None, :]).astype(fp8.E4M3).T
+    st_ref[...] = s_B
+
+
+def _weight_kernel(w_ref, q_ref, s_ref, *qt_ref, pow2: bool, interpret: bool):
+  """One [block, block] tile of w: its scale ([1, 1], reduced one axis at a time), q and, if asked, q^T."""
+  w_BxB = w_ref[...].astype(jnp.float32)
+  s_1x1 = _scale(jnp.max(jnp.max(jnp.abs(w_BxB), axis=1, keepdims=True), axis=0, keepdims=True), pow2)
+  q_BxB = (w_BxB * _recip(s_1x1, interpret)).astype(fp8.E4M3)
+  q_ref[...] = q_BxB
+  s_ref[...] = s_1x1
+  if qt_ref:
+    qt_ref[0][...] = q_BxB.T
+
+
+def _call(kernel, args, in_specs, outs, grid, name, interpret):
+  """pallas_call with outs = [(shape, dtype, BlockSpec)]; operands typed alike for shard_map."""
+  args = same_varying(*args)
+  # Inside shard_map every output declares its manual-axis type (kernel_util.manual_type), even where it
+  # varies over no axis: a replicated weight's quantisation.
+  mat = getattr(jax.typeof(args[0]), "mat", None)
+  mat = {"manual_axis_type": mat} if mat is not None and jax.sharding.get_abstract_mesh().manual_axes else {}
+  tm, tk = in_specs[0].block_shape  # the input tile: 8 warps for a [128, 128] one (untuned)
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=[spec for *_, spec in outs],
+      out_shape=[jax.ShapeDtypeStruct(shape, dtype, **mat) for shape, dtype, _ in outs],
+      compiler_params=_COMPILER_PARAMS(num_warps=8 if tm * tk >= 128 * 128 else 4, num_stages=1),
+      interpret=interpret, name=name)(*args)
+
+
+def _check(block: int):
+  if IMPORT_ERROR is not None:
+    raise RuntimeError(f"the Pallas Triton FP8 quantiser needs jax.experimental.pallas.triton: {IMPORT_ERROR}")
+  if block < 1 or block & (block - 1):
+    raise ValueError(f"Triton tiles must be powers of two: block {block}")
+
+
+def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = True, cols: bool = False,
+                 in_scale_MxKb=None, interpret: bool = False):
+  """(q_MxK, s_MxKb) if rows (= fp8.quantize_act(x)), then (qt_KxM, st_KxMb) if cols (= fp8.quantize_act(x.T),
+  block x 1 tiles, for wgrad; M must be a multiple of block). With in_scale_MxKb, x is e4m3 and first
+  dequantised by those 1 x block scales (V3 report §3.5.2: cached fp8 activations requantised for wgrad)."""
+  _check(block)
+  shape, dtype = x_MxK.shape, jnp.dtype(x_MxK.dtype)
+  if len(shape) != 2 or shape[1] % block or not (rows or cols) or (cols and shape[0] % block):
+    raise ValueError(f"fp8_quantize_triton.quantize_act: x shape {shape} needs [M, K] (jax.vmap for leading "
+                     f"axes), K a multiple of block {block}, M too with cols (pad the rows), rows or cols set")
+  (M, K), Kb = shape, shape[1] // block
+  if in_scale_MxKb is not None and (dtype != fp8.E4M3 or in_scale_MxKb.shape != (M, Kb)):
+    raise ValueError(f"fp8_quantize_triton.quantize_act: in_scale needs e4m3 x and [M, K/{block}] scales; "
+                     f"got x {shape} {dtype}, scales {in_scale_MxKb.shape}")
+  if in_scale_MxKb is None and dtype not in _IN_DTYPES:
+    raise ValueError(f"fp8_quantize_triton.quantize_act: x dtype {dtype} must be bf16, f16 or f32 "
+                     "(e4m3 needs in_scale_MxKb)")
+  tm = block if cols else min(TILE_ROWS, pl.next_power_of_2(M))
+  args, in_specs = [x_MxK], [pl.BlockSpec((tm, block), lambda i, j: (i, j))]
+  if in_scale_MxKb is not None:
+    args.append(in_scale_MxKb.astype(jnp.float32))
+    in_specs.append(pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))
+  outs = []
+  if rows:
+    outs += [((M, K), fp8.E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
+             ((M, Kb), jnp.float32, pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))]
+  if cols:
+    outs += [((K, M), fp8.E4M3, pl.BlockSpec((block, tm), lambda i, j: (j, i))),
+             ((K, M // block), jnp.float32, pl.BlockSpec((block, pl.squeezed), lambda i, j: (j, i)))]
+  kernel = functools.partial(_act_kernel, rows=rows, cols=cols, dequant=in_scale_MxKb is not None, pow2=pow2,
+                             n_rows=M, interpret=interpret)
+  return tuple(_call(kernel, args, in_specs, outs, (pl.cdiv(M, tm), Kb), f"fp8_quantize_act_block{block}",
+                     interpret))
+
+
+def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: bool = True,
+                    interpret: bool = False):
+  """(q_KxN, s_KbxNb) = fp8.quantize_weight(w), then q_NxK = q_KxN.T (same scales) if transpose: the
+  forward GEMM's N-major and the backward's K-major weight from one read."""
+  _check(block)
+  shape, dtype = w_KxN.shape, jnp.dtype(w_KxN.dtype)
+  if len(shape) != 2 or shape[0] % block or shape[1] % block or dtype not in _IN_DTYPES:
+    raise ValueError(f"fp8_quantize_triton.quantize_weight: w shape {shape} {dtype} needs [K, N] bf16, f16 or "
+                     f"f32 (jax.vmap for leading axes), both dims multiples of block {block}")
+  (K, N), b = shape, block
+  outs = [((K, N), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (i, j))),
+          ((K // b, N // b), jnp.float32, pl.BlockSpec((1, 1), lambda i, j: (i, j)))]
+  if transpose:
+    outs.append(((N, K), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (j, i))))
+  kernel = functools.partial(_weight_kernel, pow2=pow2, interpret=interpret)
+  return tuple(_call(kernel, [w_KxN], [pl.BlockSpec((b, b), lambda i, j: (i, j))], outs, (K // b, N // b),
+                     f"fp8_quantize_weight_block{block}", interpret))
