@@ -175,6 +175,7 @@ def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):
     monkeypatch.setattr(fp8, "_hopper", lambda hopper=hopper: hopper)
     assert fp8.resolve_impl("auto") == kernel
     assert fp8.resolve_impl("auto", block=16) == "triton"  # below Mosaic GPU's smallest swizzle
+    assert fp8.resolve_impl("auto", block=32) == "triton"  # Mosaic GPU's checked block is 128
     with jax.set_mesh(sharding.make_mesh(MeshConfig(data=8))):
       assert fp8.resolve_impl("auto") == "xla"
       with pytest.raises(ValueError, match="would run replicated"):
