@@ -142,8 +142,9 @@ def test_dense_many_is_the_separate_gemms():
     ws = [jax.random.normal(k, (32, n)) * 0.2 for k, n in zip(jax.random.split(jax.random.key(1), 2), widths)]
     f_many = lambda x, ws: sum(jnp.sum(jnp.sin(y)) for y in layers.dense_many(x, ws, fp8))  # noqa: E731
     f_each = lambda x, ws: sum(jnp.sum(jnp.sin(layers.dense(x, w, fp8))) for w in ws)  # noqa: E731
-    ys_many, ys_each = layers.dense_many(x, ws, fp8), [layers.dense(x, w, fp8) for w in ws]
-    g_many, g_each = jax.grad(f_many, argnums=(0, 1))(x, ws), jax.grad(f_each, argnums=(0, 1))(x, ws)
+    ys_many = jax.jit(lambda x, ws: layers.dense_many(x, ws, fp8))(x, ws)
+    ys_each = jax.jit(lambda x, ws: [layers.dense(x, w, fp8) for w in ws])(x, ws)
+    g_many, g_each = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, ws) for f in (f_many, f_each))
     assert [y.shape for y in ys_many] == [(2, 24, n) for n in widths]
     for a, b in zip([*ys_many, *jax.tree.leaves(g_many)], [*ys_each, *jax.tree.leaves(g_each)]):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -34,8 +34,8 @@ SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
 BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
 
 __all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "dequantize_act", "dequantize_weight", "dot",
-           "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act", "quantize_weight", "resolve_impl",
-           "scaled_matmul_nt_xla", "weight_nt"]
+           "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act", "quantize_weight",
+           "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -95,8 +95,13 @@ def dequantize_weight(q_KxN, scale_KbxNb):
 
 def exact_operands(*qs):
   """e4m3 operands as the backend's dot takes them: as they are on GPU (XLA's fp8 GEMM); elsewhere as bf16,
-  which is exact (e4m3's 3 mantissa and 4 exponent bits fit in bf16's 7 and 8) and native on TPU."""
-  return qs if jax.default_backend() == "gpu" else tuple(q.astype(jnp.bfloat16) for q in qs)
+  which is exact (e4m3's 3 mantissa and 4 exponent bits fit in bf16's 7 and 8) and native on TPU. On GPU
+  behind a barrier: where XLA upcasts an fp8 dot it cannot hand to cuBLAS, its GPU compiler (excess precision
+  allowed) may drop the f32 -> e4m3 -> wider convert pair, i.e. skip the quantisation; it did so to the wgrad
+  requantisation on an H200 (_quantize_rows_cols)."""
+  if jax.default_backend() == "gpu":
+    return jax.lax.optimization_barrier(qs)
+  return tuple(q.astype(jnp.bfloat16) for q in qs)
 
 
 def mm_f32(spec: str, a, b):
