@@ -20,16 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.nn import fp8
+# The GEMM kernel's guarded import of Pallas's Triton backend: absent or renamed, both kernels are unavailable.
+from r1jax.nn.fp8_triton import COMPILER_PARAMS, IMPORT_ERROR, pl, plgpu
 from r1jax.nn.kernel_util import same_varying
-
-try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
-  _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older name
-  IMPORT_ERROR = None
-except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the installed jax
-  pl = plgpu = _COMPILER_PARAMS = None
-  IMPORT_ERROR = e
 
 TILE_ROWS = 32  # rows per program in rows-only mode: a [32, 128] bf16 tile is 8 KiB (untuned)
 _IN_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -110,7 +103,7 @@ def _call(kernel, args, in_specs, outs, grid, name, interpret):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=[spec for *_, spec in outs],
       out_shape=[jax.ShapeDtypeStruct(shape, dtype, **mat) for shape, dtype, _ in outs],
-      compiler_params=_COMPILER_PARAMS(num_warps=8 if tm * tk >= 128 * 128 else 4, num_stages=1),
+      compiler_params=COMPILER_PARAMS(num_warps=8 if tm * tk >= 128 * 128 else 4, num_stages=1),
       interpret=interpret, name=name)(*args)
 
 

@@ -15,10 +15,10 @@ from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
 try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
-  _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older name
+  COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # older name
   IMPORT_ERROR = None
 except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the installed jax
-  pl = plgpu = _COMPILER_PARAMS = None
+  pl = plgpu = COMPILER_PARAMS = None
   IMPORT_ERROR = e
 
 
@@ -88,7 +88,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
                 pl.BlockSpec((bn, K), lambda p: (ij(p)[1], 0)), pl.BlockSpec((Kb, bn), lambda p: (0, ij(p)[1]))],
       out_specs=pl.BlockSpec((bm, bn), lambda p: ij(p)),
       out_shape=jax.ShapeDtypeStruct((n_m * bm, n_n * bn), out_dtype, **manual_type(a)),
-      compiler_params=_COMPILER_PARAMS(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+      compiler_params=COMPILER_PARAMS(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
       interpret=interpret,
       name=f"fp8_block{block}_gemm",
   )(a, as_KbxM, b, bs_KbxN)
