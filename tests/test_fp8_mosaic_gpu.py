@@ -4,6 +4,7 @@ transposed wgmma operand 8-bit wgmma needs, so values are checked on a GPU). On 
 (`R1JAX_TEST_PLATFORMS=cuda pytest -m gpu`): equal to the XLA formulation, forward and both gradients."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,8 @@ def _operands(M, K, N, seed=0):
           jax.random.normal(kg, (M, N), jnp.bfloat16))
 
 
-def _fwd_bwd(impl):
-  f = functools.partial(fp8.dot, block=128, impl=impl)
+def _fwd_bwd(impl, block=128):
+  f = functools.partial(fp8.dot, block=block, impl=impl)
 
   def run(x, w, dy):
     y, vjp = jax.vjp(f, x, w)
@@ -72,15 +73,34 @@ def test_block_must_be_a_swizzle_width():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
-@pytest.mark.parametrize("M,K,N", [(4096, 7168, 2048), (200, 256, 384)])
-def test_kernel_equals_xla_on_hopper(M, K, N):
+@pytest.mark.parametrize("M,K,N,block", [(4096, 7168, 2048, 128), (200, 256, 384, 128), (200, 256, 384, 32)])
+def test_kernel_equals_xla_on_hopper(M, K, N, block):
   """Same e4m3 products and fp32 scales, different fp32 summation order: 1e-5 of the largest value (bf16
   outputs are compared after rounding: a sum that lands near a rounding boundary flips by one bf16 ulp,
-  up to 2^-7 relative)."""
+  up to 2^-7 relative). Block 32 (the tiny model's) runs the kernel at a 32-byte swizzle."""
   x, w, dy = _operands(M, K, N, seed=3)
-  for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu"))(x, w, dy), jax.jit(_fwd_bwd("xla"))(x, w, dy)):
+  for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu", block))(x, w, dy), jax.jit(_fwd_bwd("xla", block))(x, w, dy)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
+def test_saved_kernel_output_runs_once_in_a_scanned_remat_layer():
+  """Layers as the model runs them (scan, remat saving the FP8 output by name): the compiled step has one
+  kernel call per GEMM, forward 1 and backward 2 (dgrad, wgrad). XLA GPU's dynamic-slice fusion used to
+  duplicate the forward call to write the saved output straight into the stacked residual."""
+  from r1jax.nn.block import _REMAT_POLICIES
+
+  def layer(x_MxK, w_KxK):
+    return jax.nn.silu(fp8.dot(x_MxK, w_KxK, block=128, impl="mosaic_gpu")) + x_MxK, None  # silu' needs y
+
+  body = jax.checkpoint(layer, policy=_REMAT_POLICIES["dots"])
+  loss = lambda x, ws: jnp.sum(jax.lax.scan(body, x, ws)[0].astype(jnp.float32))  # noqa: E731
+  x, ws = jnp.ones((1024, 512), jnp.bfloat16), jnp.ones((3, 512, 512), jnp.bfloat16) / 512
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws).compile().as_text()
+  calls = re.findall(r'custom_call_target="mosaic_gpu', hlo)
+  assert len(calls) == 3, f"{len(calls)} kernel calls for 3 GEMMs"
 
 
 @pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")

@@ -257,6 +257,11 @@ def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
   _, ws_KbxNb, wq_NxK = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
   y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
                   impl=impl, tiles=tiles, interpret=interpret)
+  if impl != "xla":
+    # A kernel's output that remat saves into a scan's stacked residuals would otherwise be computed twice: XLA
+    # GPU's dynamic-slice fusion reruns the custom call to write straight into the slice, next to the original
+    # for the other users (an H200 bench step: 5 GEMMs per MoE layer twice). The barrier costs one slice copy.
+    y_MxN = jax.lax.optimization_barrier(y_MxN)
   # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
   # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
   out_name, res_name = names
