@@ -43,8 +43,8 @@ def _forward(params, tokens_BxL, cfg):
   """Logits of the training/prefill path and of a cached prefill (MLA's absorbed form reads wkv_b whole)."""
   B, L = tokens_BxL.shape
   cache = model.init_cache(cfg, B, L)
-  decoded = model.decode(params, cache, tokens_BxL, jnp.zeros((B,), jnp.int32), cfg)
-  return model.apply(params, tokens_BxL, cfg).logits_BxLxV, decoded.logits_BxTxV
+  decoded = jax.jit(model.decode, static_argnums=4)(params, cache, tokens_BxL, jnp.zeros((B,), jnp.int32), cfg)
+  return jax.jit(model.apply, static_argnums=2)(params, tokens_BxL, cfg).logits_BxLxV, decoded.logits_BxTxV
 
 
 _forward_jit = jax.jit(_forward, static_argnames="cfg")

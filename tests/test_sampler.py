@@ -16,6 +16,8 @@ from r1jax import config, model, sampler, sharding
 from r1jax.config import SamplerConfig
 from r1jax.nn import attention, block, mla
 
+_apply = jax.jit(model.apply, static_argnums=2)  # the training forward; op by op it takes ~10 s
+
 EOS = 2
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, steps_per_call=5)
 PROMPTS = [[1, 5, 9, 3, 7], [1, 4], [1, 8, 8, 6, 2, 11, 40, 3, 9]]  # lengths 5, 2, 9: right padding in one batch
@@ -87,7 +89,7 @@ def test_logprobs_equal_the_training_forward(mla_case):
   scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, steps_per_call=3)
   out = sampler.generate(params, PROMPTS, cfg, scfg, eos_id=EOS, key=jax.random.key(7))
   tokens, mask = np.asarray(out.tokens_BxS), np.asarray(out.completion_mask_BxS)
-  logits = model.apply(params, jnp.asarray(tokens), cfg).logits_BxLxV
+  logits = _apply(params, jnp.asarray(tokens), cfg).logits_BxLxV
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
   B, S = tokens.shape
   ref = np.zeros((B, S))
@@ -161,15 +163,15 @@ def test_recorded_experts_replay_the_sampler_routing(mla_case):
   """Every fed token's recorded experts equal what the training forward routes it to."""
   cfg, params = mla_case
   out = sampler.generate(params, PROMPTS, cfg, GREEDY, eos_id=-1)
-  fwd = model.apply(params, out.tokens_BxS, cfg).router["moe_layers"]["experts"]
+  fwd = _apply(params, out.tokens_BxS, cfg).router["moe_layers"]["experts"]
   fed = np.asarray(out.experts["moe_layers"]) >= 0
   assert fed.any()
   np.testing.assert_array_equal(np.asarray(out.experts["moe_layers"])[fed], np.asarray(fwd)[fed])
   # replaying the record (-1: never fed, routed freely) reproduces the forward's routing; other ids are obeyed
   routes = out.experts["moe_layers"]
-  replayed = model.apply(params, out.tokens_BxS, cfg, routes={"moe_layers": routes}).router["moe_layers"]
+  replayed = _apply(params, out.tokens_BxS, cfg, routes={"moe_layers": routes}).router["moe_layers"]
   np.testing.assert_array_equal(replayed["experts"], fwd)
   shifted = jnp.where(routes >= 0, (routes + 1) % cfg.n_routed_experts, -1)
-  forced = model.apply(params, out.tokens_BxS, cfg, routes={"moe_layers": shifted}).router["moe_layers"]
+  forced = _apply(params, out.tokens_BxS, cfg, routes={"moe_layers": shifted}).router["moe_layers"]
   np.testing.assert_array_equal(np.asarray(forced["experts"])[fed], np.asarray(shifted)[fed])
   assert block.cache_names(cfg) is mla.CACHE_NAMES
