@@ -188,5 +188,6 @@ def test_model_gradients_as_close_to_fp32_as_xla_on_hopper(tiny):
   err_k, err_x = err(g), err(g_x)
   bad = {jax.tree_util.keystr(p): (round(k, 4), round(x, 4)) for (p, k), x in
          zip(jax.tree_util.tree_leaves_with_path(err_k), jax.tree.leaves(err_x)) if k > 2 * x + 0.02}
-  print("FP8 gradient error vs no FP8, worst leaf: kernel", max(jax.tree.leaves(err_k)), "XLA", max(jax.tree.leaves(err_x)))
+  print("FP8 gradient error vs no FP8, worst leaf: kernel", max(jax.tree.leaves(err_k)),
+        "XLA", max(jax.tree.leaves(err_x)))
   assert not bad, bad
