@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # FP8 on one GPU: STAGES (default "tests tune bench") picks the parts, about 3, 2 and 6 minutes on an H200:
-#   tests  the GPU-marked FP8 tests (the kernel, the vmapped expert GEMM and the tiny model == XLA; TESTS adds
+#   tests  the GPU-marked FP8 tests (kernel == XLA at blocks 128 and 32, one kernel call per saved GEMM under scan +
+#          remat, the vmapped expert GEMM, the tiny model as close to fp32 as XLA; TESTS adds
 #          files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
