@@ -3,7 +3,7 @@
 #   tests  the GPU-marked FP8 tests (kernel == XLA at blocks 128 and 32, one kernel call per saved GEMM under scan +
 #          remat, the vmapped expert GEMM, the tiny model as close to fp32 as XLA; TESTS adds
 #          files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
-#   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape;
+#   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape and a bench-config expert's two;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
 #          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
 #          LR (speed and the final cross-entropies, next to a control run: FP8 off at LR x 1.001);
@@ -23,11 +23,16 @@ if [[ " $STAGES " == *" tune "* ]]; then
   timeout 200 python3 - > "$OUT/fp8_tune.json" <<'PY'
 import json
 from r1jax import fp8_bench
-print(json.dumps({str(s): fp8_bench.tune("mosaic_gpu", s) for s in fp8_bench.V3_SHAPES}, indent=1))
+from r1jax.nn.fp8_mosaic_gpu import Tiles
+shapes = fp8_bench.V3_SHAPES + ((2560, 2048, 2048), (2560, 1024, 2048))  # + one bench-config expert's gate/up, down
+rows = {str(s): fp8_bench.tune("mosaic_gpu", s) for s in shapes}
+for s in shapes:  # per-row b scales (as wgrad's), for the cost of b_blocked's per-tile scale
+  rows[str(s)] += [dict(r, b_blocked=False) for r in fp8_bench.tune("mosaic_gpu", s, [Tiles()], b_blocked=False)]
+print(json.dumps(rows, indent=1))
 PY
   echo "tune rc=$?"; python3 -c "
 import json; d = json.load(open('$OUT/fp8_tune.json'))
-for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['swizzle_width'], round(r.get('tflops', 0))) for r in rows[:4]])"
+for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['k_pair'], r['chain'], r.get('b_blocked', True), round(r.get('tflops', 0)), r.get('error', '')[:300]) for r in rows])"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timeout 480 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype=bfloat16 optim.lr="$LR" \

@@ -23,8 +23,8 @@ def _operands(M, K, N, seed=0):
           jax.random.normal(kg, (M, N), jnp.bfloat16))
 
 
-def _fwd_bwd(impl, block=128):
-  f = functools.partial(fp8.dot, block=block, impl=impl)
+def _fwd_bwd(impl, block=128, tiles=None):
+  f = functools.partial(fp8.dot, block=block, impl=impl, tiles=tiles)
 
   def run(x, w, dy):
     y, vjp = jax.vjp(f, x, w)
@@ -35,7 +35,8 @@ def _fwd_bwd(impl, block=128):
 
 @pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
 @pytest.mark.parametrize("M,K,N,tiles", [(4096, 7168, 1536, Tiles()), (200, 256, 384, Tiles()),
-                                         (256, 512, 384, Tiles(64, 192, 4, 4))])
+                                         (256, 512, 384, Tiles(64, 192, 4, 4)),
+                                         (2048, 1024, 2048, Tiles(k_pair=True, chain=True, stages=2))])
 def test_kernel_lowers_for_cuda(M, K, N, tiles, monkeypatch):
   """The forward GEMM and the fp8.dot backward (dgrad over N, wgrad over tokens: M = 200 pads to a block)
   trace and lower for CUDA; compilation to SASS and values need a GPU (the gpu-marked test below)."""
@@ -73,16 +74,22 @@ def test_block_must_be_a_swizzle_width():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
-@pytest.mark.parametrize("M,K,N,block", [(4096, 7168, 2048, 128), (200, 256, 384, 128), (200, 256, 384, 32)])
-def test_kernel_equals_xla_on_hopper(M, K, N, block):
+@pytest.mark.parametrize("M,K,N,block,tiles", [
+    (4096, 7168, 2048, 128, None), (200, 256, 384, 128, None), (200, 256, 384, 32, None),
+    # 256 CTA tiles on 132 SMs: chained pipelines over CTAs of one and of two tiles; k_pair's block pairs
+    (2048, 1024, 2048, 128, Tiles(chain=True)), (2048, 1024, 2048, 128, Tiles(k_pair=True, stages=2)),
+    (2048, 1024, 2048, 128, Tiles(k_pair=True, chain=True, stages=2)),
+    (2048, 1024, 1536, 128, Tiles(64, 192, 4, 8, chain=True))])
+def test_kernel_equals_xla_on_hopper(M, K, N, block, tiles):
   """Same e4m3 products and fp32 scales, different summation order: at block 128, 1e-5 of the largest value
   (bf16 outputs are compared after rounding: a sum near a rounding boundary flips by one bf16 ulp, up to 2^-7
   relative). Block 32 (the tiny model's, a 32-byte swizzle) promotes after every single wgmma, whose adder
   keeps about 14 bits (V3 report §3.3.2) and differs from cuBLAS's in rounding: an H200 showed 0.05% of y off
   by up to 4e-5 of the largest value. There the bar is relative Frobenius error 2e-3, against the O(1) of a
-  wrong tile, scale or swizzle."""
+  wrong tile, scale or swizzle. Forward and dgrad take a weight's block scales one per tile (b_blocked),
+  wgrad per row; the tile variants (Tiles' k_pair, chain) must give the same values."""
   x, w, dy = _operands(M, K, N, seed=3)
-  for name, got, want in zip(("y", "dx", "dw"), jax.jit(_fwd_bwd("mosaic_gpu", block))(x, w, dy),
+  for name, got, want in zip(("y", "dx", "dw"), jax.jit(_fwd_bwd("mosaic_gpu", block, tiles))(x, w, dy),
                              jax.jit(_fwd_bwd("xla", block))(x, w, dy)):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if block == 128:

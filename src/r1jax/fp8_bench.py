@@ -22,8 +22,9 @@ _T, _M = fp8_triton.Tiles, fp8_mosaic_gpu.Tiles
 TUNE_CANDIDATES = {
     "triton": (_T(64, 128, 4, 4), _T(64, 256, 8, 3), _T(128, 128, 8, 4), _T(128, 128, 4, 3), _T(128, 256, 8, 3),
                _T(64, 128, 4, 4, group_m=1)),
-    "mosaic_gpu": (_M(64, 128, 4, 8), _M(64, 128, 5, 8), _M(64, 128, 5, 4), _M(64, 160, 4, 8), _M(64, 192, 4, 8),
-                   _M(64, 192, 4, 4), _M(64, 96, 6, 8)),
+    "mosaic_gpu": (_M(64, 128, 4, 8), _M(64, 128, 4, 8, chain=True), _M(64, 128, 5, 8), _M(64, 192, 4, 8),
+                   _M(64, 192, 4, 8, chain=True), _M(64, 128, 2, 8, k_pair=True),
+                   _M(64, 128, 2, 8, k_pair=True, chain=True)),
 }
 
 
@@ -98,14 +99,15 @@ def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "repeats": repeats,
           "tiles": {i: (t._asdict() if t else "default" if i == "mosaic_gpu" else fp8.KERNELS[i].Tiles()._asdict())
-                    for i in impls if i in fp8.KERNELS for t in [(tiles or {}).get(i)]},  # default: default_tiles(N)
+                    for i in impls if i in fp8.KERNELS for t in [(tiles or {}).get(i)]},  # default: default_tiles(K, block)
           "reference": reference, "results": rows}
 
 
 def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats: int = 10,
-         block: int = 128) -> list[dict]:
-  """One kernel alone (operands quantised beforehand) per tile config, fastest first; a config that fails
-  to compile (e.g. shared memory) is listed with its error."""
+         block: int = 128, b_blocked: bool = True) -> list[dict]:
+  """One kernel alone (operands quantised beforehand: the forward GEMM, whose b is a weight, so the Mosaic GPU
+  kernel may take its scales per tile unless b_blocked is False) per tile config, fastest first; a config that
+  fails to compile (e.g. shared memory) is listed with its error."""
   M, K, N = shape
   x, w, _ = _operands(shape, jnp.bfloat16)
   xq, xs = fp8.quantize_act(x, block)
@@ -116,8 +118,8 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
   for tiles in candidates or TUNE_CANDIDATES[impl]:
     row = dict(tiles._asdict())
     try:
-      f = jax.jit(functools.partial(fp8.KERNELS[impl].scaled_matmul_nt, block=block, out_dtype=jnp.bfloat16,
-                                    tiles=tiles))
+      f = jax.jit(functools.partial(fp8.gemm_nt, block=block, out_dtype=jnp.bfloat16, impl=impl, tiles=tiles,
+                                    b_blocked=b_blocked))
       t = median_seconds(f, xq, xs, wtq, wts, repeats=repeats, calls=CALLS)
       row.update(ms=1e3 * t, tflops=2 * M * K * N / t / 1e12, rel_diff_vs_xla=_rel_err(f(xq, xs, wtq, wts), ref))
     except Exception as e:  # noqa: BLE001

@@ -190,17 +190,19 @@ def resolve_impl(impl: Impl, interpret: bool = False, block: int = 128) -> str:
 
 
 def gemm_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, impl: str = "xla", tiles=None,
-            interpret: bool = False):
+            interpret: bool = False, b_blocked: bool = False):
   """The one GEMM primitive, a @ b^T with per-row per-K-block scales, by a resolved impl; `tiles` is that
-  kernel's own Tiles (None: its defaults)."""
+  kernel's own Tiles (None: its defaults). `b_blocked` says b's scales are a weight's block scales (constant
+  over each aligned `block` of rows), which the Mosaic GPU kernel uses to promote with one scale per tile."""
   (M, K), (N, K2) = aq_MxK.shape, bq_NxK.shape
   if K != K2 or K % block or as_MxKb.shape != (M, K // block) or bs_NxKb.shape != (N, K // block):
     raise ValueError(f"fp8.gemm_nt: a {aq_MxK.shape} scales {as_MxKb.shape}, b {bq_NxK.shape} scales {bs_NxKb.shape} "
                      f"need a [M, K], b [N, K] and [rows, K/{block}] scales with K a multiple of block {block}")
   if impl == "xla":
     return scaled_matmul_nt_xla(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype)
+  blocked = {"b_blocked": b_blocked} if impl == "mosaic_gpu" else {}
   return KERNELS[impl].scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, block=block, out_dtype=out_dtype,
-                                        tiles=tiles, interpret=interpret)
+                                        tiles=tiles, interpret=interpret, **blocked)
 
 
 def _rows(scale_XbxYb, block: int):
@@ -256,7 +258,7 @@ def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
   xq_MxK, xs_MxKb = _quantize_rows_cols(x_MxK, block, pow2, rows=True, cols=False, fused=fused, interpret=interpret)
   _, ws_KbxNb, wq_NxK = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
   y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
-                  impl=impl, tiles=tiles, interpret=interpret)
+                  impl=impl, tiles=tiles, interpret=interpret, b_blocked=True)
   if impl != "xla":
     # A kernel's output that remat saves into a scan's stacked residuals would otherwise be computed twice: XLA
     # GPU's dynamic-slice fusion reruns the custom call to write straight into the slice, next to the original
@@ -280,7 +282,7 @@ def _dot_bwd(block, impl, pow2, tiles, interpret, names, res, dy_MxN):
   # Zero rows pad the tokens to whole blocks for wgrad's token tiles; they change no amax and add nothing.
   dyq_MxN, dys_MxNb, dytq_NxM, dyts_NxMb = quantize(kernel_util.pad_rows(dy_MxN, block), rows=True, cols=True)
   dx_MxK = gemm_nt(dyq_MxN[:M], dys_MxNb[:M], wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
-                   impl=impl, tiles=tiles, interpret=interpret)
+                   impl=impl, tiles=tiles, interpret=interpret, b_blocked=True)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2).
   xtq_KxM, xts_KxMb = quantize(kernel_util.pad_rows(xq_MxK, block), rows=False, cols=True,

@@ -71,7 +71,7 @@ def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow
   xq_MxK, xs_MxKb = fp8.quantize_act(x_MxK.reshape(-1, K), block, pow2)
   q_KxNp = jnp.pad(q_KxN, ((0, 0), (0, -N % block)))
   y_MxNp = fp8.gemm_nt(xq_MxK, xs_MxKb, *fp8.weight_nt(q_KxNp, scale_KbxNb, block), block=block,
-                       out_dtype=x_MxK.dtype, impl=impl)
+                       out_dtype=x_MxK.dtype, impl=impl, b_blocked=True)
   return y_MxNp[:, :N].reshape(*x_MxK.shape[:-1], N)
 
 
