@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FP8 on one GPU: STAGES (default "tests tune bench") picks the parts, about 3, 2 and 6 minutes on an H200:
-#   tests  the GPU-marked FP8 tests (kernel == XLA at blocks 128 and 32, one kernel call per saved GEMM under scan +
-#          remat, the vmapped expert GEMM, the tiny model as close to fp32 as XLA; TESTS adds
-#          files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
+#   tests  the GPU-marked FP8 tests (kernel == XLA at blocks 128 and 32 and with each Tiles variant, a kept e4m3
+#          weight, one kernel call per saved GEMM under scan + remat, the vmapped expert GEMM, the tiny model as
+#          close to fp32 as XLA; TESTS adds files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape and a bench-config expert's two;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
 #          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at

@@ -100,6 +100,21 @@ def test_kernel_equals_xla_on_hopper(M, K, N, block, tiles):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
+def test_kept_fp8_weight_equals_xla_on_hopper():
+  """A checkpoint's e4m3 weight (keep_fp8) with 576 outputs, V3's kv_a width: 4.5 blocks, padded to 5. The
+  kernel takes its block scales one per tile (b_blocked); the same bar as the block-128 case above."""
+  from r1jax.nn import fp8_weights
+
+  x, w, _ = _operands(1024, 1024, 576, seed=4)
+  q, s = fp8.quantize_weight(jnp.pad(w, ((0, 0), (0, 64))), 128)
+  qw = fp8_weights.QuantizedWeight(q[:, :576], s)
+  got, want = (np.asarray(jax.jit(functools.partial(fp8_weights.dot, block=128, impl=impl))(x, qw), np.float64)
+               for impl in ("mosaic_gpu", "xla"))
+  np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
 def test_saved_kernel_output_runs_once_in_a_scanned_remat_layer():
   """Layers as the model runs them (scan, remat saving the FP8 output by name): the compiled step has one
   kernel call per GEMM, forward 1 and backward 2 (dgrad, wgrad). XLA GPU's dynamic-slice fusion used to

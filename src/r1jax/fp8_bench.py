@@ -99,7 +99,8 @@ def bench_gemms(shapes=V3_SHAPES, impls=GPU_IMPLS, repeats: int = 10, dtype=jnp.
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "repeats": repeats,
           "tiles": {i: (t._asdict() if t else "default" if i == "mosaic_gpu" else fp8.KERNELS[i].Tiles()._asdict())
-                    for i in impls if i in fp8.KERNELS for t in [(tiles or {}).get(i)]},  # default: default_tiles(K, block)
+                    # mosaic_gpu's default: default_tiles(K, block)
+                    for i in impls if i in fp8.KERNELS for t in [(tiles or {}).get(i)]},
           "reference": reference, "results": rows}
 
 

@@ -143,7 +143,10 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, block: int, tiles: Ti
         plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[cta_rows, cols].at[wg_rows])
 
       state = None
-      if chain:  # a CTA's first tile fills the pipeline, its last drains it (a lone tile only fills it)
+      # A CTA's first tile fills the pipeline and its last drains it. A lone tile only fills it: the drain awaits
+      # the consumed barriers for their next use, and there is none (on an H200 CTAs of one and of two tiles
+      # pass the GPU test).
+      if chain:
         last = info.local_index == info.num_local_steps - 1
         state = jnp.where(info.local_index == 0, int(plgpu.PipelinePipeline.START),
                           jnp.where(last, int(plgpu.PipelinePipeline.STOP), int(plgpu.PipelinePipeline.STEADY)))
