@@ -24,7 +24,7 @@ from r1jax.nn import fp8
 from r1jax.nn.fp8_triton import COMPILER_PARAMS, IMPORT_ERROR, pl, plgpu
 from r1jax.nn.kernel_util import same_varying
 
-TILE_ROWS = 32  # rows per program in rows-only mode: a [32, 128] bf16 tile is 8 KiB (untuned)
+TILE_ROWS = 32  # rows per program in rows-only mode: a [32, 128] bf16 tile is 8 KiB (32-128 measured alike)
 _IN_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -92,18 +92,17 @@ def _weight_kernel(w_ref, q_ref, s_ref, *qt_ref, pow2: bool, interpret: bool):
     qt_ref[0][...] = q_BxB.T
 
 
-def _call(kernel, args, in_specs, outs, grid, name, interpret):
+def _call(kernel, args, in_specs, outs, grid, name, interpret, num_warps: int):
   """pallas_call with outs = [(shape, dtype, BlockSpec)]; operands typed alike for shard_map."""
   args = same_varying(*args)
   # Inside shard_map every output declares its manual-axis type (kernel_util.manual_type), even where it
   # varies over no axis: a replicated weight's quantisation.
   mat = getattr(jax.typeof(args[0]), "mat", None)
   mat = {"manual_axis_type": mat} if mat is not None and jax.sharding.get_abstract_mesh().manual_axes else {}
-  tm, tk = in_specs[0].block_shape  # the input tile: 8 warps for a [128, 128] one (untuned)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=[spec for *_, spec in outs],
       out_shape=[jax.ShapeDtypeStruct(shape, dtype, **mat) for shape, dtype, _ in outs],
-      compiler_params=COMPILER_PARAMS(num_warps=8 if tm * tk >= 128 * 128 else 4, num_stages=1),
+      compiler_params=COMPILER_PARAMS(num_warps=num_warps, num_stages=1),
       interpret=interpret, name=name)(*args)
 
 
@@ -145,8 +144,10 @@ def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = Tr
              ((K, M // block), jnp.float32, pl.BlockSpec((block, pl.squeezed), lambda i, j: (j, i)))]
   kernel = functools.partial(_act_kernel, rows=rows, cols=cols, dequant=in_scale_MxKb is not None, pow2=pow2,
                              n_rows=M, interpret=interpret)
+  # 4 warps: on an H200 at [81920, 2048] the transposing modes ran 6% (rows + cols) and 18% (requantise) faster
+  # than with 8, rows alone the same with 4-16 warps and 32-128 rows (bench/results/h200_fp8_quantize_warps.json).
   return tuple(_call(kernel, args, in_specs, outs, (pl.cdiv(M, tm), Kb), f"fp8_quantize_act_block{block}",
-                     interpret))
+                     interpret, num_warps=4))
 
 
 def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: bool = True,
@@ -165,4 +166,4 @@ def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: b
     outs.append(((N, K), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (j, i))))
   kernel = functools.partial(_weight_kernel, pow2=pow2, interpret=interpret)
   return tuple(_call(kernel, [w_KxN], [pl.BlockSpec((b, b), lambda i, j: (i, j))], outs, (K // b, N // b),
-                     f"fp8_quantize_weight_block{block}", interpret))
+                     f"fp8_quantize_weight_block{block}", interpret, num_warps=8 if b >= 128 else 4))  # untuned
