@@ -126,7 +126,7 @@ def _kernel(a_gmem, b_gmem, as_gmem, bs_gmem, out_gmem, *, block: int, tiles: Ti
 
         def products(*part_refs):
           for j, part_ref in enumerate(part_refs):  # issued back to back: wgmma groups run in order
-            plgpu.wgmma(part_ref, a_smem[j].at[wg_rows], plgpu.transpose_ref(b_smem[j], (1, 0)))
+            plgpu.wgmma(part_ref, a_smem[j].at[wg_rows], b_smem[j].transpose((1, 0)))
           acc = acc_TMxTN
           for j, part_ref in enumerate(part_refs):  # block j promoted while blocks after it still run
             part = plgpu.wgmma_accumulator_load(part_ref, wait_n=kp - 1 - j)
