@@ -72,6 +72,19 @@ def test_block_must_be_a_swizzle_width():
     fp8_mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=48, out_dtype=jnp.float32)
 
 
+@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+def test_k_pair_needs_paired_blocks_and_narrow_tiles():
+  """k_pair takes K blocks two at a time into three tile_m x tile_n accumulators: an odd number of K blocks, or
+  tile_n 192 (288 fp32 registers a thread), is a one-line error; the default pairs only where K allows it."""
+  a3, a2 = jnp.zeros((128, 384), fp8.E4M3), jnp.zeros((192, 256), fp8.E4M3)
+  mm = functools.partial(fp8_mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="3 blocks of 128"):
+    mm(a3, jnp.ones((128, 3)), a3, jnp.ones((128, 3)), tiles=Tiles(k_pair=True, stages=2))
+  with pytest.raises(ValueError, match="tile_n 192"):
+    mm(a2, jnp.ones((192, 2)), a2, jnp.ones((192, 2)), tiles=Tiles(tile_n=192, k_pair=True, stages=2))
+  assert fp8_mosaic_gpu.default_tiles(7168, 128).k_pair and not fp8_mosaic_gpu.default_tiles(640, 128).k_pair
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")
 @pytest.mark.parametrize("M,K,N,block,tiles", [
