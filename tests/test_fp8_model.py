@@ -109,10 +109,12 @@ def test_mla_with_a_partial_output_block(tiny):
 
 
 def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
-  """Under remat "dots" the backward recomputes no per-token FP8 GEMM or its quantisation (a kernel is no
-  dot_general, so the bf16 policy alone recomputed them all): as many dot_generals (the XLA formulation's
-  K-block products) and amax reductions as without remat. The per-expert GEMMs (batched, as bf16 expert
-  einsums are) are recomputed: one more forward's worth of each."""
+  """Under remat "dots" the backward recomputes no per-token FP8 GEMM or its activation quantisation (a kernel
+  is no dot_general, so the bf16 policy alone recomputed them all): as many dot_generals (the XLA formulation's
+  K-block products) as without remat, and amax reductions but for each weight's, which the rematerialised
+  forward redoes rather than keep 1 byte per parameter (fp8.WEIGHT_NAME); the backward reuses it. Per GEMM:
+  x and w forward, dy rows and columns and x's requantisation backward. The per-expert GEMMs (batched, as
+  bf16 expert einsums are) are recomputed: one more forward's worth of each."""
   from r1jax.nn import block, fp8
 
   w1, w2 = (jax.random.normal(k, (32, 32)) * 0.1 for k in jax.random.split(jax.random.key(0), 2))
@@ -126,10 +128,11 @@ def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
   dots = block._REMAT_POLICIES["dots"]
   one = lambda x, w: fp8.dot(x, w, block=16)  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (32, 32))
-  assert count(one, x, dots) == count(one, x, None) == (6, 12)  # 2 forward, 2 dgrad, 2 wgrad GEMMs
-  assert count(one, x, jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == (8, 16)  # what it was
+  assert count(one, x, None) == (6, 10)  # 2 forward, 2 dgrad, 2 wgrad GEMMs; 2 x 5 quantisations
+  assert count(one, x, dots) == (6, 12)  # + the 2 weights' again
+  assert count(one, x, jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == (8, 14)  # what it was
   batched = lambda x, w: fp8.batched_dot(x, jnp.broadcast_to(w, (2, *w.shape)), block=16)  # noqa: E731
-  assert count(batched, jnp.stack([x, x]), dots) == (8, 16)
+  assert count(batched, jnp.stack([x, x]), dots) == (8, 14)
 
 
 def test_dense_many_is_the_separate_gemms():

@@ -102,6 +102,24 @@ def test_vmapped_equals_per_expert():
       _same(g[e], want)
 
 
+@pytest.mark.parametrize("widths,pow2,transpose", [((64, 32), False, True), ((32, 64, 96), True, True),
+                                                   ((96, 32), False, False)])
+def test_weight_parts_equal_their_concatenation(widths, pow2, transpose):
+  """Weights read in place as one joined weight (a joined GEMM's gate | up): the quantisation of their
+  concatenation, bitwise, also vmapped over experts (the kernel picks its part by its column-block id, which
+  the batching rule must shift past the expert grid axis)."""
+  block, E = 32, 2
+  ws = [_data((E, 64, n), jnp.bfloat16, seed=i) for i, n in enumerate(widths)]
+  one = functools.partial(fq.quantize_weight, block=block, pow2=pow2, transpose=transpose, interpret=True)
+  got = jax.jit(lambda ws: one([w[0] for w in ws]))(ws)
+  batched = jax.jit(jax.vmap(one))(ws)
+  for e, g_e in [(0, got), (E - 1, tuple(g[E - 1] for g in batched))]:
+    q, s = fp8.quantize_weight(jnp.concatenate([w[e] for w in ws], axis=-1), block, pow2)
+    assert len(g_e) == 2 + transpose
+    for g, want in zip(g_e, (q, s, q.T)):
+      _same(g, want)
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_outlier_and_zero_tiles(pow2):
   """An all-zero tile takes the floor scale 1e-4 / 448 and quantises to zeros; one outlier sets its row's,
@@ -161,7 +179,8 @@ def test_compiled_path_lowers_for_cuda():
            (lambda x, s: fq.quantize_act(x, rows=False, cols=True, in_scale_MxKb=s),
             [S((256, 256), fp8.E4M3), S((256, 2), jnp.float32)]),
            (jax.vmap(lambda x: fq.quantize_act(x, cols=True)), [S((4, 256, 256), jnp.bfloat16)]),
-           (lambda w: fq.quantize_weight(w, pow2=True), [S((256, 384), jnp.bfloat16)])]
+           (lambda w: fq.quantize_weight(w, pow2=True), [S((256, 384), jnp.bfloat16)]),
+           (jax.vmap(lambda a, b: fq.quantize_weight([a, b])), [S((4, 256, 256), jnp.bfloat16)] * 2)]
   for f, args in cases:
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1 and "rcp.rn.f32" in text
@@ -189,13 +208,14 @@ def test_inside_shard_map_lowers_with_per_device_types():
 def test_compiled_equals_xla_on_gpu(pow2):
   """Compiled at model shapes against fp8.py's jitted XLA quantisation on the same GPU: the dense activation
   (rows and transposed columns), its wgrad requantisation from e4m3, masked rows (4000), the padded expert
-  activations vmapped, and a weight in both majors. Scales bitwise; e4m3 bytes bitwise with pow2 (x * 1/s is
+  activations vmapped, a weight in both majors, and experts' gate and up weights joined in place. Scales bitwise; e4m3 bytes bitwise with pow2 (x * 1/s is
   then exact). Without pow2, XLA's GPU code rounds x * (1/s) differently in up to ~4e-5 of the elements (7
   of 8.4M for rows, 356 of 8.4M for a transposed output on an H200), one e4m3 code apart; the kernel computes
   the formula as written, which a host numpy evaluation (IEEE reciprocal and product, ml_dtypes'
   round-to-nearest cast) confirms bitwise for the rows and the transposed columns."""
   x, x_odd = _data((4096, 2048), jnp.bfloat16), _data((4000, 2048), jnp.bfloat16, 1)
   x_e, w = _data((32, 2560, 2048), jnp.bfloat16, 2), _data((2048, 1024), jnp.bfloat16, 3)
+  w_gate, w_up = _data((32, 2048, 1024), jnp.bfloat16, 4), _data((32, 2048, 1024), jnp.bfloat16, 5)
   xq, xs = jax.jit(functools.partial(fp8.quantize_act, block=128, pow2=pow2))(x)
   act = functools.partial(fq.quantize_act, pow2=pow2, cols=True)
   want = jax.jit(functools.partial(_want_act, block=128, pow2=pow2, rows=True, cols=True))
@@ -206,7 +226,10 @@ def test_compiled_equals_xla_on_gpu(pow2):
              jax.jit(functools.partial(fp8.quantize_act, block=128, pow2=pow2))(x_odd)),
             (jax.jit(jax.vmap(act))(x_e), want(x_e)),
             (jax.jit(functools.partial(fq.quantize_weight, pow2=pow2))(w),
-             jax.jit(lambda w: (lambda q, s: (q, s, q.T))(*fp8.quantize_weight(w, 128, pow2)))(w))]
+             jax.jit(lambda w: (lambda q, s: (q, s, q.T))(*fp8.quantize_weight(w, 128, pow2)))(w)),
+            (jax.jit(jax.vmap(lambda a, b: fq.quantize_weight([a, b], pow2=pow2)))(w_gate, w_up),  # read in place
+             jax.jit(jax.vmap(lambda a, b: (lambda q, s: (q, s, q.T))(
+                 *fp8.quantize_weight(jnp.concatenate([a, b], axis=-1), 128, pow2))))(w_gate, w_up))]
   for got, wants in checks:
     assert len(got) == len(wants)
     for g, wt in zip(got, wants):

@@ -73,20 +73,25 @@ def grouped_ffn(experts: dict, x_NxD, group_sizes_E, fp8: FP8Config | None = Non
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["w_down"].astype(dt), group_sizes_E)
 
 
-def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None):
+def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None, x_quantized=None):
   """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM), or as
-  block-scaled FP8 GEMMs per expert (from stored e4m3 bytes for keep_fp8 experts)."""
+  block-scaled FP8 GEMMs per expert (from stored e4m3 bytes for keep_fp8 experts). `x_quantized`: x's e4m3
+  rows and scales as dispatched (fp8.quantize_input), for the master-weight FP8 GEMMs."""
   if fp8 is not None:
-    kept = lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)  # noqa: E731  (keep_fp8)
-    mm = lambda x, w: (jax.vmap(kept)(x, w) if fp8_weights.is_quantized(w)  # noqa: E731
-                       else fp8_lib.batched_dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))
-    w_gate, w_up = experts["w_gate"], experts["w_up"]
-    F = w_gate.shape[-1]
-    if fp8_weights.is_quantized(w_gate) or not fp8_lib.joins_columns(F, F, block=fp8.block):
-      gate, up = mm(x_ExNxD, w_gate), mm(x_ExNxD, w_up)
-    else:  # one GEMM over [gate | up] columns: x quantised once, one launch twice as wide (layers.dense_many)
-      gate, up = jnp.split(mm(x_ExNxD, jnp.concatenate([w_gate, w_up], axis=-1)), [F], axis=-1)
-    return mm(jax.nn.silu(gate) * up, experts["w_down"])
+    kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
+    w_gate, w_up, w_down = experts["w_gate"], experts["w_up"], experts["w_down"]
+    if fp8_weights.is_quantized(w_gate):  # keep_fp8: the forward GEMM from the stored bytes
+      kept = jax.vmap(lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))
+      gate, up = kept(x_ExNxD, w_gate), kept(x_ExNxD, w_up)
+    elif fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
+      # one GEMM over [gate | up] columns: x quantised once, one launch twice as wide (layers.dense_many)
+      gate, up = fp8_lib.batched_dots(x_ExNxD, [w_gate, w_up], x_quantized=x_quantized, **kw)
+    else:
+      gate, up = (fp8_lib.batched_dot(x_ExNxD, w, x_quantized=x_quantized, **kw) for w in (w_gate, w_up))
+    h = jax.nn.silu(gate) * up
+    if fp8_weights.is_quantized(w_down):
+      return jax.vmap(lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))(h, w_down)
+    return fp8_lib.batched_dot(h, w_down, **kw)
   dt = x_ExNxD.dtype
   gate = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_gate"].astype(dt))
   up = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_up"].astype(dt))
@@ -117,6 +122,21 @@ def _exchange(x, axes: tuple[str, ...]):
   return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
 
 
+def _exchange_bytes(x, axes: tuple[str, ...]):
+  """_exchange of e4m3 values as their bytes (collectives need not take fp8 types on every backend)."""
+  if not axes:
+    return x
+  return jax.lax.bitcast_convert_type(_exchange(jax.lax.bitcast_convert_type(x, jnp.uint8), axes), x.dtype)
+
+
+def _dispatch(rows_Tp1, token_EC, E_loc: int, exp_axes: tuple[str, ...], exchange=_exchange):
+  """Rows [T + 1, ...] (the last one fills empty slots) into this device's [E_loc, n_ep * C, ...] buffers."""
+  n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
+  send = jnp.take(rows_Tp1, token_EC, axis=0)
+  recv = exchange(send, exp_axes).reshape(n_ep, E_loc, -1, *send.shape[1:])  # [source peer, local expert, ...]
+  return jnp.swapaxes(recv, 0, 1).reshape(E_loc, -1, *send.shape[1:])
+
+
 def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cfg: ModelConfig,
                      exp_axes: tuple[str, ...]):
   """One shard's routed-expert output (partial over the tensor axis when F is split) and its drop count.
@@ -130,15 +150,22 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
   E_loc, C = E // n_ep, capacity(T, cfg)
   pl = plan(experts_TxK, E, C, valid_T)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])
-  send_ExCxD = jnp.take(x_pad, pl.token_EC, axis=0).reshape(E, C, D)
-  recv = _exchange(send_ExCxD, exp_axes).reshape(n_ep, E_loc, C, D)  # [source peer, local expert, ...]
-  x_ExNxD = recv.transpose(1, 0, 2, 3).reshape(E_loc, n_ep * C, D)
+  x_ExNxD = _dispatch(x_pad, pl.token_EC, E_loc, exp_axes)
+  fp8 = cfg.fp8.use("routed_experts")
   if gemm_impl(cfg) == "ragged_dot":
     kept_SxE = _exchange(pl.kept_E, exp_axes).reshape(n_ep, E_loc)
     valid = jnp.arange(C)[None, None, :] < kept_SxE.T[:, :, None]
-    y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C), cfg.fp8.use("routed_experts"))
+    y_ExNxD = compact_ffn(experts, x_ExNxD, valid.reshape(E_loc, n_ep * C), fp8)
+  elif fp8 is not None and not fp8_weights.is_quantized(experts["w_gate"]):
+    # FP8 dispatch (V3 report §3.3.3): tokens quantised once, before the gather (1 x block tiles are per row, so
+    # this is exactly the quantisation of the gathered rows) and moved as e4m3 bytes and scales; the bf16
+    # x_ExNxD only carries the gradient back through the dispatch, so XLA drops its forward gather.
+    xq_pad, xs_pad = fp8_lib.quantize_input(x_pad, fp8.block, fp8.impl, fp8.pow2_scales)
+    x_quantized = (_dispatch(xq_pad, pl.token_EC, E_loc, exp_axes, _exchange_bytes),
+                   _dispatch(xs_pad, pl.token_EC, E_loc, exp_axes))
+    y_ExNxD = padded_ffn(experts, x_ExNxD, fp8, x_quantized)
   else:
-    y_ExNxD = padded_ffn(experts, x_ExNxD, cfg.fp8.use("routed_experts"))
+    y_ExNxD = padded_ffn(experts, x_ExNxD, fp8)
   back = y_ExNxD.reshape(E_loc, n_ep, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
   y_ECxD = _exchange(back, exp_axes).reshape(E * C, D)
   y_pad = jnp.concatenate([y_ECxD, jnp.zeros((1, D), y_ECxD.dtype)])

@@ -10,7 +10,8 @@ over their block's rows): `scaled_matmul_nt_xla` (reference, any backend) or a P
 from __future__ import annotations
 
 import functools
-from typing import Literal
+import itertools
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,11 @@ _KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 # as the bf16 expert einsums have a batch dim and are recomputed.
 SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
 BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
+WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weight kept for its backward; no remat policy saves it
 
-__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "dequantize_act", "dequantize_weight", "dot",
-           "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act", "quantize_weight",
-           "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
+__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "dequantize_act", "dequantize_weight",
+           "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act",
+           "quantize_input", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -240,88 +242,154 @@ def _quantize_rows_cols(x_MxK, block, pow2, *, rows, cols, in_scale_MxKb=None, f
                                                            if cols else ())
 
 
-def _quantize_weight_nt(w_KxN, block, pow2, *, fused=False, interpret=False):
-  """(q_KxN, s_KbxNb, q_NxK): a weight's tiles in both majors (the forward GEMM reads it N-major)."""
+def _quantize_weight_nt(ws_KxN, block, pow2, *, fused=False, interpret=False):
+  """(q_KxN, s_KbxNb, q_NxK): the tiles of the weights ws joined along their columns, in both majors (the
+  forward GEMM reads them N-major, dgrad K-major). The fused kernel reads each weight where it lies: a joined
+  GEMM costs no concatenated copy of the master weights."""
   if fused:
-    return fp8_quantize_triton.quantize_weight(w_KxN, block, pow2, transpose=True, interpret=interpret)
-  wq_KxN, ws_KbxNb = quantize_weight(w_KxN, block, pow2)
+    return fp8_quantize_triton.quantize_weight(ws_KxN, block, pow2, transpose=True, interpret=interpret)
+  wq_KxN, ws_KbxNb = quantize_weight(jnp.concatenate(ws_KxN, axis=-1) if len(ws_KxN) > 1 else ws_KxN[0], block, pow2)
   return wq_KxN, ws_KbxNb, wq_KxN.T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
-def _dot(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
-  return _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names)[0]
+class _Static(NamedTuple):
+  """The custom_vjp's static arguments (see `dots`)."""
+  block: int
+  impl: str
+  pow2: bool
+  tiles: Any
+  interpret: bool
+  names: tuple[str, str]
+  w_dtype: Any
+  n_splits: tuple[int, ...]  # the joined weights' widths (the last padded to whole blocks)
 
 
-def _dot_fwd(x_MxK, w_KxN, block, impl, pow2, tiles, interpret, names):
-  fused = _fused_quantizer(impl, block, interpret)
-  xq_MxK, xs_MxKb = _quantize_rows_cols(x_MxK, block, pow2, rows=True, cols=False, fused=fused, interpret=interpret)
-  _, ws_KbxNb, wq_NxK = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
-  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, block), block=block, out_dtype=x_MxK.dtype,
-                  impl=impl, tiles=tiles, interpret=interpret, b_blocked=True)
-  if impl != "xla":
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dot(x_MxK, ws_KxN, x_quantized, st: _Static):
+  return _dot_fwd(x_MxK, ws_KxN, x_quantized, st)[0]
+
+
+def _dot_fwd(x_MxK, ws_KxN, x_quantized, st: _Static):
+  fused = _fused_quantizer(st.impl, st.block, st.interpret)
+  if x_quantized is None:
+    xq_MxK, xs_MxKb = _quantize_rows_cols(x_MxK, st.block, st.pow2, rows=True, cols=False, fused=fused,
+                                          interpret=st.interpret)
+  else:
+    xq_MxK, xs_MxKb = x_quantized
+  wq_KxN, ws_KbxNb, wq_NxK = _quantize_weight_nt(ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret)
+  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, st.block), block=st.block, out_dtype=x_MxK.dtype,
+                  impl=st.impl, tiles=st.tiles, interpret=st.interpret, b_blocked=True)
+  if st.impl != "xla":
     # A kernel's output that remat saves into a scan's stacked residuals would otherwise be computed twice: XLA
     # GPU's dynamic-slice fusion reruns the custom call to write straight into the slice, next to the original
     # for the other users (an H200 bench step: 5 GEMMs per MoE layer twice). The barrier costs one slice copy.
     y_MxN = jax.lax.optimization_barrier(y_MxN)
-  # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and w
-  # itself, alive anyway as a parameter; its quantisation is deterministic, so the backward redoes it.
-  out_name, res_name = names
-  return checkpoint_name(y_MxN, out_name), (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
-                                            w_KxN)
+  # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and the e4m3
+  # weight K-major for dgrad, written by the same pass as the forward's N-major one. Under remat the weight is
+  # re-quantised with the rematerialised forward (WEIGHT_NAME is saved by no policy), so the backward itself
+  # quantises nothing it already had; without remat it stays alive through the forward, 1 byte per parameter.
+  out_name, res_name = st.names
+  res = (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
+         checkpoint_name(wq_KxN, WEIGHT_NAME), checkpoint_name(ws_KbxNb, WEIGHT_NAME))
+  return checkpoint_name(y_MxN, out_name), res
 
 
-def _dot_bwd(block, impl, pow2, tiles, interpret, names, res, dy_MxN):
+def _dot_bwd(st: _Static, res, dy_MxN):
   """V3 report Figure 6: dgrad with dy in 1 x block tiles along N against w's same block x block tiles;
   wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens)."""
-  xq_MxK, xs_MxKb, w_KxN = res
-  M = dy_MxN.shape[0]
-  fused = _fused_quantizer(impl, block, interpret)
-  quantize = functools.partial(_quantize_rows_cols, block=block, pow2=pow2, fused=fused, interpret=interpret)
-  wq_KxN, ws_KbxNb, _ = _quantize_weight_nt(w_KxN, block, pow2, fused=fused, interpret=interpret)
+  xq_MxK, xs_MxKb, wq_KxN, ws_KbxNb = res
+  block, M = st.block, dy_MxN.shape[0]
+  kernel = dict(impl=st.impl, tiles=st.tiles, interpret=st.interpret)
+  quantize = functools.partial(_quantize_rows_cols, block=block, pow2=st.pow2,
+                               fused=_fused_quantizer(st.impl, block, st.interpret), interpret=st.interpret)
   # Zero rows pad the tokens to whole blocks for wgrad's token tiles; they change no amax and add nothing.
   dyq_MxN, dys_MxNb, dytq_NxM, dyts_NxMb = quantize(kernel_util.pad_rows(dy_MxN, block), rows=True, cols=True)
   dx_MxK = gemm_nt(dyq_MxN[:M], dys_MxNb[:M], wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
-                   impl=impl, tiles=tiles, interpret=interpret, b_blocked=True)
+                   b_blocked=True, **kernel)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2).
   xtq_KxM, xts_KxMb = quantize(kernel_util.pad_rows(xq_MxK, block), rows=False, cols=True,
                                in_scale_MxKb=kernel_util.pad_rows(xs_MxKb, block))
-  dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=w_KxN.dtype, impl=impl,
-                   tiles=tiles, interpret=interpret)
-  return kernel_util.sum_to(dx_MxK, xq_MxK), kernel_util.sum_to(dw_KxN, w_KxN)
+  dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=st.w_dtype, **kernel)
+  dws = jnp.split(dw_KxN, list(itertools.accumulate(st.n_splits[:-1])), axis=-1) if len(st.n_splits) > 1 else [dw_KxN]
+  dx = kernel_util.sum_to(dx_MxK, xq_MxK)
+  # A given quantisation of x is a constant of the forward (stop_gradient upstream): no cotangent.
+  return dx, tuple(kernel_util.sum_to(dw, wq_KxN) for dw in dws), None
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
-def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-        interpret: bool = False, names: tuple[str, str] = SAVED_NAMES):
-  """x[..., K] @ w[K, N] as the block-scaled fp8 GEMM, in x's dtype; fp8 dgrad/wgrad in the backward.
+def quantize_input(x_MxK, block: int = 128, impl: Impl = "xla", pow2: bool = False, interpret: bool = False):
+  """x's 1 x block tiles exactly as `dot(x, ..., impl=impl)` computes them (the Triton kernel next to a GPU
+  kernel), outside the GEMM and without a gradient: per-row tiles commute with any gathering of rows, so an MoE
+  layer quantises its tokens once and dispatches e4m3 bytes (V3 report §3.3.3) to `dot(..., x_quantized=)`."""
+  impl = resolve_impl(impl, interpret, block)
+  K = x_MxK.shape[-1]
+  if K % block:
+    raise ValueError(f"fp8.quantize_input: x shape {x_MxK.shape}: last dim must be a multiple of block {block}")
+  q, s = _quantize_rows_cols(jax.lax.stop_gradient(x_MxK).reshape(-1, K), block, pow2, rows=True, cols=False,
+                             fused=_fused_quantizer(impl, block, interpret), interpret=interpret)
+  return q.reshape(x_MxK.shape), s.reshape(*x_MxK.shape[:-1], K // block)
+
+
+def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
+         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None) -> list:
+  """[x[..., K] @ w[K, N] for w in ws] as ONE block-scaled fp8 GEMM over the weights' joined columns (x
+  quantised once, one launch; the quantiser reads each weight in place), in x's dtype; fp8 dgrad/wgrad in the
+  backward. Every weight but the last must end on a block boundary (joins_columns); one weight is `dot`.
 
   `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests);
-  `names` are the remat names of the output and of the residuals (SAVED_NAMES).
+  `names` are the remat names of the output and of the residuals (SAVED_NAMES). `x_quantized`: x's own
+  quantisation (quantize_input, possibly gathered like x), used in place of quantising x; x then only carries
+  the gradient (its value is unused, and XLA drops what computed it).
   """
   impl = resolve_impl(impl, interpret, block)
-  if w_KxN.ndim != 2 or x_MxK.shape[-1] != w_KxN.shape[0]:
-    raise ValueError(f"fp8.dot: x {x_MxK.shape} @ w {w_KxN.shape} needs w [K, N] with K = x's last dim")
-  K, N = w_KxN.shape
+  ws_KxN = tuple(ws_KxN)
+  K = x_MxK.shape[-1]
+  if not ws_KxN or any(w.ndim != 2 or w.shape[0] != K for w in ws_KxN):
+    raise ValueError(f"fp8.dot: x {x_MxK.shape} @ w {[w.shape for w in ws_KxN]} needs w [K, N] with K = x's last dim")
   if K % block:
-    raise ValueError(f"fp8.dot: weight shape {w_KxN.shape}: its input dim {K} must be a multiple of block {block} "
+    raise ValueError(f"fp8.dot: weight shape {ws_KxN[0].shape}: its input dim {K} must be a multiple of block {block} "
                      "(the activations' 1 x block tiles)")
+  widths = [w.shape[1] for w in ws_KxN]
+  if any(n % block for n in widths[:-1]) or len({w.dtype for w in ws_KxN}) > 1:
+    raise ValueError(f"fp8.dots: weights {[(w.shape, str(w.dtype)) for w in ws_KxN]} join only with one dtype and "
+                     f"every width but the last a multiple of block {block}")
+  if x_quantized is not None and (x_quantized[0].shape != x_MxK.shape
+                                  or x_quantized[1].shape != (*x_MxK.shape[:-1], K // block)):
+    raise ValueError(f"fp8.dot: x_quantized {[a.shape for a in x_quantized]} must be x {x_MxK.shape}'s e4m3 "
+                     f"values and [..., K/{block}] scales")
   # A partial last block of output columns (V3's kv_a projection is 512 + 64 wide) becomes a whole one padded
   # with zero columns, as DeepSeek's checkpoints round those scales up (576 -> 5 blocks): zeros change no
   # amax, the extra outputs are cropped, and their zero cotangents add nothing to dx or dw.
-  w_KxNp = jnp.pad(w_KxN, ((0, 0), (0, -N % block)))
-  y = _dot(x_MxK.reshape(-1, K), w_KxNp, block, impl, pow2, tiles, interpret, tuple(names))[:, :N]
-  return y.reshape(*x_MxK.shape[:-1], N)
+  last = ws_KxN[-1]
+  padded = ws_KxN[:-1] + (jnp.pad(last, ((0, 0), (0, -last.shape[1] % block))),)
+  st = _Static(block, impl, pow2, tiles, interpret, tuple(names), last.dtype, tuple(w.shape[1] for w in padded))
+  xq = None if x_quantized is None else (x_quantized[0].reshape(-1, K), x_quantized[1].reshape(-1, K // block))
+  y = _dot(x_MxK.reshape(-1, K), padded, xq, st)[:, :sum(widths)].reshape(*x_MxK.shape[:-1], sum(widths))
+  return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1) if len(widths) > 1 else [y]
+
+
+def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
+        interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None):
+  """x[..., K] @ w[K, N] as the block-scaled fp8 GEMM (`dots` with one weight)."""
+  return dots(x_MxK, [w_KxN], block, impl, pow2, tiles, interpret, names, x_quantized)[0]
+
+
+def batched_dots(x_ExMxK, ws_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
+                 interpret: bool = False, x_quantized=None) -> list:
+  """Per-expert `dots` over capacity-padded rows (x [E, C, D] @ each w [E, D, F]), vmapped."""
+  ws_ExKxN = list(ws_ExKxN)
+  if x_ExMxK.ndim != 3 or any(w.ndim != 3 or w.shape[0] != x_ExMxK.shape[0] for w in ws_ExKxN):
+    raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {[w.shape for w in ws_ExKxN]} need [E, M, K] and "
+                     "[E, K, N]")
+  one = functools.partial(dots, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
+                          names=BATCHED_NAMES)
+  return jax.vmap(lambda x, ws, xq: one(x, ws, x_quantized=xq))(x_ExMxK, ws_ExKxN, x_quantized)
 
 
 def batched_dot(x_ExMxK, w_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-                interpret: bool = False):
+                interpret: bool = False, x_quantized=None):
   """Per-expert `dot` over capacity-padded rows (x [E, C, D] @ w [E, D, F]), vmapped."""
-  if x_ExMxK.ndim != 3 or w_ExKxN.ndim != 3 or x_ExMxK.shape[0] != w_ExKxN.shape[0]:
-    raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {w_ExKxN.shape} need [E, M, K] and [E, K, N]")
-  one = functools.partial(dot, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
-                          names=BATCHED_NAMES)
-  return jax.vmap(one)(x_ExMxK, w_ExKxN)
+  return batched_dots(x_ExMxK, [w_ExKxN], block, impl, pow2, tiles, interpret, x_quantized)[0]

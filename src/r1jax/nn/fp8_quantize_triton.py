@@ -15,6 +15,7 @@ Non-finite inputs are outside the contract: Triton's max drops NaN where XLA's k
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +82,19 @@ def _act_kernel(*refs, rows: bool, cols: bool, dequant: bool, pow2: bool, n_rows
     st_ref[...] = s_B
 
 
-def _weight_kernel(w_ref, q_ref, s_ref, *qt_ref, pow2: bool, interpret: bool):
-  """One [block, block] tile of w: its scale ([1, 1], reduced one axis at a time), q and, if asked, q^T."""
-  w_BxB = w_ref[...].astype(jnp.float32)
+def _weight_kernel(*refs, n_parts: int, starts: tuple[int, ...], pow2: bool, interpret: bool):
+  """One [block, block] tile of the weights joined along their columns: its scale ([1, 1], reduced one axis at
+  a time), q and, if asked, q^T. With several weights, the one owning this column block is read (the others'
+  loads are masked off, so they fetch nothing) and `starts` are the parts' first column blocks."""
+  w_refs, (q_ref, s_ref, *qt_ref) = refs[:n_parts], refs[n_parts:]
+  if n_parts == 1:
+    w_BxB = w_refs[0][...].astype(jnp.float32)
+  else:
+    j, ends = pl.program_id(1), starts[1:] + (None,)
+    w_BxB = jnp.zeros(w_refs[0].shape, jnp.float32)
+    for ref, lo, hi in zip(w_refs, starts, ends):
+      mine = (j >= lo) if hi is None else (j >= lo) & (j < hi)
+      w_BxB += plgpu.load(ref, mask=jnp.broadcast_to(mine, ref.shape), other=0).astype(jnp.float32)
   s_1x1 = _scale(jnp.max(jnp.max(jnp.abs(w_BxB), axis=1, keepdims=True), axis=0, keepdims=True), pow2)
   q_BxB = (w_BxB * _recip(s_1x1, interpret)).astype(fp8.E4M3)
   q_ref[...] = q_BxB
@@ -153,17 +164,25 @@ def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = Tr
 def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: bool = True,
                     interpret: bool = False):
   """(q_KxN, s_KbxNb) = fp8.quantize_weight(w), then q_NxK = q_KxN.T (same scales) if transpose: the
-  forward GEMM's N-major and the backward's K-major weight from one read."""
+  forward GEMM's N-major and the backward's K-major weight from one read. w may be a list of weights [K, N_i]:
+  then they are quantised as their concatenation along N, each read in place (no concatenated copy)."""
   _check(block)
-  shape, dtype = w_KxN.shape, jnp.dtype(w_KxN.dtype)
-  if len(shape) != 2 or shape[0] % block or shape[1] % block or dtype not in _IN_DTYPES:
-    raise ValueError(f"fp8_quantize_triton.quantize_weight: w shape {shape} {dtype} needs [K, N] bf16, f16 or "
-                     f"f32 (jax.vmap for leading axes), both dims multiples of block {block}")
-  (K, N), b = shape, block
+  parts = list(w_KxN) if isinstance(w_KxN, (list, tuple)) else [w_KxN]
+  b = block
+  for w in parts:
+    shape, dtype = w.shape, jnp.dtype(w.dtype)
+    if len(shape) != 2 or shape[0] % b or shape[1] % b or dtype not in _IN_DTYPES or shape[0] != parts[0].shape[0]:
+      raise ValueError(f"fp8_quantize_triton.quantize_weight: w shape {shape} {dtype} needs [K, N] bf16, f16 or "
+                       f"f32 (jax.vmap for leading axes), both dims multiples of block {block}, one K for all parts")
+  K, N = parts[0].shape[0], sum(w.shape[1] for w in parts)
+  starts = tuple(itertools.accumulate([0] + [w.shape[1] // b for w in parts[:-1]]))
+  # Each part's block index clamped into its own range: the program reading another part's columns masks it off.
+  in_specs = [pl.BlockSpec((b, b), lambda i, j, lo=lo, n=w.shape[1] // b: (i, jnp.clip(j - lo, 0, n - 1)))
+              for w, lo in zip(parts, starts)]
   outs = [((K, N), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (i, j))),
           ((K // b, N // b), jnp.float32, pl.BlockSpec((1, 1), lambda i, j: (i, j)))]
   if transpose:
     outs.append(((N, K), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (j, i))))
-  kernel = functools.partial(_weight_kernel, pow2=pow2, interpret=interpret)
-  return tuple(_call(kernel, [w_KxN], [pl.BlockSpec((b, b), lambda i, j: (i, j))], outs, (K // b, N // b),
-                     f"fp8_quantize_weight_block{block}", interpret, num_warps=8 if b >= 128 else 4))  # untuned
+  kernel = functools.partial(_weight_kernel, n_parts=len(parts), starts=starts, pow2=pow2, interpret=interpret)
+  return tuple(_call(kernel, parts, in_specs, outs, (K // b, N // b), f"fp8_quantize_weight_block{block}", interpret,
+                     num_warps=8 if b >= 128 else 4))  # untuned

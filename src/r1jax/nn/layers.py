@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +97,7 @@ def dense_many(x, ws, fp8: FP8Config | None = None) -> list:
   widths = [w.shape[-1] for w in ws]
   if fp8 is None or any(map(fp8_weights.is_quantized, ws)) or not _fp8.joins_columns(*widths, block=fp8.block):
     return [dense(x, w, fp8) for w in ws]
-  y = _fp8.dot(x, jnp.concatenate(ws, axis=-1), fp8.block, fp8.impl, fp8.pow2_scales)
-  return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1)
+  return _fp8.dots(x, ws, fp8.block, fp8.impl, fp8.pow2_scales)
 
 
 def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp")) -> dict:
