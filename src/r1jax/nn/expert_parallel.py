@@ -80,18 +80,21 @@ def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None, x_quantized
   if fp8 is not None:
     kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
     w_gate, w_up, w_down = experts["w_gate"], experts["w_up"], experts["w_down"]
-    if fp8_weights.is_quantized(w_gate):  # keep_fp8: the forward GEMM from the stored bytes
-      kept = jax.vmap(lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))
-      gate, up = kept(x_ExNxD, w_gate), kept(x_ExNxD, w_up)
-    elif fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
-      # one GEMM over [gate | up] columns: x quantised once, one launch twice as wide (layers.dense_many)
-      gate, up = fp8_lib.batched_dots(x_ExNxD, [w_gate, w_up], x_quantized=x_quantized, **kw)
-    else:
-      gate, up = (fp8_lib.batched_dot(x_ExNxD, w, x_quantized=x_quantized, **kw) for w in (w_gate, w_up))
-    h = jax.nn.silu(gate) * up
-    if fp8_weights.is_quantized(w_down):
-      return jax.vmap(lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))(h, w_down)
-    return fp8_lib.batched_dot(h, w_down, **kw)
+    kept = any(map(fp8_weights.is_quantized, (w_gate, w_up, w_down)))
+    if not kept and fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
+      # One GEMM over [gate | up] columns (x quantised once, one launch twice as wide), and the SwiGLU fused into
+      # the down GEMM's input quantisation (layers.mlp does the same).
+      gate_up = fp8_lib.batched_dots(x_ExNxD, [w_gate, w_up], x_quantized=x_quantized, split=False, **kw)
+      gate, up = jnp.split(gate_up, 2, axis=-1)
+      h_quantized = fp8_lib.quantize_swiglu(gate_up, fp8.block, fp8.impl, fp8.pow2_scales)
+      return fp8_lib.batched_dot(jax.nn.silu(gate) * up, w_down, x_quantized=h_quantized, **kw)
+
+    def mm(x, w, xq=None):  # a keep_fp8 weight runs its forward GEMM from the stored bytes
+      if fp8_weights.is_quantized(w):
+        return jax.vmap(lambda x, w: fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales))(x, w)
+      return fp8_lib.batched_dot(x, w, x_quantized=xq, **kw)
+
+    return mm(jax.nn.silu(mm(x_ExNxD, w_gate, x_quantized)) * mm(x_ExNxD, w_up, x_quantized), w_down)
   dt = x_ExNxD.dtype
   gate = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_gate"].astype(dt))
   up = jnp.einsum("end,edf->enf", x_ExNxD, experts["w_up"].astype(dt))
@@ -122,18 +125,24 @@ def _exchange(x, axes: tuple[str, ...]):
   return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
 
 
-def _exchange_bytes(x, axes: tuple[str, ...]):
-  """_exchange of e4m3 values as their bytes (collectives need not take fp8 types on every backend)."""
-  if not axes:
-    return x
-  return jax.lax.bitcast_convert_type(_exchange(jax.lax.bitcast_convert_type(x, jnp.uint8), axes), x.dtype)
+def _words(q):
+  """e4m3 rows [..., D] as uint32 words [..., D / 4] (bytes where D is no multiple of 4) and back: a gather or
+  collective then moves 4-byte elements (XLA's GPU gather of single bytes ran at the speed of the bf16 one on
+  an H200), and collectives need not take fp8 types on every backend."""
+  if q.dtype == jnp.uint32:
+    return jax.lax.bitcast_convert_type(q, fp8_lib.E4M3).reshape(*q.shape[:-1], -1)
+  if q.dtype == jnp.uint8:
+    return jax.lax.bitcast_convert_type(q, fp8_lib.E4M3)
+  if q.shape[-1] % 4:
+    return jax.lax.bitcast_convert_type(q, jnp.uint8)
+  return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.uint32)
 
 
-def _dispatch(rows_Tp1, token_EC, E_loc: int, exp_axes: tuple[str, ...], exchange=_exchange):
+def _dispatch(rows_Tp1, token_EC, E_loc: int, exp_axes: tuple[str, ...]):
   """Rows [T + 1, ...] (the last one fills empty slots) into this device's [E_loc, n_ep * C, ...] buffers."""
   n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
   send = jnp.take(rows_Tp1, token_EC, axis=0)
-  recv = exchange(send, exp_axes).reshape(n_ep, E_loc, -1, *send.shape[1:])  # [source peer, local expert, ...]
+  recv = _exchange(send, exp_axes).reshape(n_ep, E_loc, -1, *send.shape[1:])  # [source peer, local expert, ...]
   return jnp.swapaxes(recv, 0, 1).reshape(E_loc, -1, *send.shape[1:])
 
 
@@ -161,7 +170,7 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
     # this is exactly the quantisation of the gathered rows) and moved as e4m3 bytes and scales; the bf16
     # x_ExNxD only carries the gradient back through the dispatch, so XLA drops its forward gather.
     xq_pad, xs_pad = fp8_lib.quantize_input(x_pad, fp8.block, fp8.impl, fp8.pow2_scales)
-    x_quantized = (_dispatch(xq_pad, pl.token_EC, E_loc, exp_axes, _exchange_bytes),
+    x_quantized = (_words(_dispatch(_words(xq_pad), pl.token_EC, E_loc, exp_axes)),
                    _dispatch(xs_pad, pl.token_EC, E_loc, exp_axes))
     y_ExNxD = padded_ffn(experts, x_ExNxD, fp8, x_quantized)
   else:

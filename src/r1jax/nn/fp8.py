@@ -37,7 +37,8 @@ WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weight kept for its backward; no rem
 
 __all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "dequantize_act", "dequantize_weight",
            "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act",
-           "quantize_input", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "weight_nt"]
+           "quantize_input", "quantize_swiglu", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "swiglu",
+           "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -333,8 +334,33 @@ def quantize_input(x_MxK, block: int = 128, impl: Impl = "xla", pow2: bool = Fal
   return q.reshape(x_MxK.shape), s.reshape(*x_MxK.shape[:-1], K // block)
 
 
+def swiglu(gate, up, dtype):
+  """silu(gate) * up in fp32, rounded once to `dtype`: the values quantize_swiglu quantises."""
+  g = gate.astype(jnp.float32)
+  return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(dtype)
+
+
+def quantize_swiglu(gate_up_Mx2F, block: int = 128, impl: Impl = "xla", pow2: bool = False, interpret: bool = False):
+  """The 1 x block tiles of h = swiglu(gate, up) from the joined [gate | up] GEMM output [..., 2F], without a
+  gradient, for `dot(h, w_down, x_quantized=)`: with a GPU kernel one pass reads gate and up and writes e4m3
+  h (the SwiGLU fused into the quantisation, as DeepSeek's kernels do), so h is neither written nor re-read in
+  bf16. The h carrying the gradient (jax.nn.silu(gate) * up) may differ from these values by its own bf16
+  rounding of the intermediate ops; its forward value is unused."""
+  impl = resolve_impl(impl, interpret, block)
+  *lead, F2 = gate_up_Mx2F.shape
+  if F2 % (2 * block):
+    raise ValueError(f"fp8.quantize_swiglu: [gate | up] shape {gate_up_Mx2F.shape}: the last dim must be 2F with "
+                     f"F a multiple of block {block}")
+  gu = jax.lax.stop_gradient(gate_up_Mx2F).reshape(-1, F2)
+  if _fused_quantizer(impl, block, interpret):
+    q, s = fp8_quantize_triton.quantize_swiglu(gu, block, pow2, interpret=interpret)
+  else:
+    q, s = quantize_act(swiglu(gu[:, :F2 // 2], gu[:, F2 // 2:], gu.dtype), block, pow2)
+  return q.reshape(*lead, F2 // 2), s.reshape(*lead, F2 // (2 * block))
+
+
 def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None) -> list:
+         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None, split: bool = True):
   """[x[..., K] @ w[K, N] for w in ws] as ONE block-scaled fp8 GEMM over the weights' joined columns (x
   quantised once, one launch; the quantiser reads each weight in place), in x's dtype; fp8 dgrad/wgrad in the
   backward. Every weight but the last must end on a block boundary (joins_columns); one weight is `dot`.
@@ -342,7 +368,7 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests);
   `names` are the remat names of the output and of the residuals (SAVED_NAMES). `x_quantized`: x's own
   quantisation (quantize_input, possibly gathered like x), used in place of quantising x; x then only carries
-  the gradient (its value is unused, and XLA drops what computed it).
+  the gradient (its value is unused, and XLA drops what computed it). `split=False` returns the joined output.
   """
   impl = resolve_impl(impl, interpret, block)
   ws_KxN = tuple(ws_KxN)
@@ -368,6 +394,8 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   st = _Static(block, impl, pow2, tiles, interpret, tuple(names), last.dtype, tuple(w.shape[1] for w in padded))
   xq = None if x_quantized is None else (x_quantized[0].reshape(-1, K), x_quantized[1].reshape(-1, K // block))
   y = _dot(x_MxK.reshape(-1, K), padded, xq, st)[:, :sum(widths)].reshape(*x_MxK.shape[:-1], sum(widths))
+  if not split:
+    return y
   return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1) if len(widths) > 1 else [y]
 
 
@@ -378,14 +406,14 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
 
 
 def batched_dots(x_ExMxK, ws_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-                 interpret: bool = False, x_quantized=None) -> list:
+                 interpret: bool = False, x_quantized=None, split: bool = True):
   """Per-expert `dots` over capacity-padded rows (x [E, C, D] @ each w [E, D, F]), vmapped."""
   ws_ExKxN = list(ws_ExKxN)
   if x_ExMxK.ndim != 3 or any(w.ndim != 3 or w.shape[0] != x_ExMxK.shape[0] for w in ws_ExKxN):
     raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {[w.shape for w in ws_ExKxN]} need [E, M, K] and "
                      "[E, K, N]")
   one = functools.partial(dots, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
-                          names=BATCHED_NAMES)
+                          names=BATCHED_NAMES, split=split)
   return jax.vmap(lambda x, ws, xq: one(x, ws, x_quantized=xq))(x_ExMxK, ws_ExKxN, x_quantized)
 
 

@@ -103,6 +103,21 @@ def _weight_kernel(*refs, n_parts: int, starts: tuple[int, ...], pow2: bool, int
     qt_ref[0][...] = q_BxB.T
 
 
+def _swiglu_kernel(g_ref, u_ref, q_ref, s_ref, *, pow2: bool, n_rows: int, dtype, interpret: bool):
+  """One [tm, block] tile of h = silu(gate) * up (fp8.swiglu: fp32, rounded to `dtype`) in 1 x block tiles,
+  from the tiles of gate and up; h itself is never written."""
+  tm = g_ref.shape[0]
+  valid = None
+  if n_rows % tm:
+    valid = pl.program_id(0) * tm + jax.lax.broadcasted_iota(jnp.int32, (tm,), 0) < n_rows
+  g = plgpu.load(g_ref, mask=_row_mask(g_ref, valid)).astype(jnp.float32)
+  u = plgpu.load(u_ref, mask=_row_mask(u_ref, valid)).astype(jnp.float32)
+  h = fp8.swiglu(g, u, dtype).astype(jnp.float32)
+  s_T = _scale(jnp.max(jnp.abs(h), axis=1), pow2)
+  plgpu.store(q_ref, (h * _recip(s_T, interpret)[:, None]).astype(fp8.E4M3), mask=_row_mask(q_ref, valid))
+  plgpu.store(s_ref, s_T, mask=_row_mask(s_ref, valid))
+
+
 def _call(kernel, args, in_specs, outs, grid, name, interpret, num_warps: int):
   """pallas_call with outs = [(shape, dtype, BlockSpec)]; operands typed alike for shard_map."""
   args = same_varying(*args)
@@ -186,3 +201,21 @@ def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: b
   kernel = functools.partial(_weight_kernel, n_parts=len(parts), starts=starts, pow2=pow2, interpret=interpret)
   return tuple(_call(kernel, parts, in_specs, outs, (K // b, N // b), f"fp8_quantize_weight_block{block}", interpret,
                      num_warps=8 if b >= 128 else 4))  # untuned
+
+
+def quantize_swiglu(gate_up_Mx2F, block: int = 128, pow2: bool = False, *, interpret: bool = False):
+  """fp8.quantize_swiglu: (q_MxF, s_MxFb) of silu(gate) * up from the joined [gate | up] GEMM output, each
+  program reading its gate and up tiles in place (the same array twice, F columns apart)."""
+  _check(block)
+  shape, dtype = gate_up_Mx2F.shape, jnp.dtype(gate_up_Mx2F.dtype)
+  if len(shape) != 2 or shape[1] % (2 * block) or dtype not in _IN_DTYPES:
+    raise ValueError(f"fp8_quantize_triton.quantize_swiglu: [gate | up] shape {shape} {dtype} needs [M, 2F] bf16, "
+                     f"f16 or f32 with F a multiple of block {block}")
+  M, Fb = shape[0], shape[1] // (2 * block)
+  tm = min(TILE_ROWS, pl.next_power_of_2(M))
+  in_specs = [pl.BlockSpec((tm, block), lambda i, j: (i, j)), pl.BlockSpec((tm, block), lambda i, j: (i, j + Fb))]
+  outs = [((M, Fb * block), fp8.E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
+          ((M, Fb), jnp.float32, pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))]
+  kernel = functools.partial(_swiglu_kernel, pow2=pow2, n_rows=M, dtype=dtype, interpret=interpret)
+  return tuple(_call(kernel, [gate_up_Mx2F, gate_up_Mx2F], in_specs, outs, (pl.cdiv(M, tm), Fb),
+                     f"fp8_quantize_swiglu_block{block}", interpret, num_warps=4))
