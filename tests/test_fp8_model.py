@@ -156,12 +156,12 @@ def test_dense_many_is_the_separate_gemms():
 
 
 def test_mlp_with_the_swiglu_fused_into_its_quantisation():
-  """layers.mlp in FP8 quantises h = silu(gate) * up straight from the joined GEMM output (fp8.quantize_swiglu,
-  h rounded once); the composition it replaces rounds bf16 silu(gate), then h, and quantises that. Where those
-  roundings move h across an e4m3 rounding boundary (~1 in 16 elements) a code differs by one step, so the two
-  are different FP8 roundings of one layer: measured 1-1.6% apart in y and ~3% in the gradients over 4 seeds,
-  each 5.5% (y) and 9-13% (gradients at block 16) from the fp32 layer. Bars: apart by under 0.4x their error
-  to fp32, and the fused path no further from fp32 than the composition (+10%)."""
+  """layers.mlp in FP8 is fp8.swiglu_mlp: h = silu(gate) * up quantised straight from the [gate | up] GEMM output,
+  rounded once; the composition of `dot`s it replaces rounds bf16 silu(gate), then h, before quantising.
+  Where those roundings move h across an e4m3 rounding boundary (~1 in 16 elements) a code differs by one
+  step, so the two are different FP8 roundings of one layer: measured 1-1.6% apart in y and 2.5-3.5% in the
+  gradients over 4 seeds, each 5.5% (y) and 9-13% (gradients at block 16) from the fp32 layer. Bars: apart
+  by under 0.4x their error to fp32, and the fused path no further from fp32 than the composition (+10%)."""
   fp8 = FP8Config(enabled=True, block=16, impl="xla")
   p = layers.unbox(layers.init_mlp(jax.random.key(0), 32, 64, 0.2, jnp.float32))
   x = jax.random.normal(jax.random.key(10), (2, 24, 32)).astype(jnp.bfloat16)

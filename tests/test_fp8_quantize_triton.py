@@ -280,3 +280,4 @@ def test_compiled_swiglu_close_to_xla_on_gpu():
   same_scale = np.repeat(np.asarray(s) == np.asarray(s_x), 128, axis=1)
   q8, x8 = np.asarray(q).view(np.uint8).astype(int), np.asarray(q_x).view(np.uint8).astype(int)
   assert np.abs(q8 - x8)[same_scale].max() <= 1 and (q8 != x8).mean() < 0.02, ((q8 != x8).mean(), same_scale.mean())
+

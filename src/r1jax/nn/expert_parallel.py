@@ -82,12 +82,9 @@ def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None, x_quantized
     w_gate, w_up, w_down = experts["w_gate"], experts["w_up"], experts["w_down"]
     kept = any(map(fp8_weights.is_quantized, (w_gate, w_up, w_down)))
     if not kept and fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
-      # One GEMM over [gate | up] columns (x quantised once, one launch twice as wide), and the SwiGLU fused into
-      # the down GEMM's input quantisation (layers.mlp does the same).
-      gate_up = fp8_lib.batched_dots(x_ExNxD, [w_gate, w_up], x_quantized=x_quantized, split=False, **kw)
-      gate, up = jnp.split(gate_up, 2, axis=-1)
-      h_quantized = fp8_lib.quantize_swiglu(gate_up, fp8.block, fp8.impl, fp8.pow2_scales)
-      return fp8_lib.batched_dot(jax.nn.silu(gate) * up, w_down, x_quantized=h_quantized, **kw)
+      # One GEMM over [gate | up] columns (x quantised once, one launch twice as wide), the SwiGLU fused into the
+      # quantisations around it (fp8.swiglu_mlp; layers.mlp does the same).
+      return fp8_lib.batched_swiglu_mlp(x_ExNxD, w_gate, w_up, w_down, x_quantized=x_quantized, **kw)
 
     def mm(x, w, xq=None):  # a keep_fp8 weight runs its forward GEMM from the stored bytes
       if fp8_weights.is_quantized(w):

@@ -35,10 +35,10 @@ SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
 BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
 WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weight kept for its backward; no remat policy saves it
 
-__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "dequantize_act", "dequantize_weight",
-           "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32", "quantize_act",
-           "quantize_input", "quantize_swiglu", "quantize_weight", "resolve_impl", "scaled_matmul_nt_xla", "swiglu",
-           "weight_nt"]
+__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "batched_swiglu_mlp", "dequantize_act",
+           "dequantize_weight", "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32",
+           "quantize_act", "quantize_input", "quantize_swiglu", "quantize_weight", "resolve_impl",
+           "scaled_matmul_nt_xla", "swiglu", "swiglu_grad", "swiglu_mlp", "weight_nt"]
 
 
 def _scale(amax, pow2: bool):
@@ -270,52 +270,64 @@ def _dot(x_MxK, ws_KxN, x_quantized, st: _Static):
   return _dot_fwd(x_MxK, ws_KxN, x_quantized, st)[0]
 
 
-def _dot_fwd(x_MxK, ws_KxN, x_quantized, st: _Static):
+def _forward(x_quantized, ws_KxN, st: _Static, out_dtype):
+  """The forward GEMM from x's e4m3 tiles; (y, residuals: x's tiles and the e4m3 weight K-major for dgrad,
+  written by the same pass as the forward's N-major one)."""
+  xq_MxK, xs_MxKb = x_quantized
   fused = _fused_quantizer(st.impl, st.block, st.interpret)
-  if x_quantized is None:
-    xq_MxK, xs_MxKb = _quantize_rows_cols(x_MxK, st.block, st.pow2, rows=True, cols=False, fused=fused,
-                                          interpret=st.interpret)
-  else:
-    xq_MxK, xs_MxKb = x_quantized
   wq_KxN, ws_KbxNb, wq_NxK = _quantize_weight_nt(ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret)
-  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, st.block), block=st.block, out_dtype=x_MxK.dtype,
+  y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, st.block), block=st.block, out_dtype=out_dtype,
                   impl=st.impl, tiles=st.tiles, interpret=st.interpret, b_blocked=True)
   if st.impl != "xla":
     # A kernel's output that remat saves into a scan's stacked residuals would otherwise be computed twice: XLA
     # GPU's dynamic-slice fusion reruns the custom call to write straight into the slice, next to the original
     # for the other users (an H200 bench step: 5 GEMMs per MoE layer twice). The barrier costs one slice copy.
     y_MxN = jax.lax.optimization_barrier(y_MxN)
-  # Residuals: the e4m3 x and its scales, as DeepSeek caches fp8 activations (V3 report §3.3.3), and the e4m3
-  # weight K-major for dgrad, written by the same pass as the forward's N-major one. Under remat the weight is
-  # re-quantised with the rematerialised forward (WEIGHT_NAME is saved by no policy), so the backward itself
+  # The e4m3 x and its scales are kept as DeepSeek caches fp8 activations (V3 report §3.3.3). Under remat the
+  # weight is re-quantised with the rematerialised forward (WEIGHT_NAME is saved by no policy), so the backward
   # quantises nothing it already had; without remat it stays alive through the forward, 1 byte per parameter.
-  out_name, res_name = st.names
-  res = (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
-         checkpoint_name(wq_KxN, WEIGHT_NAME), checkpoint_name(ws_KbxNb, WEIGHT_NAME))
-  return checkpoint_name(y_MxN, out_name), res
+  _, res_name = st.names
+  return y_MxN, (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
+                 checkpoint_name(wq_KxN, WEIGHT_NAME), checkpoint_name(ws_KbxNb, WEIGHT_NAME))
 
 
-def _dot_bwd(st: _Static, res, dy_MxN):
+def _backward(st: _Static, res, dy_quantized, M: int, dx_dtype):
   """V3 report Figure 6: dgrad with dy in 1 x block tiles along N against w's same block x block tiles;
-  wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens)."""
+  wgrad contracts over tokens, so x and dy go in block x 1 tiles (per channel per `block` tokens).
+  `dy_quantized`: dy's (rows q, s, transposed q, s), its rows zero-padded to whole blocks (they change no amax
+  and add nothing). Returns dx and the weights' gradients."""
   xq_MxK, xs_MxKb, wq_KxN, ws_KbxNb = res
-  block, M = st.block, dy_MxN.shape[0]
-  kernel = dict(impl=st.impl, tiles=st.tiles, interpret=st.interpret)
-  quantize = functools.partial(_quantize_rows_cols, block=block, pow2=st.pow2,
-                               fused=_fused_quantizer(st.impl, block, st.interpret), interpret=st.interpret)
-  # Zero rows pad the tokens to whole blocks for wgrad's token tiles; they change no amax and add nothing.
-  dyq_MxN, dys_MxNb, dytq_NxM, dyts_NxMb = quantize(kernel_util.pad_rows(dy_MxN, block), rows=True, cols=True)
-  dx_MxK = gemm_nt(dyq_MxN[:M], dys_MxNb[:M], wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dy_MxN.dtype,
+  dyq_MxN, dys_MxNb, dytq_NxM, dyts_NxMb = dy_quantized
+  block, kernel = st.block, dict(impl=st.impl, tiles=st.tiles, interpret=st.interpret)
+  dx_MxK = gemm_nt(dyq_MxN[:M], dys_MxNb[:M], wq_KxN, _rows(ws_KbxNb, block), block=block, out_dtype=dx_dtype,
                    b_blocked=True, **kernel)
   # The cached 1 x 128 fp8 x is dequantised, transposed and requantised in 128 x 1 tiles, DeepSeek's own
   # workflow (V3 report §3.5.2).
-  xtq_KxM, xts_KxMb = quantize(kernel_util.pad_rows(xq_MxK, block), rows=False, cols=True,
-                               in_scale_MxKb=kernel_util.pad_rows(xs_MxKb, block))
+  xtq_KxM, xts_KxMb = _quantize_rows_cols(kernel_util.pad_rows(xq_MxK, block), block, st.pow2, rows=False,
+                                          cols=True, in_scale_MxKb=kernel_util.pad_rows(xs_MxKb, block),
+                                          fused=_fused_quantizer(st.impl, block, st.interpret),
+                                          interpret=st.interpret)
   dw_KxN = gemm_nt(xtq_KxM, xts_KxMb, dytq_NxM, dyts_NxMb, block=block, out_dtype=st.w_dtype, **kernel)
   dws = jnp.split(dw_KxN, list(itertools.accumulate(st.n_splits[:-1])), axis=-1) if len(st.n_splits) > 1 else [dw_KxN]
-  dx = kernel_util.sum_to(dx_MxK, xq_MxK)
-  # A given quantisation of x is a constant of the forward (stop_gradient upstream): no cotangent.
-  return dx, tuple(kernel_util.sum_to(dw, wq_KxN) for dw in dws), None
+  return kernel_util.sum_to(dx_MxK, xq_MxK), tuple(kernel_util.sum_to(dw, wq_KxN) for dw in dws)
+
+
+def _quantize_dy(dy_MxN, st: _Static):
+  return _quantize_rows_cols(kernel_util.pad_rows(dy_MxN, st.block), st.block, st.pow2, rows=True, cols=True,
+                             fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
+
+
+def _dot_fwd(x_MxK, ws_KxN, x_quantized, st: _Static):
+  if x_quantized is None:
+    x_quantized = _quantize_rows_cols(x_MxK, st.block, st.pow2, rows=True, cols=False,
+                                      fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
+  y_MxN, res = _forward(x_quantized, ws_KxN, st, x_MxK.dtype)
+  return checkpoint_name(y_MxN, st.names[0]), res
+
+
+def _dot_bwd(st: _Static, res, dy_MxN):
+  dx, dws = _backward(st, res, _quantize_dy(dy_MxN, st), dy_MxN.shape[0], dy_MxN.dtype)
+  return dx, dws, None  # a given quantisation of x is a constant of the forward (stop_gradient upstream)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
@@ -340,27 +352,46 @@ def swiglu(gate, up, dtype):
   return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(dtype)
 
 
+def swiglu_grad(gate, up, dh):
+  """fp32 (d gate, d up) of swiglu for cotangent dh: silu'(g) = sig(g) (1 + g (1 - sig(g)))."""
+  g, u, dh = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
+  sig = 1.0 / (1.0 + jnp.exp(-g))
+  return dh * (u * (sig * (1.0 + g * (1.0 - sig)))), dh * (g * sig)
+
+
 def quantize_swiglu(gate_up_Mx2F, block: int = 128, impl: Impl = "xla", pow2: bool = False, interpret: bool = False):
   """The 1 x block tiles of h = swiglu(gate, up) from the joined [gate | up] GEMM output [..., 2F], without a
-  gradient, for `dot(h, w_down, x_quantized=)`: with a GPU kernel one pass reads gate and up and writes e4m3
-  h (the SwiGLU fused into the quantisation, as DeepSeek's kernels do), so h is neither written nor re-read in
-  bf16. The h carrying the gradient (jax.nn.silu(gate) * up) may differ from these values by its own bf16
-  rounding of the intermediate ops; its forward value is unused."""
+  gradient: with a GPU kernel one pass reads gate and up and writes e4m3 h (the SwiGLU fused into the
+  quantisation, as DeepSeek's kernels do), so h is neither written nor re-read in bf16 (swiglu_mlp)."""
   impl = resolve_impl(impl, interpret, block)
   *lead, F2 = gate_up_Mx2F.shape
   if F2 % (2 * block):
     raise ValueError(f"fp8.quantize_swiglu: [gate | up] shape {gate_up_Mx2F.shape}: the last dim must be 2F with "
                      f"F a multiple of block {block}")
-  gu = jax.lax.stop_gradient(gate_up_Mx2F).reshape(-1, F2)
-  if _fused_quantizer(impl, block, interpret):
-    q, s = fp8_quantize_triton.quantize_swiglu(gu, block, pow2, interpret=interpret)
-  else:
-    q, s = quantize_act(swiglu(gu[:, :F2 // 2], gu[:, F2 // 2:], gu.dtype), block, pow2)
+  q, s = _quantize_swiglu(jax.lax.stop_gradient(gate_up_Mx2F).reshape(-1, F2), block, pow2,
+                          fused=_fused_quantizer(impl, block, interpret), interpret=interpret)
   return q.reshape(*lead, F2 // 2), s.reshape(*lead, F2 // (2 * block))
 
 
+def _quantize_swiglu(gu_Mx2F, block, pow2, *, fused, interpret):
+  if fused:
+    return fp8_quantize_triton.quantize_swiglu(gu_Mx2F, block, pow2, interpret=interpret)
+  F = gu_Mx2F.shape[-1] // 2
+  return quantize_act(swiglu(gu_Mx2F[:, :F], gu_Mx2F[:, F:], gu_Mx2F.dtype), block, pow2)
+
+
+def _quantize_swiglu_grad(gu_Mx2F, dh_MxF, block, pow2, *, fused, interpret):
+  """dy of the [gate | up] GEMM, d[gate | up] = swiglu_grad(gate, up, dh) in the activations' dtype (one XLA
+  fusion), in 1 x block and (transposed) block x 1 tiles. A Triton kernel fusing the SwiGLU backward into the
+  quantisation, two tiles per program, ran slower on an H200 than this pair (0.54 against 0.44 ms per
+  bench-config expert layer), so it is not used."""
+  F = dh_MxF.shape[-1]
+  d_Mx2F = jnp.concatenate(swiglu_grad(gu_Mx2F[:, :F], gu_Mx2F[:, F:], dh_MxF), axis=-1).astype(gu_Mx2F.dtype)
+  return _quantize_rows_cols(d_Mx2F, block, pow2, rows=True, cols=True, fused=fused, interpret=interpret)
+
+
 def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None, split: bool = True):
+         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None) -> list:
   """[x[..., K] @ w[K, N] for w in ws] as ONE block-scaled fp8 GEMM over the weights' joined columns (x
   quantised once, one launch; the quantiser reads each weight in place), in x's dtype; fp8 dgrad/wgrad in the
   backward. Every weight but the last must end on a block boundary (joins_columns); one weight is `dot`.
@@ -368,7 +399,7 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests);
   `names` are the remat names of the output and of the residuals (SAVED_NAMES). `x_quantized`: x's own
   quantisation (quantize_input, possibly gathered like x), used in place of quantising x; x then only carries
-  the gradient (its value is unused, and XLA drops what computed it). `split=False` returns the joined output.
+  the gradient (its value is unused, and XLA drops what computed it).
   """
   impl = resolve_impl(impl, interpret, block)
   ws_KxN = tuple(ws_KxN)
@@ -394,8 +425,6 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   st = _Static(block, impl, pow2, tiles, interpret, tuple(names), last.dtype, tuple(w.shape[1] for w in padded))
   xq = None if x_quantized is None else (x_quantized[0].reshape(-1, K), x_quantized[1].reshape(-1, K // block))
   y = _dot(x_MxK.reshape(-1, K), padded, xq, st)[:, :sum(widths)].reshape(*x_MxK.shape[:-1], sum(widths))
-  if not split:
-    return y
   return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1) if len(widths) > 1 else [y]
 
 
@@ -405,15 +434,87 @@ def dot(x_MxK, w_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, 
   return dots(x_MxK, [w_KxN], block, impl, pow2, tiles, interpret, names, x_quantized)[0]
 
 
+class _MLPStatic(NamedTuple):
+  up: _Static  # the [gate | up] GEMM
+  down: _Static
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPStatic):
+  return _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st)[0]
+
+
+def _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPStatic):
+  up = st.up
+  fused = _fused_quantizer(up.impl, up.block, up.interpret)
+  if x_quantized is None:
+    x_quantized = _quantize_rows_cols(x_MxD, up.block, up.pow2, rows=True, cols=False, fused=fused,
+                                      interpret=up.interpret)
+  gu_Mx2F, res_up = _forward(x_quantized, (w_gate_DxF, w_up_DxF), up, x_MxD.dtype)
+  gu_Mx2F = checkpoint_name(gu_Mx2F, up.names[0])  # kept where `dot` would keep the [gate | up] output
+  h_quantized = _quantize_swiglu(gu_Mx2F, up.block, up.pow2, fused=fused, interpret=up.interpret)
+  y_MxD, res_down = _forward(h_quantized, (w_down_FxD,), st.down, x_MxD.dtype)
+  return checkpoint_name(y_MxD, st.down.names[0]), (res_up, gu_Mx2F, res_down)
+
+
+def _swiglu_mlp_bwd(st: _MLPStatic, res, dy_MxD):
+  res_up, gu_Mx2F, res_down = res
+  up, M = st.up, dy_MxD.shape[0]
+  dh_MxF, (dw_down,) = _backward(st.down, res_down, _quantize_dy(dy_MxD, st.down), M, dy_MxD.dtype)
+  d_gu = _quantize_swiglu_grad(kernel_util.pad_rows(gu_Mx2F, up.block), kernel_util.pad_rows(dh_MxF, up.block),
+                               up.block, up.pow2, fused=_fused_quantizer(up.impl, up.block, up.interpret),
+                               interpret=up.interpret)
+  dx_MxD, (dw_gate, dw_up) = _backward(up, res_up, d_gu, M, dy_MxD.dtype)
+  return dx_MxD, dw_gate, dw_up, dw_down, None
+
+
+_swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
+
+
+def swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, block: int = 128, impl: Impl = "xla", pow2: bool = False,
+               tiles=None, interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None):
+  """down(silu(x W_gate) * (x W_up)) as three block-scaled fp8 GEMMs in two launches, with the SwiGLU fused into
+  the down GEMM's input quantisation (DeepSeek's kernels fuse it likewise): h = swiglu(gate, up) is quantised
+  straight from the [gate | up] GEMM output (quantize_swiglu), rounded once and never written in bf16 (the
+  composition of `dot`s rounds bf16 silu(gate) and h on the way). The backward is the composition's: dh,
+  d[gate | up] by one XLA fusion (_quantize_swiglu_grad says why), their quantisation and the GEMMs. F must be
+  whole blocks (the [gate | up] join); arguments as `dot`'s."""
+  impl = resolve_impl(impl, interpret, block)
+  D, F = w_gate_DxF.shape
+  if (x_MxD.shape[-1] != D or w_up_DxF.shape != (D, F) or w_down_FxD.shape != (F, D) or D % block or F % block
+      or len({w.dtype for w in (w_gate_DxF, w_up_DxF, w_down_FxD)}) > 1):
+    raise ValueError(f"fp8.swiglu_mlp: x {x_MxD.shape}, w_gate {w_gate_DxF.shape}, w_up {w_up_DxF.shape}, w_down "
+                     f"{w_down_FxD.shape} need [..., D], [D, F], [D, F], [F, D] of one dtype, D and F multiples of "
+                     f"block {block}")
+  if x_quantized is not None and (x_quantized[0].shape != x_MxD.shape
+                                  or x_quantized[1].shape != (*x_MxD.shape[:-1], D // block)):
+    raise ValueError(f"fp8.swiglu_mlp: x_quantized {[a.shape for a in x_quantized]} must be x {x_MxD.shape}'s e4m3 "
+                     f"values and [..., D/{block}] scales")
+  st = _MLPStatic(*(_Static(block, impl, pow2, tiles, interpret, tuple(names), w_down_FxD.dtype, n)
+                    for n in ((F, F), (D,))))
+  xq = None if x_quantized is None else (x_quantized[0].reshape(-1, D), x_quantized[1].reshape(-1, D // block))
+  y = _swiglu_mlp(x_MxD.reshape(-1, D), w_gate_DxF, w_up_DxF, w_down_FxD, xq, st)
+  return y.reshape(x_MxD.shape)
+
+
+def batched_swiglu_mlp(x_ExMxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, block: int = 128, impl: Impl = "xla",
+                       pow2: bool = False, tiles=None, interpret: bool = False, x_quantized=None):
+  """Per-expert `swiglu_mlp` over capacity-padded rows (x [E, C, D]), vmapped."""
+  one = functools.partial(swiglu_mlp, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
+                          names=BATCHED_NAMES)
+  return jax.vmap(lambda x, wg, wu, wd, xq: one(x, wg, wu, wd, x_quantized=xq))(x_ExMxD, w_gate_ExDxF, w_up_ExDxF,
+                                                                               w_down_ExFxD, x_quantized)
+
+
 def batched_dots(x_ExMxK, ws_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-                 interpret: bool = False, x_quantized=None, split: bool = True):
+                 interpret: bool = False, x_quantized=None) -> list:
   """Per-expert `dots` over capacity-padded rows (x [E, C, D] @ each w [E, D, F]), vmapped."""
   ws_ExKxN = list(ws_ExKxN)
   if x_ExMxK.ndim != 3 or any(w.ndim != 3 or w.shape[0] != x_ExMxK.shape[0] for w in ws_ExKxN):
     raise ValueError(f"fp8.batched_dot: x {x_ExMxK.shape} and w {[w.shape for w in ws_ExKxN]} need [E, M, K] and "
                      "[E, K, N]")
   one = functools.partial(dots, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
-                          names=BATCHED_NAMES, split=split)
+                          names=BATCHED_NAMES)
   return jax.vmap(lambda x, ws, xq: one(x, ws, x_quantized=xq))(x_ExMxK, ws_ExKxN, x_quantized)
 
 

@@ -219,3 +219,4 @@ def quantize_swiglu(gate_up_Mx2F, block: int = 128, pow2: bool = False, *, inter
   kernel = functools.partial(_swiglu_kernel, pow2=pow2, n_rows=M, dtype=dtype, interpret=interpret)
   return tuple(_call(kernel, [gate_up_Mx2F, gate_up_Mx2F], in_specs, outs, (pl.cdiv(M, tm), Fb),
                      f"fp8_quantize_swiglu_block{block}", interpret, num_warps=4))
+

@@ -110,16 +110,12 @@ def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp
 
 
 def mlp(p: dict, x_NxD, fp8: FP8Config | None = None):
-  """SwiGLU: down(silu(x W_gate) * (x W_up)). In FP8 with master weights joining as one GEMM (dense_many), the
-  SwiGLU is fused into the down GEMM's input quantisation (fp8.quantize_swiglu): h is never written in bf16."""
+  """SwiGLU: down(silu(x W_gate) * (x W_up)). In FP8 with master weights whose gate and up join as one GEMM
+  (dense_many), fp8.swiglu_mlp: the SwiGLU fused into the quantisations around it, forward and backward."""
   ws = [p["w_gate"], p["w_up"], p["w_down"]]
   F = ws[0].shape[-1]
   if fp8 is not None and not any(map(fp8_weights.is_quantized, ws)) and _fp8.joins_columns(F, F, block=fp8.block):
-    kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
-    gate_up = _fp8.dots(x_NxD, ws[:2], split=False, **kw)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    h_quantized = _fp8.quantize_swiglu(gate_up, fp8.block, fp8.impl, fp8.pow2_scales)
-    return _fp8.dot(jax.nn.silu(gate) * up, ws[2], x_quantized=h_quantized, **kw)
+    return _fp8.swiglu_mlp(x_NxD, *ws, block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
   gate, up = dense_many(x_NxD, ws[:2], fp8)
   return dense(jax.nn.silu(gate) * up, ws[2], fp8)
 
