@@ -83,7 +83,7 @@ def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None, x_quantized
     kept = any(map(fp8_weights.is_quantized, (w_gate, w_up, w_down)))
     if not kept and fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
       # One GEMM over [gate | up] columns (x quantised once, one launch twice as wide), the SwiGLU fused into the
-      # quantisations around it (fp8.swiglu_mlp; layers.mlp does the same).
+      # down GEMM's input quantisation (fp8.swiglu_mlp; layers.mlp does the same).
       return fp8_lib.batched_swiglu_mlp(x_ExNxD, w_gate, w_up, w_down, x_quantized=x_quantized, **kw)
 
     def mm(x, w, xq=None):  # a keep_fp8 weight runs its forward GEMM from the stored bytes

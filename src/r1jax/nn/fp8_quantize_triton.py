@@ -1,6 +1,7 @@
 """DeepSeek-V3's fine-grained FP8 quantisation (V3 report §3.3, fp8.quantize_act / quantize_weight) as one
 memory-bound Pallas (Triton) kernel: each tile is read once and every layout the GEMMs need (row-scaled q,
-column-scaled q already transposed for wgrad, the weight in both majors) is written from registers.
+column-scaled q already transposed for wgrad, the weight in both majors) is written from registers. Joined
+GEMMs' weights are read in place (parts), and the SwiGLU's h is quantised from the [gate | up] GEMM output.
 
 Bitwise equal to fp8.py, by the same formula: scale = max(amax, 1e-4) * fl(1/448), q = e4m3(x * (1 / scale)).
 - 1 / scale: Triton lowers fp32 `/` to the approximate div.full.f32, so the compiled kernel emits PTX's
@@ -219,4 +220,3 @@ def quantize_swiglu(gate_up_Mx2F, block: int = 128, pow2: bool = False, *, inter
   kernel = functools.partial(_swiglu_kernel, pow2=pow2, n_rows=M, dtype=dtype, interpret=interpret)
   return tuple(_call(kernel, [gate_up_Mx2F, gate_up_Mx2F], in_specs, outs, (pl.cdiv(M, tm), Fb),
                      f"fp8_quantize_swiglu_block{block}", interpret, num_warps=4))
-

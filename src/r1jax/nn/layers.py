@@ -111,7 +111,7 @@ def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp
 
 def mlp(p: dict, x_NxD, fp8: FP8Config | None = None):
   """SwiGLU: down(silu(x W_gate) * (x W_up)). In FP8 with master weights whose gate and up join as one GEMM
-  (dense_many), fp8.swiglu_mlp: the SwiGLU fused into the quantisations around it, forward and backward."""
+  (dense_many), fp8.swiglu_mlp: the SwiGLU fused into the down GEMM's input quantisation."""
   ws = [p["w_gate"], p["w_up"], p["w_down"]]
   F = ws[0].shape[-1]
   if fp8 is not None and not any(map(fp8_weights.is_quantized, ws)) and _fp8.joins_columns(F, F, block=fp8.block):
