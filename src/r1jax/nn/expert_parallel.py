@@ -123,15 +123,11 @@ def _exchange(x, axes: tuple[str, ...]):
 
 
 def _words(q):
-  """e4m3 rows [..., D] as uint32 words [..., D / 4] (bytes where D is no multiple of 4) and back: a gather or
-  collective then moves 4-byte elements (XLA's GPU gather of single bytes ran at the speed of the bf16 one on
-  an H200), and collectives need not take fp8 types on every backend."""
+  """e4m3 rows [..., D] as uint32 words [..., D / 4] and back (D is whole blocks of >= 16): a gather or collective
+  then moves 4-byte elements (XLA's GPU gather of single bytes ran at the speed of the bf16 one on an H200), and
+  collectives need not take fp8 types on every backend."""
   if q.dtype == jnp.uint32:
     return jax.lax.bitcast_convert_type(q, fp8_lib.E4M3).reshape(*q.shape[:-1], -1)
-  if q.dtype == jnp.uint8:
-    return jax.lax.bitcast_convert_type(q, fp8_lib.E4M3)
-  if q.shape[-1] % 4:
-    return jax.lax.bitcast_convert_type(q, jnp.uint8)
   return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.uint32)
 
 

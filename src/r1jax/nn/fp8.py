@@ -312,16 +312,18 @@ def _backward(st: _Static, res, dy_quantized, M: int, dx_dtype):
   return kernel_util.sum_to(dx_MxK, xq_MxK), tuple(kernel_util.sum_to(dw, wq_KxN) for dw in dws)
 
 
+def _quantize_x(x_MxK, st: _Static):
+  return _quantize_rows_cols(x_MxK, st.block, st.pow2, rows=True, cols=False,
+                             fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
+
+
 def _quantize_dy(dy_MxN, st: _Static):
   return _quantize_rows_cols(kernel_util.pad_rows(dy_MxN, st.block), st.block, st.pow2, rows=True, cols=True,
                              fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
 
 
 def _dot_fwd(x_MxK, ws_KxN, x_quantized, st: _Static):
-  if x_quantized is None:
-    x_quantized = _quantize_rows_cols(x_MxK, st.block, st.pow2, rows=True, cols=False,
-                                      fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
-  y_MxN, res = _forward(x_quantized, ws_KxN, st, x_MxK.dtype)
+  y_MxN, res = _forward(_quantize_x(x_MxK, st) if x_quantized is None else x_quantized, ws_KxN, st, x_MxK.dtype)
   return checkpoint_name(y_MxN, st.names[0]), res
 
 
@@ -446,13 +448,11 @@ def _swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPSt
 
 def _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPStatic):
   up = st.up
-  fused = _fused_quantizer(up.impl, up.block, up.interpret)
-  if x_quantized is None:
-    x_quantized = _quantize_rows_cols(x_MxD, up.block, up.pow2, rows=True, cols=False, fused=fused,
-                                      interpret=up.interpret)
-  gu_Mx2F, res_up = _forward(x_quantized, (w_gate_DxF, w_up_DxF), up, x_MxD.dtype)
+  gu_Mx2F, res_up = _forward(_quantize_x(x_MxD, up) if x_quantized is None else x_quantized, (w_gate_DxF, w_up_DxF),
+                             up, x_MxD.dtype)
   gu_Mx2F = checkpoint_name(gu_Mx2F, up.names[0])  # kept where `dot` would keep the [gate | up] output
-  h_quantized = _quantize_swiglu(gu_Mx2F, up.block, up.pow2, fused=fused, interpret=up.interpret)
+  h_quantized = _quantize_swiglu(gu_Mx2F, up.block, up.pow2, fused=_fused_quantizer(up.impl, up.block, up.interpret),
+                                 interpret=up.interpret)
   y_MxD, res_down = _forward(h_quantized, (w_down_FxD,), st.down, x_MxD.dtype)
   return checkpoint_name(y_MxD, st.down.names[0]), (res_up, gu_Mx2F, res_down)
 
