@@ -1,6 +1,7 @@
 """GPU time per op of the bench-config train step (n_mtp 0, bf16 params), FP8 off and/or on: a jax.profiler
 Perfetto trace of 2 steps after 3 warm-up, each kernel joined to the compiled HLO instruction of the same
-name (output shape, JAX op_name), so every fusion is attributed to the code that made it.
+name (output shape, JAX op_name), so every fusion is attributed to the code that made it; and the GPU's idle
+time between kernels, charged to the kernel each gap ends before.
 Usage on a GPU: OUT=dir PYTHONPATH=src python3 bench/trace_ops.py [off] [on]  ->  $OUT/trace_ops.json"""
 import collections
 import dataclasses
@@ -48,11 +49,25 @@ def profile(cfg, steps: int = 2) -> tuple[dict, str]:
   gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
               and "GPU" in e["args"]["name"]}
   ms, count = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
-      ms[e["name"]] += e["dur"] / 1e3 / steps
-      count[e["name"]] += 1
-  return {k: (ms[k], count[k] // steps) for k in ms}, step.as_text()
+  kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e),
+                   key=lambda e: e["ts"])
+  for e in kernels:
+    ms[e["name"]] += e["dur"] / 1e3 / steps
+    count[e["name"]] += 1
+  return {k: (ms[k], count[k] // steps) for k in ms}, idle(kernels, steps), step.as_text()
+
+
+def idle(kernels: list, steps: int) -> dict:
+  """GPU idle time per step: the gaps where no kernel of any stream runs, between the first kernel and the
+  last, each charged to the kernel that ends it (what the GPU waited for the host to launch)."""
+  gaps, end = collections.Counter(), None
+  for e in kernels:
+    if end is not None and e["ts"] > end:
+      gaps[e["name"][:60]] += (e["ts"] - end) / 1e3 / steps
+    end = max(end or 0, e["ts"] + e["dur"])
+  span = (end - kernels[0]["ts"]) / 1e3 / steps if kernels else 0.0
+  return {"span_ms": round(span, 2), "idle_ms": round(sum(gaps.values()), 2),
+          "idle_before": [{"kernel": k, "ms": round(v, 3)} for k, v in gaps.most_common(25)]}
 
 
 def main(modes):
@@ -61,13 +76,15 @@ def main(modes):
   for mode in modes:
     fp8 = dataclasses.replace(base.model.fp8, enabled=mode == "on")
     cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, fp8=fp8)).validate()
-    kernels, hlo = profile(cfg)
+    kernels, gaps, hlo = profile(cfg)
     meta = hlo_meta(hlo)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:120]
     rows = [{"kernel": k[:60], "ms": round(t, 3), "count": n, "shape": meta.get(k, ("", ""))[0],
              "op": meta.get(k, ("", ""))[1]} for k, (t, n) in top]
-    out[mode] = {"total_ms": round(sum(t for t, _ in kernels.values()), 2), "top": rows}
-    print(mode, out[mode]["total_ms"], "ms per step", flush=True)
+    out[mode] = {"total_ms": round(sum(t for t, _ in kernels.values()), 2), "top": rows, "idle": gaps}
+    print(mode, out[mode]["total_ms"], "ms per step;", gaps["idle_ms"], "ms idle in", gaps["span_ms"], flush=True)
+    for r in gaps["idle_before"][:10]:
+      print(f"  idle {r['ms']:8.3f} before {r['kernel']}")
     for r in rows[:25]:
       print(f"  {r['ms']:8.2f} x{r['count']:<4} {r['kernel'][:40]:40} {r['shape'][:40]}")
   json.dump(out, open(os.path.join(os.environ["OUT"], "trace_ops.json"), "w"), indent=1)
