@@ -2,7 +2,7 @@
 Perfetto trace of 2 steps after 3 warm-up, each kernel joined to the compiled HLO instruction of the same
 name (output shape, JAX op_name), so every fusion is attributed to the code that made it; and the GPU's idle
 time between kernels, charged to the kernel each gap ends before.
-Usage on a GPU: OUT=dir PYTHONPATH=src python3 bench/trace_ops.py [off] [on]  ->  $OUT/trace_ops.json"""
+Usage on a GPU: OUT=dir PYTHONPATH=src python3 bench/trace_ops.py [off] [on] [key=value ...]  ->  $OUT/trace_ops.json"""
 import collections
 import dataclasses
 import glob
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 import jax
 
@@ -39,7 +40,7 @@ def profile(cfg, steps: int = 2) -> tuple[dict, str]:
     for _ in range(3):
       state, _ = step(state, b)
     jax.block_until_ready(state)
-    d = f"/tmp/trace_{os.getpid()}"
+    d = tempfile.mkdtemp(prefix="trace_")  # one per profile: glob below must not find an earlier mode's
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(steps):
         state, _ = step(state, b)
@@ -70,8 +71,10 @@ def idle(kernels: list, steps: int) -> dict:
           "idle_before": [{"kernel": k, "ms": round(v, 3)} for k, v in gaps.most_common(25)]}
 
 
-def main(modes):
-  base = config.load("configs/bench_gpu.yaml", ["model.n_mtp=0", "model.param_dtype=bfloat16"])
+def main(args):
+  modes = [a for a in args if "=" not in a] or ["off", "on"]
+  base = config.load("configs/bench_gpu.yaml", ["model.n_mtp=0", "model.param_dtype=bfloat16",
+                                                *(a for a in args if "=" in a)])
   out = {}
   for mode in modes:
     fp8 = dataclasses.replace(base.model.fp8, enabled=mode == "on")
@@ -91,4 +94,4 @@ def main(modes):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:] or ["off", "on"])
+  main(sys.argv[1:])
