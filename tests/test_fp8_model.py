@@ -115,8 +115,7 @@ def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
   K-block products) as without remat, and amax reductions but for each weight's, which the rematerialised
   forward redoes rather than keep 1 byte per parameter (fp8.WEIGHT_NAME); the backward reuses it. Per GEMM:
   x and w forward, dy rows and columns and x's requantisation backward. The per-expert GEMMs (batched, as
-  bf16 expert einsums are) are recomputed: one more forward's worth of each. With model.fp8.save_weights
-  the policy keeps the e4m3 weights, and no weight is quantised twice, recomputed GEMMs included."""
+  bf16 expert einsums are) are recomputed: one more forward's worth of each."""
   from r1jax.nn import block, fp8
 
   w1, w2 = (jax.random.normal(k, (32, 32)) * 0.1 for k in jax.random.split(jax.random.key(0), 2))
@@ -127,25 +126,21 @@ def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
     text = str(jax.make_jaxpr(jax.grad(f, argnums=(1, 2)))(x, w1, w2))
     return text.count("dot_general"), text.count("reduce_max")
 
-  dots, dots_w = block.remat_policy("dots"), block.remat_policy("dots", save_fp8_weights=True)
+  dots = block._REMAT_POLICIES["dots"]
   one = lambda x, w: fp8.dot(x, w, block=16)  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (32, 32))
   assert count(one, x, None) == (6, 10)  # 2 forward, 2 dgrad, 2 wgrad GEMMs; 2 x 5 quantisations
   assert count(one, x, dots) == (6, 12)  # + the 2 weights' again
-  assert count(one, x, dots_w) == (6, 10)
   assert count(one, x, jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == (8, 14)  # what it was
-  assert count(one, x, block.remat_policy("full", save_fp8_weights=True)) == (8, 12)  # + x's quantisations
   batched = lambda x, w: fp8.batched_dot(x, jnp.broadcast_to(w, (2, *w.shape)), block=16)  # noqa: E731
   assert count(batched, jnp.stack([x, x]), dots) == (8, 14)
-  assert count(batched, jnp.stack([x, x]), dots_w) == (8, 12)
 
 
-def test_saved_fp8_weights_change_no_number(tiny):
-  """model.fp8.save_weights only moves where the e4m3 weights come from in the backward (saved from the forward
-  or quantised again): a scanned stack of two MoE layers (shared experts: `dot`s whose outputs remat saves;
-  routed experts: vmapped, recomputed) has the same output and gradients without remat and under remat "dots"
-  and "full" saving the weights, up to XLA's fusion of the recomputation (fp32 ulps). It caught jax.checkpoint
-  turning saved e4m3 weights >= 256 into NaN (fp8._checkpoint_name)."""
+def test_remat_changes_no_fp8_number(tiny):
+  """A scanned stack of two MoE layers (shared experts: `dot`s whose outputs and e4m3 residuals remat "dots"
+  saves; routed experts: vmapped, recomputed) has the same output and gradients under remat "dots" and "full"
+  as without remat, up to XLA's fusion of the recomputation (fp32 ulps). Naming an e4m3 value that the forward
+  still reads made jax.checkpoint round it to NaN (fp8._forward's comment); this is the check."""
   from r1jax.nn import block
 
   cfg = dataclasses.replace(tiny.model, fp8=FP8)
@@ -160,8 +155,9 @@ def test_saved_fp8_weights_change_no_number(tiny):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(stack, x)
 
   ref = grads(None)
-  for policy in (block.remat_policy("dots", save_fp8_weights=True), block.remat_policy("full", save_fp8_weights=True)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads(policy), ref)
+  for remat in ("dots", "full"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads(block._REMAT_POLICIES[remat]),
+                 ref)
 
 
 def test_dense_many_is_the_separate_gemms():

@@ -132,12 +132,12 @@ def test_saved_kernel_output_runs_once_in_a_scanned_remat_layer():
   """Layers as the model runs them (scan, remat saving the FP8 output by name): the compiled step has one
   kernel call per GEMM, forward 1 and backward 2 (dgrad, wgrad). XLA GPU's dynamic-slice fusion used to
   duplicate the forward call to write the saved output straight into the stacked residual."""
-  from r1jax.nn.block import remat_policy
+  from r1jax.nn.block import _REMAT_POLICIES
 
   def layer(x_MxK, w_KxK):
     return jax.nn.silu(fp8.dot(x_MxK, w_KxK, block=128, impl="mosaic_gpu")) + x_MxK, None  # silu' needs y
 
-  body = jax.checkpoint(layer, policy=remat_policy("dots"))
+  body = jax.checkpoint(layer, policy=_REMAT_POLICIES["dots"])
   loss = lambda x, ws: jnp.sum(jax.lax.scan(body, x, ws)[0].astype(jnp.float32))  # noqa: E731
   x, ws = jnp.ones((1024, 512), jnp.bfloat16), jnp.ones((3, 512, 512), jnp.bfloat16) / 512
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws).compile().as_text()

@@ -120,31 +120,6 @@ def test_memory_report_equals_the_real_per_device_bytes(tiny, capsys):
   assert math.isclose(a["ms_per_layer"], 1e3 * a["bytes_per_layer"] / 400e9)
 
 
-def test_memory_report_counts_the_fp8_weights_remat_keeps():
-  """model.fp8.save_weights under remat keeps the e4m3 weights of the scanned layers' FP8 matmuls: both majors
-  (2 bytes) of the routed experts' (recomputed per-expert GEMMs), the dgrad copy (1 byte) of the rest, counted
-  by hand from the tiny dims; gathered over fsdp, so an fsdp split does not shrink them."""
-  from r1jax import memory
-
-  cfg = config.load(TINY, ["model.fp8.enabled=true", "model.fp8.block=16", "model.remat=dots",
-                           "model.fp8.save_weights=true"])
-  m = cfg.model
-  attn = (m.dim * m.q_lora_rank + m.q_lora_rank * m.n_heads * m.qk_head_dim
-          + m.dim * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim
-                                                                                         + m.v_head_dim)
-          + m.n_heads * m.v_head_dim * m.dim)
-  n_moe = m.n_layers - m.n_dense_layers
-  expected = (m.n_layers * attn + m.n_dense_layers * 3 * m.dim * m.inter_dim
-              + n_moe * m.n_shared_experts * 3 * m.dim * m.moe_inter_dim
-              + 2 * n_moe * m.n_routed_experts * 3 * m.dim * m.moe_inter_dim)
-  for fsdp in (1, 4):
-    sizes = {"data": 1, "fsdp": fsdp, "expert": 1, "tensor": 1}
-    assert memory.report(cfg, sizes, 8, 32, 400)["bytes_per_device"]["fp8_saved_weights"] == expected
-  off = dataclasses.replace(cfg, model=dataclasses.replace(m, fp8=dataclasses.replace(m.fp8, save_weights=False)))
-  assert "fp8_saved_weights" not in memory.report(off, {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, 8, 32,
-                                                  400)["bytes_per_device"]
-
-
 def test_lower_reports_xla_memory_when_the_devices_exist(capsys):
   assert cli.main(["info", TINY, "--mesh", "data=2,expert=4", "--lower", "--json"]) == 0
   r = json.loads(capsys.readouterr().out)["mesh"]

@@ -37,10 +37,6 @@ class FP8Config:
   shared_experts: bool = True
   routed_experts: bool = True
   mtp_proj: bool = True
-  # Under remat, keep each FP8 GEMM's e4m3 weights from the forward (fp8.WEIGHT_NAME: both majors, 2 bytes per
-  # FP8 parameter, of the weights as gathered for the GEMM) instead of quantising them again in the
-  # rematerialised forward (nn/block.py remat_policy): a trade of memory for time, off by default
-  save_weights: bool = False
 
   PARTS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "mtp_proj")
 

@@ -61,36 +61,6 @@ def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
   return {"params": params, "grads": params, "optimizer": total(state.opt_state)}
 
 
-def _fp8_part(path: str) -> str | None:
-  """The FP8Config part of a rematerialised layer's weight (by its path in the params tree: the scanned stacks,
-  model.py; the MTP module runs outside remat), or None."""
-  if not path.startswith(("dense_layers/", "moe_layers/")) or "router" in path or "norm" in path:
-    return None
-  for key, part in (("experts", "routed_experts"), ("shared", "shared_experts"), ("attn", "attention"),
-                    ("ffn", "dense_mlp")):
-    if f"/{key}/" in path:
-      return part
-  return None
-
-
-def fp8_saved_weight_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
-  """Per-device bytes of the e4m3 weights remat keeps with model.fp8.save_weights (nn/block.py remat_policy):
-  both majors (2 bytes per parameter) of the per-expert weights, whose GEMMs remat recomputes, and dgrad's
-  copy (1 byte) of the others, each as its GEMM reads it, gathered over fsdp; 0 when nothing is kept."""
-  m = cfg.model
-  if not (m.fp8.enabled and m.fp8.save_weights and m.remat != "none"):
-    return 0
-  state = abstract_state(cfg, sharding.abstract_mesh(sizes))
-  total = 0
-  for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-    part = _fp8_part("/".join(str(getattr(k, "key", k)) for k in path))
-    if part and m.fp8.use(part):
-      spec = P(*(None if a == "fsdp" else tuple(b for b in a if b != "fsdp") if isinstance(a, tuple) else a
-                 for a in x.sharding.spec))
-      total += shard_bytes(x.shape, jnp.float8_e4m3fn, spec, sizes) * (2 if part == "routed_experts" else 1)
-  return total
-
-
 def fused_attention(cfg: RunConfig, backend: str) -> bool:
   """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
   unpacked rows (packed batches carry segment ids, which cuDNN is not given)."""
@@ -185,8 +155,6 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
   mem = state_bytes(cfg, sizes)
   fused = fused_attention(cfg, jax.default_backend())
   mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq, fused)
-  if saved := fp8_saved_weight_bytes(cfg, sizes):
-    mem["fp8_saved_weights"] = saved
   mem["total"] = sum(mem.values())
   out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
          "bytes_per_device": mem, "fused_attention": fused}

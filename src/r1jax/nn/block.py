@@ -76,17 +76,13 @@ def cache_names(cfg: ModelConfig) -> dict:
   return _attention(cfg).CACHE_NAMES
 
 
-def remat_policy(remat: str, save_fp8_weights: bool = False):
-  """jax.checkpoint's policy for model.remat "full" or "dots". "dots" saves bf16 dots without batch dims and
-  the FP8 GEMMs in their place (a kernel is no dot_general: fp8.SAVED_NAMES). `save_fp8_weights`
-  (model.fp8.save_weights) also keeps every FP8 GEMM's e4m3 weights (fp8.WEIGHT_NAME) instead of quantising
-  them again in the rematerialised forward."""
-  names = (fp8.WEIGHT_NAME,) if save_fp8_weights else ()
-  if remat == "full":
-    return jax.checkpoint_policies.save_only_these_names(*names)
-  return jax.checkpoint_policies.save_from_both_policies(
-      jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      jax.checkpoint_policies.save_only_these_names(*fp8.SAVED_NAMES, *names))
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # bf16 dots without batch dims, and the FP8 GEMMs in their place (a kernel is no dot_general: fp8.SAVED_NAMES)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*fp8.SAVED_NAMES)),
+}
 
 
 def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_NxBxLxK=None):
@@ -97,7 +93,7 @@ def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, rep
     return apply(p, x, ctx, cfg, is_moe, replay)
 
   if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=remat_policy(cfg.remat, cfg.fp8.enabled and cfg.fp8.save_weights))
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
   return jax.lax.scan(body, x_BxLxD, (stack, replay_NxBxLxK))
 
 

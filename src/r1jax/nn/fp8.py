@@ -33,7 +33,7 @@ _KERNEL_BACKEND = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 # as the bf16 expert einsums have a batch dim and are recomputed.
 SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
 BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
-WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weights (both majors); remat saves them with model.fp8.save_weights
+WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weight kept for its backward; no remat policy saves it
 
 __all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "batched_swiglu_mlp", "dequantize_act",
            "dequantize_weight", "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32",
@@ -253,15 +253,6 @@ def _quantize_weight_nt(ws_KxN, block, pow2, *, fused=False, interpret=False):
   return wq_KxN, ws_KbxNb, wq_KxN.T
 
 
-def _checkpoint_name(a, name: str):
-  """checkpoint_name, with e4m3 named through its bits: jax.checkpoint rounds a saved value that the forward
-  also reads with reduce_precision(exponent_bits=4, mantissa_bits=3), whose IEEE semantics (the top exponent
-  is inf/NaN) turn e4m3fn's finite 256..448 into NaN (JAX 0.10; tests/test_fp8_model.py)."""
-  if a.dtype != E4M3:
-    return checkpoint_name(a, name)
-  return jax.lax.bitcast_convert_type(checkpoint_name(jax.lax.bitcast_convert_type(a, jnp.uint8), name), E4M3)
-
-
 class _Static(NamedTuple):
   """The custom_vjp's static arguments (see `dots`)."""
   block: int
@@ -284,10 +275,7 @@ def _forward(x_quantized, ws_KxN, st: _Static, out_dtype):
   written by the same pass as the forward's N-major one)."""
   xq_MxK, xs_MxKb = x_quantized
   fused = _fused_quantizer(st.impl, st.block, st.interpret)
-  # Named before use, so a policy saving WEIGHT_NAME (model.fp8.save_weights) takes the quantiser out of the
-  # rematerialised forward; the vmapped expert GEMMs, recomputed there, then read the saved N-major copy too.
-  wq_KxN, ws_KbxNb, wq_NxK = (_checkpoint_name(a, WEIGHT_NAME) for a in _quantize_weight_nt(
-      ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret))
+  wq_KxN, ws_KbxNb, wq_NxK = _quantize_weight_nt(ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret)
   y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, st.block), block=st.block, out_dtype=out_dtype,
                   impl=st.impl, tiles=st.tiles, interpret=st.interpret, b_blocked=True)
   if st.impl != "xla":
@@ -296,10 +284,15 @@ def _forward(x_quantized, ws_KxN, st: _Static, out_dtype):
     # for the other users (an H200 bench step: 5 GEMMs per MoE layer twice). The barrier costs one slice copy.
     y_MxN = jax.lax.optimization_barrier(y_MxN)
   # The e4m3 x and its scales are kept as DeepSeek caches fp8 activations (V3 report §3.3.3). Under remat the
-  # weight is re-quantised with the rematerialised forward unless the policy saves WEIGHT_NAME, so the backward
+  # weight is re-quantised with the rematerialised forward (WEIGHT_NAME is saved by no policy), so the backward
   # quantises nothing it already had; without remat it stays alive through the forward, 1 byte per parameter.
+  # (Saving the weights instead, both majors, measured slower on an H200: the scan copies each custom call's
+  # output into its stacked residuals. Residuals are named after their last forward use: jax.checkpoint rounds
+  # a saved value the forward still reads with reduce_precision(exponent_bits=4, mantissa_bits=3), IEEE
+  # semantics that turn e4m3fn's finite 256..448 into NaN, JAX 0.10.)
   _, res_name = st.names
-  return y_MxN, (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name), wq_KxN, ws_KbxNb)
+  return y_MxN, (checkpoint_name(xq_MxK, res_name), checkpoint_name(xs_MxKb, res_name),
+                 checkpoint_name(wq_KxN, WEIGHT_NAME), checkpoint_name(ws_KbxNb, WEIGHT_NAME))
 
 
 def _backward(st: _Static, res, dy_quantized, M: int, dx_dtype):
