@@ -6,7 +6,7 @@
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape and a bench-config expert's two;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
 #          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
-#          LR (speed and the final cross-entropies, next to a control run: FP8 off at LR x 1.001);
+#          LR (speed and the final cross-entropies, next to two controls: FP8 off at LR x 1.001, and repeated);
 #          BENCH_ARGS=--train-only skips the GEMM and quantiser tables (about 2 minutes).
 # Wheels missing from the GPU image travel in .whl/.
 set -uo pipefail
