@@ -29,8 +29,8 @@ def hlo_meta(hlo: str) -> dict:
   return meta
 
 
-def profile(cfg, steps: int = 2) -> tuple[dict, str]:
-  """Per-kernel GPU ms per step over `steps` traced steps, and the compiled HLO text."""
+def profile(cfg, steps: int = 2) -> tuple[dict, dict, str]:
+  """Per-kernel GPU ms per step over `steps` traced steps, the idle gaps (idle) and the compiled HLO text."""
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     state = train.init_state(cfg, jax.random.key(0), mesh)

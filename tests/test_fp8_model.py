@@ -155,9 +155,9 @@ def test_remat_changes_no_fp8_number(tiny):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(stack, x)
 
   ref = grads(None)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # noqa: E731
   for remat in ("dots", "full"):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads(block._REMAT_POLICIES[remat]),
-                 ref)
+    jax.tree.map(close, grads(block._REMAT_POLICIES[remat]), ref)
 
 
 def test_dense_many_is_the_separate_gemms():
