@@ -60,7 +60,7 @@ def profile(cfg, steps: int = 2) -> tuple[dict, dict, str]:
 
 def idle(kernels: list, steps: int) -> dict:
   """GPU idle time per step: the gaps where no kernel of any stream runs, between the first kernel and the
-  last, each charged to the kernel that ends it (what the GPU waited for the host to launch)."""
+  last, each charged to the kernel that ends it (which kernel the GPU was waiting for, not why)."""
   gaps, end = collections.Counter(), None
   for e in kernels:
     if end is not None and e["ts"] > end:
