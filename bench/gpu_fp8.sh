@@ -5,8 +5,9 @@
 #          close to fp32 as XLA; TESTS adds files, e.g. tests/test_fp8_quantize_triton.py), log in $OUT/gpu_tests.log;
 #   tune   the Mosaic GPU kernel's tile candidates at each V3 GEMM shape and a bench-config expert's two;
 #   bench  `r1jax bench fp8`: bf16 vs block-scaled FP8 by XLA, Triton and Mosaic GPU, forward and backward,
-#          and the bench-config train step with FP8 off and on for STEPS steps on learnable batches at
-#          LR (speed and the final cross-entropies, next to two controls: FP8 off at LR x 1.001, and repeated);
+#          and the bench-config train step with FP8 off and on: the speed timed interleaved on one state, and
+#          STEPS-step loss curves from SEEDS inits on learnable batches at LR (final cross-entropies, next
+#          to two controls: FP8 off at LR x 1.001, and repeated);
 #          BENCH_ARGS=--train-only skips the GEMM and quantiser tables (about 2 minutes).
 # Wheels missing from the GPU image travel in .whl/.
 set -uo pipefail
@@ -14,7 +15,7 @@ rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
-STAGES=${STAGES:-tests tune bench} STEPS=${STEPS:-100} LR=${LR:-1e-3}
+STAGES=${STAGES:-tests tune bench} STEPS=${STEPS:-100} LR=${LR:-1e-3} SEEDS=${SEEDS:-1}
 if [[ " $STAGES " == *" tests "* ]]; then
   R1JAX_TEST_PLATFORMS=cuda timeout 420 python3 -m pytest -q -m gpu tests/test_fp8_mosaic_gpu.py ${TESTS:-} \
     -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?"; tail -40 "$OUT/gpu_tests.log"
@@ -36,11 +37,13 @@ for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['k_pair'], r['c
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timeout 480 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype=bfloat16 optim.lr="$LR" \
-    --config configs/bench_gpu.yaml --steps "$STEPS" ${BENCH_ARGS:-} --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
+    --config configs/bench_gpu.yaml --steps "$STEPS" --seeds "$SEEDS" ${BENCH_ARGS:-} --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
   echo "fp8 rc=$?"; tail -3 "$OUT/fp8.err"
   python3 -c "
 import json; d = json.load(open('$OUT/fp8.json'))
 for r in d.get('gemms', {}).get('results', []): print(r['shape'], r['impl'], {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}, r.get('error', '')[:200])
 for r in d.get('quantize', []): print(r)
-print('train off/on tok/s', d['train_off'].get('tokens_per_s'), d['train_on'].get('tokens_per_s', d['train_on']), d.get('final_ce'))"
+s = d.get('train_speed', {}); print('error', d['error']) if 'error' in d else None
+print('train tok/s off/on', [s.get(k, {}).get('tokens_per_s') for k in ('off', 'on')], 'speedup', d.get('train_speedup'), 'gpu', [s.get(k, {}).get('gpu') for k in ('off', 'on')])
+l = d.get('loss', {}); print('final ce', l.get('final_ce'), l.get('on_vs_off'), l.get('first_seed_rel_diff'))"
 fi

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import config, sharding, train
-from r1jax.bench import progressions
+from r1jax import bench, config, sharding, train, train_ab
 from r1jax.config import ConfigError, FP8Config, MeshConfig
 from r1jax.nn import fp8 as fp8_lib
 from r1jax.nn import layers, moe
@@ -53,34 +52,28 @@ def test_fp8_experts_on_a_mesh_match_one_device(tiny, mesh_cfg):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_g[name], p_g1[name])
 
 
-def _train(cfg, steps: int, batches):
-  state = train.init_state(cfg, jax.random.key(0), None)
-  step = jax.jit(train.sft_step, donate_argnums=0)
-  losses = []
-  for b in batches[:steps]:
-    state, metrics = step(state, b)
-    losses.append(float(metrics["ce"]))
-  return np.array(losses)
-
-
 @pytest.mark.slow
 def test_fp8_training_matches_high_precision_training(tiny):
   """Same seed and data, 60 steps of the tiny model (every FP8 matmul on, block 16): the final cross-entropy
   (mean of the last 10 steps) within 1% relative of the fp32-compute run, after learning well below ln(V).
   At lr 1e-3 the gap measured 0.13%; the tiny preset's lr 1e-2 makes both runs chaotic (gaps of 2-10%
-  between any two perturbed runs), which says nothing about FP8."""
-  run = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=1e-3))
-  rng = np.random.default_rng(0)
-  B, L, V = 16, 32, tiny.model.vocab_size
-  batches = []
-  for _ in range(60):  # learnable from the first two tokens
-    seq = progressions(rng, B, L + 1, V)
-    batches.append({"tokens": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((B, L), np.int32)})
-  high = _train(run, 60, batches)
-  low = _train(dataclasses.replace(run, model=dataclasses.replace(tiny.model, fp8=FP8)), 60, batches)
+  between any two perturbed runs), which says nothing about FP8. Both arms run as `bench fp8` runs them:
+  compiled once from one state (train_ab), each curve from its own init, on progressions."""
+  run = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=1e-3),
+                            train=dataclasses.replace(tiny.train, batch_size=16, seq_len=32))
+  low_cfg = dataclasses.replace(run, model=dataclasses.replace(tiny.model, fp8=FP8))
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state = train.init_state(run, jax.random.key(0), mesh)
+    batch = bench.train_batch(run)
+    high_arm, low_arm = (train_ab.compile_arm(c, state, batch, mesh) for c in (run, low_cfg))
+    del state
+    high, low = (np.array(train_ab.loss_curve(a, mesh, seed=0, steps=60)) for a in (high_arm, low_arm))
+  V = tiny.model.vocab_size
   assert high[-10:].mean() < 0.6 * np.log(V), high  # it learned something, so the comparison means something
   assert abs(low[-10:].mean() / high[-10:].mean() - 1) < 0.01, (low[-10:], high[-10:])
   assert not np.array_equal(low, high)  # FP8 changed the arithmetic
+  assert train_ab.final_ce(list(low)) == pytest.approx(low[-10:].mean())
 
 
 def test_mla_with_a_partial_output_block(tiny):

@@ -269,16 +269,19 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   }
 
 
-def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True) -> dict:
+def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True, seeds: int = 1, first_seed: int = 0) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_bench.bench_gemms, GPU only: TFLOP/s, ratio to
   bf16, error vs fp32) and the quantisations (fp8_bench.bench_quantize: XLA vs the one-pass kernel), unless
-  `gemms` is off; then the train step (bench_train) with model.fp8 off and on from the same state, on the
-  same fresh batches of `progressions` (learnable data), and the two final cross-entropies, each the mean of the
-  last 10 steps (`steps` >= 100 for the issue's 1% bar), next to two controls: FP8 off at lr x 1.001, and FP8
-  off repeated unchanged (the backend's own run-to-run noise). Parts whose input dims are not whole blocks stay
-  bf16 (attention off then)."""
-  from r1jax import fp8_bench
+  `gemms` is off; then the train step with model.fp8 off and on (train_ab): the speed timed interleaved on one
+  state with GPU clock and power, and `steps`-step loss curves (>= 100 for the issue's 1% bar) from `seeds`
+  inits (from `first_seed` on, so calls can pool seeds) on fresh learnable batches, each ending in the mean of
+  its last 10 steps, next to two controls on the first seed:
+  FP8 off at lr x 1.001, and FP8 off repeated (the backend's own run-to-run noise). Parts whose input dims are
+  not whole blocks stay bf16 (attention off then)."""
+  from r1jax import fp8_bench, train, train_ab
 
+  if seeds < 1 or steps < 1:
+    raise ValueError(f"bench fp8: steps ({steps}) and seeds ({seeds}) must be at least 1")
   out = {"bench": "fp8", "platform": jax.devices()[0].platform}
   if out["platform"] == "gpu" and gemms:  # 4096 x 7168 x 18432 GEMMs: not for a CPU
     out["gemms"] = fp8_bench.bench_gemms()
@@ -288,27 +291,42 @@ def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True) -> dict:
     dataclasses.replace(cfg.model, fp8=on).validate()
   except ConfigError:  # some attention input dim is not whole blocks
     on = dataclasses.replace(on, attention=False)
-  off_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False)))
-  on_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()
-  # The control: FP8 off with the learning rate nudged by 0.1%, a perturbation with no FP8 in it. How far it
-  # ends from the off run is the noise floor the FP8 gap is read against (bench/results/cpu2_fp8_loss_calibration.json).
-  nudged_cfg = dataclasses.replace(off_cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * 1.001))
-  out["train_off"] = bench_train(off_cfg, steps, data="progressions")
-  try:  # a failure here is reported in the JSON next to the measurements above, not lost with them
-    out["train_on"] = bench_train(on_cfg, steps, data="progressions")
-    out["train_speedup"] = out["train_on"]["tokens_per_s"] / out["train_off"]["tokens_per_s"]
-    out["train_off_lr_nudged"] = {"ce": bench_train(nudged_cfg, steps, data="progressions")["ce"]}
-    # The off run once more, unchanged: a GPU step is not bitwise deterministic (its scatter-adds), and the
-    # dynamics amplify that; 0 where the backend is deterministic (bench/results/h200_fp8_loss_repeats.json).
-    out["train_off_repeat"] = {"ce": bench_train(off_cfg, steps, data="progressions")["ce"]}
-    off_ce, on_ce, nudged_ce, repeat_ce = (float(np.mean(out[k]["ce"][-10:])) for k in (
-        "train_off", "train_on", "train_off_lr_nudged", "train_off_repeat"))
-    out["final_ce"] = {"off": off_ce, "on": on_ce, "rel_diff": abs(on_ce - off_ce) / off_ce, "lr": cfg.optim.lr,
-                       "off_lr_x1.001": nudged_ce, "noise_rel_diff": abs(nudged_ce - off_ce) / off_ce,
-                       "off_repeat": repeat_ce, "repeat_rel_diff": abs(repeat_ce - off_ce) / off_ce,
-                       "steps": len(out["train_on"]["ce"]), "uniform": math.log(cfg.model.vocab_size)}
-  except Exception as e:  # noqa: BLE001
-    out["train_on"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+  cfgs = {"off": dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False))),
+          "on": dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()}
+  # The control: FP8 off with the learning rate nudged by 0.1%, a perturbation with no FP8 in it
+  # (bench/results/cpu2_fp8_loss_calibration.json).
+  cfgs["off_lr_x1.001"] = dataclasses.replace(cfgs["off"], optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * 1.001))
+  mesh = sharding.make_mesh(cfg.mesh)
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  with jax.set_mesh(mesh):
+    state = train.init_state(cfgs["off"], jax.random.key(0), mesh)
+    batch = train_batch(cfg)  # random tokens: the speed does not depend on the data
+    batch = jax.device_put(batch, train.batch_shardings(batch, mesh))
+    arms = {"off": train_ab.compile_arm(cfgs["off"], state, batch, mesh)}
+    try:  # a failure here is reported in the JSON next to the measurements above, not lost with them
+      for name in ("on", "off_lr_x1.001"):
+        arms[name] = train_ab.compile_arm(cfgs[name], state, batch, mesh)
+      out["compile_s"] = {k: a.compile_s for k, a in arms.items()}
+      out["xla_temp_gib"] = {k: a.xla_temp_gib for k, a in arms.items()}
+      speed, state = train_ab.speed({"off": arms["off"], "on": arms["on"]}, state, batch)
+      del state
+      for name in ("off", "on"):
+        speed[name]["tokens_per_s"] = tokens / speed[name]["step_s_median"]
+      out["train_speed"] = speed
+      out["train_speedup"] = speed["on"]["speedup_vs_off"]
+      seed_list = list(range(first_seed, first_seed + seeds))
+      ce = {name: [train_ab.loss_curve(arms[name], mesh, seed, steps) for seed in seed_list] for name in ("off", "on")}
+      ce["off_lr_x1.001"] = [train_ab.loss_curve(arms["off_lr_x1.001"], mesh, first_seed, steps)]
+      # The off run once more, unchanged: a GPU step is not bitwise deterministic (its scatter-adds), and the
+      # dynamics amplify that; 0 where the backend is deterministic (bench/results/h200_fp8_loss_repeats.json).
+      ce["off_repeat"] = [train_ab.loss_curve(arms["off"], mesh, first_seed, steps)]
+      final = {k: [train_ab.final_ce(c) for c in v] for k, v in ce.items()}
+      rel = lambda k: abs(final[k][0] - final["off"][0]) / final["off"][0]  # noqa: E731
+      out["loss"] = {"steps": steps, "seeds": seed_list, "lr": cfg.optim.lr, "uniform": math.log(cfg.model.vocab_size),
+                     "final_ce": final, "on_vs_off": train_ab.compare_finals(final["off"], final["on"]),
+                     "first_seed_rel_diff": {k: rel(k) for k in ("on", "off_lr_x1.001", "off_repeat")}, "ce": ce}
+    except Exception as e:  # noqa: BLE001
+      out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
   out["fp8"] = dataclasses.asdict(on)
   return out
 

@@ -1,0 +1,44 @@
+"""train_ab's bookkeeping: the interleaved order, the seed statistics, telemetry off a GPU. Its train-step
+arms run in tests/test_fp8_model.py (the FP8 training parity)."""
+
+import math
+import statistics
+
+import jax.numpy as jnp
+import pytest
+
+from r1jax import train_ab
+
+
+def test_interleaving_alternates_the_order_every_round():
+  calls = []
+  steps = {name: (lambda name=name: calls.append(name) or jnp.zeros(())) for name in ("a", "b", "c")}
+  times, windows = train_ab.interleaved_seconds(steps, rounds=4, per_round=2)
+  forward, backward = ["a"] * 2 + ["b"] * 2 + ["c"] * 2, ["c"] * 2 + ["b"] * 2 + ["a"] * 2
+  assert calls == forward + backward + forward + backward
+  assert {k: len(v) for k, v in times.items()} == {"a": 8, "b": 8, "c": 8}
+  assert [(n, r) for n, r, _, _ in windows] == [(n, r) for r in range(4) for n in ("abc" if r % 2 == 0 else "cba")]
+  assert all(t0 <= t1 for _, _, t0, t1 in windows)
+
+
+def test_seed_statistics_against_the_textbook_formulas():
+  base, other = [4.0, 5.0, 6.0], [4.2, 4.9, 6.3]
+  got = train_ab.compare_finals(base, other)
+  paired = [(o - b) / b for b, o in zip(base, other)]
+  assert got["rel_diff_of_means"] == pytest.approx((statistics.fmean(other) - 5.0) / 5.0)
+  assert got["paired_rel_diff"] == pytest.approx(paired)
+  assert got["paired_rel_diff_mean"] == pytest.approx(statistics.fmean(paired))
+  assert got["paired_rel_diff_sem"] == pytest.approx(statistics.stdev(paired) / math.sqrt(3))
+  assert got["base_seed_rel_std"] == pytest.approx(1.0 / 5.0)  # stdev of 4, 5, 6 is 1
+  one = train_ab.compare_finals([4.0], [4.4])
+  assert one["paired_rel_diff_sem"] is None and one["rel_diff_of_means"] == pytest.approx(0.1)
+
+
+def test_final_ce_is_the_mean_of_the_last_ten():
+  assert train_ab.final_ce([100.0] * 5 + list(range(10))) == pytest.approx(4.5)
+
+
+def test_telemetry_off_a_gpu_says_why_and_measures_nothing():
+  with train_ab.GpuTelemetry(period_s=0.001) as t:
+    pass
+  assert t.samples == [] and t.summary([(0.0, math.inf)]) == {"unavailable": "no GPU"}
