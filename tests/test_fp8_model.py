@@ -73,7 +73,6 @@ def test_fp8_training_matches_high_precision_training(tiny):
   assert high[-10:].mean() < 0.6 * np.log(V), high  # it learned something, so the comparison means something
   assert abs(low[-10:].mean() / high[-10:].mean() - 1) < 0.01, (low[-10:], high[-10:])
   assert not np.array_equal(low, high)  # FP8 changed the arithmetic
-  assert train_ab.final_ce(list(low)) == pytest.approx(low[-10:].mean())
 
 
 def test_mla_with_a_partial_output_block(tiny):

@@ -275,9 +275,8 @@ def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True, seeds: int = 
   `gemms` is off; then the train step with model.fp8 off and on (train_ab): the speed timed interleaved on one
   state with GPU clock and power, and `steps`-step loss curves (>= 100 for the issue's 1% bar) from `seeds`
   inits (from `first_seed` on, so calls can pool seeds) on fresh learnable batches, each ending in the mean of
-  its last 10 steps, next to two controls on the first seed:
-  FP8 off at lr x 1.001, and FP8 off repeated (the backend's own run-to-run noise). Parts whose input dims are
-  not whole blocks stay bf16 (attention off then)."""
+  its last 10 steps, next to two controls on the first seed: FP8 off at lr x 1.001, and FP8 off repeated (the
+  backend's own run-to-run noise). Parts whose input dims are not whole blocks stay bf16 (attention off then)."""
   from r1jax import fp8_bench, train, train_ab
 
   if seeds < 1 or steps < 1:

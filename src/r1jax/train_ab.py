@@ -122,7 +122,8 @@ class GpuTelemetry:
             "clock_event_reasons": hex(reasons), "samples": len(inside)}
 
 
-def speed(arms: dict[str, Arm], state, batch, rounds: int = 6, per_round: int = 5, warmup: int = 2) -> dict:
+def speed(arms: dict[str, Arm], state, batch, rounds: int = 6, per_round: int = 5,
+          warmup: int = 2) -> tuple[dict, train.TrainState]:
   """Step time of every arm on one carried state and batch, interleaved (interleaved_seconds): each arm's
   median, the ratio of medians to the first arm (> 1: faster), the same ratio per round (its spread is the
   measurement's), and GPU telemetry per arm. Returns the state too (it is donated)."""
@@ -166,7 +167,6 @@ def loss_curve(arm: Arm, mesh, seed: int, steps: int) -> list[float]:
     batch = bench.train_batch(cfg, tokens=bench.progressions(rng, B, L + 1, V))
     state, metrics = arm(state, jax.device_put(batch, train.batch_shardings(batch, mesh)))
     ces.append(float(metrics["ce"]))
-  del state
   return ces
 
 
@@ -186,4 +186,3 @@ def compare_finals(base: list[float], other: list[float]) -> dict:
           "paired_rel_diff": paired.tolist(), "paired_rel_diff_mean": float(paired.mean()),
           "paired_rel_diff_sem": float(paired.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
           "base_seed_rel_std": float(base.std(ddof=1) / base.mean()) if n > 1 else None}
-
