@@ -42,3 +42,14 @@ def test_telemetry_off_a_gpu_says_why_and_measures_nothing():
   with train_ab.GpuTelemetry(period_s=0.001) as t:
     pass
   assert t.samples == [] and t.summary([(0.0, math.inf)]) == {"unavailable": "no GPU"}
+
+
+def test_speed_threads_one_state_through_every_arm():
+  """Fake arms that count their calls on the carried state: warm-up and timed steps of both arms all advance
+  the one state, and each arm's report covers rounds x steps_per_round samples."""
+  arms = {"off": lambda s, b: (s + 1, {}), "on": lambda s, b: (s + 100, {})}
+  out, state = train_ab.speed(arms, jnp.zeros((), jnp.int32), None, rounds=2, per_round=3, warmup=1)
+  assert int(state) == (1 + 6) * 1 + (1 + 6) * 100
+  assert len(out["off"]["step_s_all"]) == len(out["on"]["step_s_all"]) == 6
+  assert out["off"]["speedup_vs_off"] == 1.0 and len(out["on"]["speedup_per_round"]) == 2
+  assert out["on"]["gpu"] == {"unavailable": "no GPU"}

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from r1jax import train
+from r1jax import bench, train
 from r1jax.config import RunConfig
 
 
@@ -141,14 +141,16 @@ def speed(arms: dict[str, Arm], state, batch, rounds: int = 6, per_round: int = 
       jax.block_until_ready(run())
   with GpuTelemetry() as telemetry:
     times, windows = interleaved_seconds(steps, rounds, per_round)
+  def round_medians(ts):
+    return [statistics.median(ts[r * per_round:(r + 1) * per_round]) for r in range(rounds)]
+
   base = next(iter(arms))
+  base_rounds = round_medians(times[base])
   out = {"rounds": rounds, "steps_per_round": per_round}
   for name, ts in times.items():
-    per_round_median = [statistics.median(ts[r * per_round:(r + 1) * per_round]) for r in range(rounds)]
-    base_round = [statistics.median(times[base][r * per_round:(r + 1) * per_round]) for r in range(rounds)]
     out[name] = {"step_s_median": statistics.median(ts), "step_s_all": ts,
                  "speedup_vs_" + base: statistics.median(times[base]) / statistics.median(ts),
-                 "speedup_per_round": [b / t for b, t in zip(base_round, per_round_median)],
+                 "speedup_per_round": [b / t for b, t in zip(base_rounds, round_medians(ts))],
                  "gpu": telemetry.summary([(a, b) for n, _, a, b in windows if n == name])}
   return out, holder["state"]
 
@@ -156,8 +158,6 @@ def speed(arms: dict[str, Arm], state, batch, rounds: int = 6, per_round: int = 
 def loss_curve(arm: Arm, mesh, seed: int, steps: int) -> list[float]:
   """Cross-entropy per step of `steps` steps from the init of `seed` on fresh batches of arithmetic
   progressions drawn from `seed` (bench.progressions: learnable, so the curve measures learning)."""
-  from r1jax import bench
-
   cfg = arm.cfg
   B, L, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
   rng = np.random.default_rng(seed)
