@@ -311,6 +311,42 @@ def test_given_quantisation_of_gathered_rows(impl):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_weights_quantised_ahead(impl):
+  """weight_tiles over stacked weights [L, E, K, N] (one pass, vmapped), sliced and handed to the GEMMs as
+  w_tiles: bitwise what dots and swiglu_mlp quantise themselves, forward and every gradient (the master weights
+  then only carry theirs); the tiles themselves are the recipe's (quantize_weight of the joined weights)."""
+  L, E, D, F = 2, 2, 64, 96
+  rng = np.random.default_rng(16)
+  x = jnp.asarray(rng.standard_normal((40, D)), jnp.bfloat16)
+  ws = [jnp.asarray(rng.standard_normal((L, E, *s)) * np.exp2(rng.integers(-4, 4, (L, E, 1, 1))), jnp.float32)
+        for s in ((D, F), (D, F), (F, D))]
+  kw = {"block": 32, "impl": impl, "tiles": SMALL, "interpret": impl == "triton"}
+  ahead = {k: dict(block=32, impl=impl, interpret=impl == "triton") for k in ("gu", "down")}
+  gu = jax.jit(lambda g, u: fp8.weight_tiles((g, u), **ahead["gu"]))(ws[0], ws[1])
+  down = jax.jit(lambda w: fp8.weight_tiles((w,), **ahead["down"]))(ws[2])
+  q, s = fp8.quantize_weight(jnp.concatenate(ws[:2], -1)[1, 0], 32)
+  np.testing.assert_array_equal(np.asarray(gu.q_KxN[1, 0], np.float32), np.asarray(q, np.float32))
+  np.testing.assert_array_equal(np.asarray(gu.s_KbxNb[1, 0]), np.asarray(s))
+  np.testing.assert_array_equal(np.asarray(gu.q_NxK[1, 0], np.float32), np.asarray(q.T, np.float32))
+
+  def check(f_ahead, f_self, w):
+    loss = lambda f: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda x, w: jnp.sum(jnp.sin(jnp.concatenate(f(x, w), -1).astype(jnp.float32))), argnums=(0, 1)))
+    for a, b in zip(jax.tree.leaves(loss(f_ahead)(x, w)), jax.tree.leaves(loss(f_self)(x, w))):
+      assert np.abs(np.asarray(a, np.float32)).max() > 0
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+  pick = lambda t, l, e: jax.tree.map(lambda a: a[l, e], t)  # noqa: E731
+  for l, e in ((0, 1), (1, 0)):
+    w = [a[l, e] for a in ws]
+    check(lambda x, w: fp8.dots(x, w, w_tiles=pick(gu, l, e), **kw), lambda x, w: fp8.dots(x, w, **kw), w[:2])
+    check(lambda x, w: [fp8.swiglu_mlp(x, *w, w_tiles=(pick(gu, l, e), pick(down, l, e)), **kw)],
+          lambda x, w: [fp8.swiglu_mlp(x, *w, **kw)], w)
+  with pytest.raises(ValueError, match="w_tiles"):
+    fp8.dots(x, [ws[0][0, 0]], w_tiles=pick(gu, 0, 0), **kw)  # [gate | up]'s tiles for gate alone
+
+
 def test_swiglu_grad_is_the_vjp_of_silu_times_up():
   """fp8.swiglu_grad against jax.vjp of silu(gate) * up in float64 (an independent derivation), over gates from
   -30 to 30 (sigmoid saturating both ways): fp32 rounding only."""

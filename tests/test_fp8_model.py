@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import bench, config, sharding, train, train_ab
+from r1jax import bench, config, model, sharding, train, train_ab
 from r1jax.config import ConfigError, FP8Config, MeshConfig
 from r1jax.nn import fp8 as fp8_lib
 from r1jax.nn import layers, moe
@@ -50,6 +50,49 @@ def test_fp8_experts_on_a_mesh_match_one_device(tiny, mesh_cfg):
     assert rel(got, one) < 0.08 and rel(got, hi) < 0.08 and rel(one, hi) < 0.08, (name, rel(got, one), rel(one, hi))
   for name in ("router", "shared"):  # no token-tiled wgrad inside the shard_map: equal up to summation order
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_g[name], p_g1[name])
+
+
+def test_expert_weights_quantised_once_per_step(tiny):
+  """FP8Config.quantize_experts_once: the MoE stack's expert weights quantised once before the layer scan
+  (block.scan, moe.with_expert_tiles) gives bitwise the loss and gradients of quantising them in every layer;
+  under remat "dots" the scan no longer quantises them in the forward and again in the rematerialised forward:
+  the jaxpr has the two expert-weight amax reductions ([gate | up], down) outside the scan instead of four in it."""
+  cfg = dataclasses.replace(tiny.model, fp8=FP8, n_mtp=0, remat="dots", n_layers=2, n_dense_layers=0)
+  per_layer = dataclasses.replace(cfg, fp8=dataclasses.replace(FP8, quantize_experts_once=False))
+  params = layers.unbox(model.init_boxed(cfg, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+
+  def loss_grad(c):
+    return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model.apply(p, tokens, c).logits_BxLxV)))
+
+  amaxes = [str(jax.make_jaxpr(loss_grad(c))(params)).count("reduce_max") for c in (per_layer, cfg)]
+  assert amaxes[0] - amaxes[1] == 2, amaxes
+  one, once = (jax.jit(loss_grad(c))(params) for c in (per_layer, cfg))
+  assert float(jnp.abs(one[1]["moe_layers"]["ffn"]["experts"]["w_down"]).max()) > 0
+  jax.tree.map(np.testing.assert_array_equal, one, once)
+
+
+def test_expert_weights_quantised_once_on_a_mesh(tiny):
+  """The same on a mesh that splits the experts, their FFN width (tensor) and their embed dim (FSDP): the tiles,
+  quantised under GSPMD outside the expert shard_map (gate and up each where they lie), enter it split like the
+  weights; bitwise the per-layer quantisation inside it."""
+  cfg = dataclasses.replace(tiny.model, fp8=FP8)
+  boxed = layers.stacked(lambda k: moe.init(k, cfg), jax.random.key(0), 2)
+  x = jax.random.normal(jax.random.key(1), (8, 16, cfg.dim))
+
+  def loss_grad(once: bool):
+    def loss(stack, x):
+      stack = moe.with_expert_tiles(stack, cfg) if once else stack
+      assert ("fp8_tiles" in stack["experts"]) == once
+      return jnp.sum(jnp.sin(jax.lax.scan(lambda x, p: (x + moe.apply(p, x, cfg)[0], None), x, stack)[0]))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  with jax.set_mesh(mesh):
+    stack = jax.device_put(layers.unbox(boxed), layers.shardings(boxed, mesh))
+    per_layer, once = (loss_grad(o)(stack, x) for o in (False, True))
+  assert float(jnp.abs(once[1][0]["experts"]["w_down"]).max()) > 0
+  jax.tree.map(np.testing.assert_array_equal, per_layer, once)
 
 
 @pytest.mark.slow

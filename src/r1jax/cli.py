@@ -191,7 +191,7 @@ def _bench(args) -> int:
     result = bench.bench_grpo(cfg, args.steps or 4)
   elif args.what == "fp8":
     result = bench.bench_fp8(cfg, args.steps or 10, gemms=not args.train_only, seeds=args.seeds,
-                               first_seed=args.first_seed)
+                             first_seed=args.first_seed, arms=bench.parse_arms(args.arm))
   elif args.what == "train":
     if args.mesh:
       from r1jax import memory
@@ -315,6 +315,8 @@ def main(argv=None) -> int:
   p.add_argument("--train-only", action="store_true", help="fp8: the train steps alone (no GEMM/quantiser tables)")
   p.add_argument("--seeds", type=int, default=1, help="fp8: loss curves from this many inits per arm")
   p.add_argument("--first-seed", type=int, default=0, help="fp8: the first of those seeds (to pool several calls)")
+  p.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                 help="fp8: one more FP8-on arm, with these overrides, in the interleaved speed run (repeatable)")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(fn=_bench)
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")

@@ -37,6 +37,10 @@ class FP8Config:
   shared_experts: bool = True
   routed_experts: bool = True
   mtp_proj: bool = True
+  # Routed experts' weights quantised once per forward for all layers of the stack, before the layer scan (held
+  # through the step at 2 bytes per expert weight: e4m3 in both majors), instead of in each layer's forward and
+  # again under remat (moe.with_expert_tiles)
+  quantize_experts_once: bool = True
 
   PARTS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "mtp_proj")
 

@@ -86,7 +86,11 @@ _REMAT_POLICIES = {
 
 
 def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_NxBxLxK=None):
-  """Run a stack of identical blocks (leading "layers" axis) with lax.scan; returns (x, stacked stats)."""
+  """Run a stack of identical blocks (leading "layers" axis) with lax.scan; returns (x, stacked stats). An MoE
+  stack's FP8 expert weights are quantised here, once for all layers (moe.with_expert_tiles), so that neither
+  a layer's forward nor its rematerialisation quantises them."""
+  if is_moe:
+    stack = {**stack, "ffn": moe.with_expert_tiles(stack["ffn"], cfg)}
 
   def body(x, layer):
     p, replay = layer

@@ -73,18 +73,54 @@ def grouped_ffn(experts: dict, x_NxD, group_sizes_E, fp8: FP8Config | None = Non
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["w_down"].astype(dt), group_sizes_E)
 
 
+def expert_tiles(experts: dict, fp8: FP8Config) -> dict:
+  """The routed experts' FP8 weights (fp8.weight_tiles) for every layer and expert of a stack [..., E, D, F] in
+  one pass per weight, for padded_ffn's `fp8_tiles` (FP8Config.quantize_experts_once). [gate | up] is laid out
+  [..., D, 2, F] (scales [..., D/b, 2, F/b], N-major [..., 2, F, D]): the joined GEMM's [D, 2F] where F is
+  whole on the device, and still split over exp_mlp like the weights where shard_map splits F. One pass over
+  both weights in place where they join (on one device, the Triton quantiser's `parts`); under GSPMD
+  partitioning each is quantised where it lies and stacked, as a join along F would reshard it."""
+  kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
+  w_gate, w_up = experts["w_gate"], experts["w_up"]
+  *lead, D, F = w_gate.shape
+  b = fp8.block
+  if fp8_lib.joins_columns(F, F, block=b):
+    t = fp8_lib.weight_tiles((w_gate, w_up), **kw)
+    gate_up = fp8_lib.WeightTiles(t.q_KxN.reshape(*lead, D, 2, F), t.s_KbxNb.reshape(*lead, D // b, 2, F // b),
+                                  t.q_NxK.reshape(*lead, 2, F, D))
+  else:
+    g, u = (fp8_lib.weight_tiles((w,), **kw) for w in (w_gate, w_up))
+    gate_up = fp8_lib.WeightTiles(jnp.stack([g.q_KxN, u.q_KxN], -2), jnp.stack([g.s_KbxNb, u.s_KbxNb], -2),
+                                  jnp.stack([g.q_NxK, u.q_NxK], -3))
+  return {"gate_up": gate_up, "down": fp8_lib.weight_tiles((experts["w_down"],), **kw)}
+
+
+def _joined(tiles: dict, block: int) -> tuple:
+  """expert_tiles of this device's experts as batched_swiglu_mlp's w_tiles: [gate | up] as [E, D, 2F]."""
+  gu = tiles["gate_up"]
+  E, D, _, F = gu.q_KxN.shape
+  return (fp8_lib.WeightTiles(gu.q_KxN.reshape(E, D, 2 * F), gu.s_KbxNb.reshape(E, D // block, 2 * F // block),
+                              gu.q_NxK.reshape(E, 2 * F, D)), tiles["down"])
+
+
 def padded_ffn(experts: dict, x_ExNxD, fp8: FP8Config | None = None, x_quantized=None):
   """SwiGLU of each expert over its capacity-padded rows as batched einsums (the fast GPU GEMM), or as
   block-scaled FP8 GEMMs per expert (from stored e4m3 bytes for keep_fp8 experts). `x_quantized`: x's e4m3
-  rows and scales as dispatched (fp8.quantize_input), for the master-weight FP8 GEMMs."""
+  rows and scales as dispatched (fp8.quantize_input), for the master-weight FP8 GEMMs; `experts["fp8_tiles"]`,
+  where present, their weights quantised ahead (expert_tiles)."""
   if fp8 is not None:
     kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
     w_gate, w_up, w_down = experts["w_gate"], experts["w_up"], experts["w_down"]
     kept = any(map(fp8_weights.is_quantized, (w_gate, w_up, w_down)))
+    tiles = experts.get("fp8_tiles")
     if not kept and fp8_lib.joins_columns(w_gate.shape[-1], w_up.shape[-1], block=fp8.block):
       # One GEMM over [gate | up] columns (x quantised once, one launch twice as wide), the SwiGLU fused into the
       # down GEMM's input quantisation (fp8.swiglu_mlp; layers.mlp does the same).
-      return fp8_lib.batched_swiglu_mlp(x_ExNxD, w_gate, w_up, w_down, x_quantized=x_quantized, **kw)
+      return fp8_lib.batched_swiglu_mlp(x_ExNxD, w_gate, w_up, w_down, x_quantized=x_quantized,
+                                        w_tiles=None if tiles is None else _joined(tiles, fp8.block), **kw)
+    if tiles is not None:
+      raise ValueError(f"expert_parallel.padded_ffn: expert weight tiles given, but gate and up {w_gate.shape} do "
+                       "not join here (F must be whole blocks on the device)")
 
     def mm(x, w, xq=None):  # a keep_fp8 weight runs its forward GEMM from the stored bytes
       if fp8_weights.is_quantized(w):
@@ -193,15 +229,21 @@ class Axes(NamedTuple):
     return cls(mesh_axes("batch"), mesh_axes("exp"), mesh_axes("exp_mlp"))
 
 
-def specs(router: dict, replay: bool):
+def specs(router: dict, replay: bool, tiles: bool = False):
   """in/out specs of the MoE shard_map over (router, experts, x, token mask, sequence ids[, replayed experts]).
 
   Expert weights arrive split by expert and (F) by tensor; their fsdp-split embed dim is all-gathered on
-  entry (FSDP). The router is small and replicated; per-token inputs and outputs are split over the batch.
+  entry (FSDP), as are their e4m3 tiles with `tiles` (expert_tiles: then FSDP gathers a byte per weight and
+  major). The router is small and replicated; per-token inputs and outputs are split over the batch.
   """
   x, per_token = _p("batch", None, None), _p("batch", None)
   experts = {"w_gate": _p("exp", None, "exp_mlp"), "w_up": _p("exp", None, "exp_mlp"),
              "w_down": _p("exp", "exp_mlp", None)}
+  if tiles:
+    gate_up = _p("exp", None, None, "exp_mlp")
+    experts["fp8_tiles"] = {"gate_up": fp8_lib.WeightTiles(gate_up, gate_up, _p("exp", None, "exp_mlp", None)),
+                            "down": fp8_lib.WeightTiles(experts["w_down"], experts["w_down"],
+                                                        _p("exp", None, "exp_mlp"))}
   in_specs = (jax.tree.map(lambda _: P(), router), experts, x, per_token, per_token) + ((x,) if replay else ())
   stats = {"load": P(), "aux_loss": P(), "dropped_pairs": P(), "replay_differs": P(), "experts": x}
   return in_specs, (x, stats)

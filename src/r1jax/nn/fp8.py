@@ -35,10 +35,10 @@ SAVED_NAMES = ("fp8_dot", "fp8_dot_residuals")
 BATCHED_NAMES = ("fp8_batched_dot", "fp8_batched_dot_residuals")
 WEIGHT_NAME = "fp8_weight"  # a GEMM's e4m3 weight kept for its backward; no remat policy saves it
 
-__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "batched_dot", "batched_dots", "batched_swiglu_mlp", "dequantize_act",
-           "dequantize_weight", "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk", "mm_f32",
-           "quantize_act", "quantize_input", "quantize_swiglu", "quantize_weight", "resolve_impl",
-           "scaled_matmul_nt_xla", "swiglu", "swiglu_grad", "swiglu_mlp", "weight_nt"]
+__all__ = ["E4M3", "KERNELS", "SAVED_NAMES", "WeightTiles", "batched_dot", "batched_dots", "batched_swiglu_mlp",
+           "dequantize_act", "dequantize_weight", "dot", "dots", "exact_operands", "gemm_nt", "joins_columns", "k_chunk",
+           "mm_f32", "quantize_act", "quantize_input", "quantize_swiglu", "quantize_weight", "resolve_impl",
+           "scaled_matmul_nt_xla", "swiglu", "swiglu_grad", "swiglu_mlp", "weight_nt", "weight_tiles"]
 
 
 def _scale(amax, pow2: bool):
@@ -253,6 +253,43 @@ def _quantize_weight_nt(ws_KxN, block, pow2, *, fused=False, interpret=False):
   return wq_KxN, ws_KbxNb, wq_KxN.T
 
 
+class WeightTiles(NamedTuple):
+  """Master weights' FP8 forms as a GEMM reads them, computed ahead (weight_tiles) and passed as `w_tiles`: the
+  e4m3 weight [..., K, N] (dgrad's, K-major), its block scales [..., K/block, N/block] and the same e4m3 values
+  N-major [..., N, K] (the forward's); several weights joined along N as `dots` joins them."""
+  q_KxN: jax.Array
+  s_KbxNb: jax.Array
+  q_NxK: jax.Array
+
+
+def weight_tiles(ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False,
+                 interpret: bool = False) -> WeightTiles:
+  """The WeightTiles of weights [..., K, N_i] joined along N, without a gradient, exactly as `dots(x, ws)`
+  quantises them for the same impl (the Triton quantiser next to a GPU kernel), over any leading axes (layers,
+  experts) in one pass: a layer scan quantises each stacked weight once per step instead of in every layer's
+  forward and again in its rematerialisation. Every width must be whole blocks."""
+  impl = resolve_impl(impl, interpret, block)
+  ws_KxN = tuple(jax.lax.stop_gradient(w) for w in ws_KxN)
+  *lead, K, _ = ws_KxN[0].shape
+  if (K % block or any(w.shape[:-1] != ws_KxN[0].shape[:-1] or w.shape[-1] % block for w in ws_KxN)
+      or len({w.dtype for w in ws_KxN}) > 1):
+    raise ValueError(f"fp8.weight_tiles: weights {[(w.shape, str(w.dtype)) for w in ws_KxN]} need one dtype, one "
+                     f"[..., K] and K and every width multiples of block {block}")
+  fused = _fused_quantizer(impl, block, interpret)
+  one = lambda *ws: WeightTiles(*_quantize_weight_nt(ws, block, pow2, fused=fused, interpret=interpret))  # noqa: E731
+  for _ in lead:
+    one = jax.vmap(one)
+  return one(*ws_KxN)
+
+
+def _check_tiles(w_tiles: WeightTiles, K: int, N: int, block: int, where: str):
+  q, s, qt = w_tiles
+  if (q.shape != (K, N) or qt.shape != (N, K) or s.shape != (K // block, N // block)
+      or {q.dtype, qt.dtype} != {jnp.dtype(E4M3)}):
+    raise ValueError(f"{where}: w_tiles {[(a.shape, str(a.dtype)) for a in w_tiles]} must be the e4m3 [{K}, {N}], "
+                     f"scales [{K // block}, {N // block}] and e4m3 [{N}, {K}] of its weights (fp8.weight_tiles)")
+
+
 class _Static(NamedTuple):
   """The custom_vjp's static arguments (see `dots`)."""
   block: int
@@ -265,17 +302,19 @@ class _Static(NamedTuple):
   n_splits: tuple[int, ...]  # the joined weights' widths (the last padded to whole blocks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dot(x_MxK, ws_KxN, x_quantized, st: _Static):
-  return _dot_fwd(x_MxK, ws_KxN, x_quantized, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dot(x_MxK, ws_KxN, x_quantized, w_tiles, st: _Static):
+  return _dot_fwd(x_MxK, ws_KxN, x_quantized, w_tiles, st)[0]
 
 
-def _forward(x_quantized, ws_KxN, st: _Static, out_dtype):
-  """The forward GEMM from x's e4m3 tiles; (y, residuals: x's tiles and the e4m3 weight K-major for dgrad,
-  written by the same pass as the forward's N-major one)."""
+def _forward(x_quantized, ws_KxN, st: _Static, out_dtype, w_tiles=None):
+  """The forward GEMM from x's e4m3 tiles and the weights' (w_tiles, else quantised here); (y, residuals: x's
+  tiles and the e4m3 weight K-major for dgrad, written by the same pass as the forward's N-major one)."""
   xq_MxK, xs_MxKb = x_quantized
   fused = _fused_quantizer(st.impl, st.block, st.interpret)
-  wq_KxN, ws_KbxNb, wq_NxK = _quantize_weight_nt(ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret)
+  if w_tiles is None:
+    w_tiles = _quantize_weight_nt(ws_KxN, st.block, st.pow2, fused=fused, interpret=st.interpret)
+  wq_KxN, ws_KbxNb, wq_NxK = w_tiles
   y_MxN = gemm_nt(xq_MxK, xs_MxKb, wq_NxK, _rows(ws_KbxNb.T, st.block), block=st.block, out_dtype=out_dtype,
                   impl=st.impl, tiles=st.tiles, interpret=st.interpret, b_blocked=True)
   if st.impl != "xla":
@@ -326,14 +365,15 @@ def _quantize_dy(dy_MxN, st: _Static):
                              fused=_fused_quantizer(st.impl, st.block, st.interpret), interpret=st.interpret)
 
 
-def _dot_fwd(x_MxK, ws_KxN, x_quantized, st: _Static):
-  y_MxN, res = _forward(_quantize_x(x_MxK, st) if x_quantized is None else x_quantized, ws_KxN, st, x_MxK.dtype)
+def _dot_fwd(x_MxK, ws_KxN, x_quantized, w_tiles, st: _Static):
+  y_MxN, res = _forward(_quantize_x(x_MxK, st) if x_quantized is None else x_quantized, ws_KxN, st, x_MxK.dtype,
+                        w_tiles)
   return checkpoint_name(y_MxN, st.names[0]), res
 
 
 def _dot_bwd(st: _Static, res, dy_MxN):
   dx, dws = _backward(st, res, _quantize_dy(dy_MxN, st), dy_MxN.shape[0], dy_MxN.dtype)
-  return dx, dws, None  # a given quantisation of x is a constant of the forward (stop_gradient upstream)
+  return dx, dws, None, None  # given quantisations of x and w are constants of the forward (stop_gradient upstream)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
@@ -397,7 +437,8 @@ def _quantize_swiglu_grad(gu_Mx2F, dh_MxF, block, pow2, *, fused, interpret):
 
 
 def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,
-         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None) -> list:
+         interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None,
+         w_tiles: WeightTiles | None = None) -> list:
   """[x[..., K] @ w[K, N] for w in ws] as ONE block-scaled fp8 GEMM over the weights' joined columns (x
   quantised once, one launch; the quantiser reads each weight in place), in x's dtype; fp8 dgrad/wgrad in the
   backward. Every weight but the last must end on a block boundary (joins_columns); one weight is `dot`.
@@ -405,7 +446,8 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   `tiles` sets the kernel's tiles (its module's Tiles); `interpret` runs it in Pallas's interpreter (tests);
   `names` are the remat names of the output and of the residuals (SAVED_NAMES). `x_quantized`: x's own
   quantisation (quantize_input, possibly gathered like x), used in place of quantising x; x then only carries
-  the gradient (its value is unused, and XLA drops what computed it).
+  the gradient (its value is unused, and XLA drops what computed it). `w_tiles`: the weights' own WeightTiles
+  (weight_tiles), used in place of quantising them; the weights then only carry their gradients.
   """
   impl = resolve_impl(impl, interpret, block)
   ws_KxN = tuple(ws_KxN)
@@ -429,8 +471,10 @@ def dots(x_MxK, ws_KxN, block: int = 128, impl: Impl = "xla", pow2: bool = False
   last = ws_KxN[-1]
   padded = ws_KxN[:-1] + (jnp.pad(last, ((0, 0), (0, -last.shape[1] % block))),)
   st = _Static(block, impl, pow2, tiles, interpret, tuple(names), last.dtype, tuple(w.shape[1] for w in padded))
+  if w_tiles is not None:
+    _check_tiles(w_tiles, K, sum(st.n_splits), block, "fp8.dots")
   xq = None if x_quantized is None else (x_quantized[0].reshape(-1, K), x_quantized[1].reshape(-1, K // block))
-  y = _dot(x_MxK.reshape(-1, K), padded, xq, st)[:, :sum(widths)].reshape(*x_MxK.shape[:-1], sum(widths))
+  y = _dot(x_MxK.reshape(-1, K), padded, xq, w_tiles, st)[:, :sum(widths)].reshape(*x_MxK.shape[:-1], sum(widths))
   return jnp.split(y, list(itertools.accumulate(widths[:-1])), axis=-1) if len(widths) > 1 else [y]
 
 
@@ -445,19 +489,20 @@ class _MLPStatic(NamedTuple):
   down: _Static
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPStatic):
-  return _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, w_tiles, st: _MLPStatic):
+  return _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, w_tiles, st)[0]
 
 
-def _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, st: _MLPStatic):
+def _swiglu_mlp_fwd(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, x_quantized, w_tiles, st: _MLPStatic):
   up = st.up
+  tiles_up, tiles_down = (None, None) if w_tiles is None else w_tiles
   gu_Mx2F, res_up = _forward(_quantize_x(x_MxD, up) if x_quantized is None else x_quantized, (w_gate_DxF, w_up_DxF),
-                             up, x_MxD.dtype)
+                             up, x_MxD.dtype, tiles_up)
   gu_Mx2F = checkpoint_name(gu_Mx2F, up.names[0])  # kept where `dot` would keep the [gate | up] output
   h_quantized = _quantize_swiglu(gu_Mx2F, up.block, up.pow2, fused=_fused_quantizer(up.impl, up.block, up.interpret),
                                  interpret=up.interpret)
-  y_MxD, res_down = _forward(h_quantized, (w_down_FxD,), st.down, x_MxD.dtype)
+  y_MxD, res_down = _forward(h_quantized, (w_down_FxD,), st.down, x_MxD.dtype, tiles_down)
   return checkpoint_name(y_MxD, st.down.names[0]), (res_up, gu_Mx2F, res_down)
 
 
@@ -469,20 +514,22 @@ def _swiglu_mlp_bwd(st: _MLPStatic, res, dy_MxD):
                                up.block, up.pow2, fused=_fused_quantizer(up.impl, up.block, up.interpret),
                                interpret=up.interpret)
   dx_MxD, (dw_gate, dw_up) = _backward(up, res_up, d_gu, M, dy_MxD.dtype)
-  return dx_MxD, dw_gate, dw_up, dw_down, None
+  return dx_MxD, dw_gate, dw_up, dw_down, None, None
 
 
 _swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 
 def swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, block: int = 128, impl: Impl = "xla", pow2: bool = False,
-               tiles=None, interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None):
+               tiles=None, interpret: bool = False, names: tuple[str, str] = SAVED_NAMES, x_quantized=None,
+               w_tiles: tuple[WeightTiles, WeightTiles] | None = None):
   """down(silu(x W_gate) * (x W_up)) as three block-scaled fp8 GEMMs in two launches, with the SwiGLU fused into
   the down GEMM's input quantisation (DeepSeek's kernels fuse it likewise): h = swiglu(gate, up) is quantised
   straight from the [gate | up] GEMM output (quantize_swiglu), rounded once and never written in bf16 (the
   composition of `dot`s rounds bf16 silu(gate) and h on the way). The backward is the composition's: dh,
   d[gate | up] by one XLA fusion (_quantize_swiglu_grad says why), their quantisation and the GEMMs. F must be
-  whole blocks (the [gate | up] join); arguments as `dot`'s."""
+  whole blocks (the [gate | up] join); arguments as `dot`'s, `w_tiles` the weight_tiles of [gate, up] and of
+  [down]."""
   impl = resolve_impl(impl, interpret, block)
   D, F = w_gate_DxF.shape
   if (x_MxD.shape[-1] != D or w_up_DxF.shape != (D, F) or w_down_FxD.shape != (F, D) or D % block or F % block
@@ -496,18 +543,21 @@ def swiglu_mlp(x_MxD, w_gate_DxF, w_up_DxF, w_down_FxD, block: int = 128, impl: 
                      f"values and [..., D/{block}] scales")
   st = _MLPStatic(*(_Static(block, impl, pow2, tiles, interpret, tuple(names), w_down_FxD.dtype, n)
                     for n in ((F, F), (D,))))
+  if w_tiles is not None:
+    _check_tiles(w_tiles[0], D, 2 * F, block, "fp8.swiglu_mlp [gate | up]")
+    _check_tiles(w_tiles[1], F, D, block, "fp8.swiglu_mlp down")
   xq = None if x_quantized is None else (x_quantized[0].reshape(-1, D), x_quantized[1].reshape(-1, D // block))
-  y = _swiglu_mlp(x_MxD.reshape(-1, D), w_gate_DxF, w_up_DxF, w_down_FxD, xq, st)
+  y = _swiglu_mlp(x_MxD.reshape(-1, D), w_gate_DxF, w_up_DxF, w_down_FxD, xq, w_tiles, st)
   return y.reshape(x_MxD.shape)
 
 
 def batched_swiglu_mlp(x_ExMxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, block: int = 128, impl: Impl = "xla",
-                       pow2: bool = False, tiles=None, interpret: bool = False, x_quantized=None):
-  """Per-expert `swiglu_mlp` over capacity-padded rows (x [E, C, D]), vmapped."""
+                       pow2: bool = False, tiles=None, interpret: bool = False, x_quantized=None, w_tiles=None):
+  """Per-expert `swiglu_mlp` over capacity-padded rows (x [E, C, D]), vmapped (w_tiles with a leading E too)."""
   one = functools.partial(swiglu_mlp, block=block, impl=impl, pow2=pow2, tiles=tiles, interpret=interpret,
                           names=BATCHED_NAMES)
-  return jax.vmap(lambda x, wg, wu, wd, xq: one(x, wg, wu, wd, x_quantized=xq))(x_ExMxD, w_gate_ExDxF, w_up_ExDxF,
-                                                                               w_down_ExFxD, x_quantized)
+  return jax.vmap(lambda x, wg, wu, wd, xq, wt: one(x, wg, wu, wd, x_quantized=xq, w_tiles=wt))(
+      x_ExMxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, x_quantized, w_tiles)
 
 
 def batched_dots(x_ExMxK, ws_ExKxN, block: int = 128, impl: Impl = "xla", pow2: bool = False, tiles=None,

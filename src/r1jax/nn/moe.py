@@ -165,6 +165,17 @@ def _pad_rows(x, n: int):
   return jnp.pad(x, [(0, n)] + [(0, 0)] * (x.ndim - 1)) if n else x
 
 
+def with_expert_tiles(p: dict, cfg: ModelConfig) -> dict:
+  """An MoE layer's params (any leading stack axes) with its routed experts' FP8 weights quantised ahead into
+  p["experts"]["fp8_tiles"] (expert_parallel.expert_tiles), where FP8Config.quantize_experts_once asks and the
+  padded FP8 expert GEMMs from master weights will read them; p unchanged otherwise."""
+  fp8, experts = cfg.fp8.use("routed_experts"), p["experts"]
+  if (fp8 is None or not fp8.quantize_experts_once or ep.gemm_impl(cfg) != "einsum"
+      or any(map(fp8_weights.is_quantized, experts.values()))):
+    return p
+  return {**p, "experts": {**experts, "fp8_tiles": ep.expert_tiles(experts, fp8)}}
+
+
 def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
   """Returns (y_BxLxD, stats): per-expert load (real (token, slot) pairs), the balance loss, dropped pairs
   and each token's experts [B, L, K]. `replay_BxLxK` routes every token to given experts (routing replay).
@@ -184,7 +195,7 @@ def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, repl
   else:
     pad = -B % sharding.batch_size_multiple(mesh)
     args = args[:2] + tuple(_pad_rows(a, pad) for a in args[2:])
-    in_specs, out_specs = ep.specs(p["router"], replay)
+    in_specs, out_specs = ep.specs(p["router"], replay, tiles="fp8_tiles" in p["experts"])
     shard_fn = lambda r, e, x, m, s, *rep: _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg,  # noqa: E731
                                                          ep.Axes.from_rules())
     y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
