@@ -120,6 +120,25 @@ def test_memory_report_equals_the_real_per_device_bytes(tiny, capsys):
   assert math.isclose(a["ms_per_layer"], 1e3 * a["bytes_per_layer"] / 400e9)
 
 
+def test_memory_report_counts_the_fp8_expert_tiles():
+  """With FP8 experts quantised once per step, the report adds their e4m3 tiles: device 0's bytes of the tiles
+  that moe.with_expert_tiles computes from the stacked experts on that mesh (GSPMD keeps them split like the
+  weights); none without FP8."""
+  from r1jax import memory
+  from r1jax.nn import moe
+
+  sizes = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+  cfg = config.load(TINY, ["model.fp8.enabled=true", "model.fp8.block=16"])
+  assert memory.expert_tile_bytes(config.load(TINY), sizes) == 0
+  mesh = sharding.make_mesh(MeshConfig(**sizes))
+  with jax.set_mesh(mesh):
+    params = model.init(cfg.model, jax.random.key(0), mesh)
+    tiles = jax.jit(lambda p: moe.with_expert_tiles(p, cfg.model)["experts"]["fp8_tiles"])(params["moe_layers"]["ffn"])
+  dev0 = jax.devices()[0]
+  on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves(tiles) for s in x.addressable_shards if s.device == dev0)
+  assert memory.expert_tile_bytes(cfg, sizes) == on_dev0 > 0
+
+
 def test_lower_reports_xla_memory_when_the_devices_exist(capsys):
   assert cli.main(["info", TINY, "--mesh", "data=2,expert=4", "--lower", "--json"]) == 0
   r = json.loads(capsys.readouterr().out)["mesh"]

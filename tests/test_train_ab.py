@@ -53,3 +53,16 @@ def test_speed_threads_one_state_through_every_arm():
   assert len(out["off"]["step_s_all"]) == len(out["on"]["step_s_all"]) == 6
   assert out["off"]["speedup_vs_off"] == 1.0 and len(out["on"]["speedup_per_round"]) == 2
   assert out["on"]["gpu"] == {"unavailable": "no GPU"}
+
+
+def test_bench_fp8_arms_parse_and_refuse_clashes():
+  """`bench fp8 --arm NAME:overrides`: the overrides split on commas; a missing part or a name the bench
+  already uses is a one-line ConfigError naming the flag."""
+  from r1jax import bench
+  from r1jax.config import ConfigError
+
+  assert bench.parse_arms(["a:model.fp8.attention=false,model.fp8.dense_mlp=false", "b:optim.lr=2e-4"]) == {
+      "a": ["model.fp8.attention=false", "model.fp8.dense_mlp=false"], "b": ["optim.lr=2e-4"]}
+  for bad in (["a"], [":optim.lr=1"], ["a:"], ["on:optim.lr=1"], ["a:optim.lr=1", "a:optim.lr=2"]):
+    with pytest.raises(ConfigError, match="--arm"):
+      bench.parse_arms(bad)

@@ -248,10 +248,10 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   platform = jax.devices()[0].platform
   peak = matmul_peak_tflops() if platform == "gpu" else float("nan")
   sizes = sharding.axis_sizes(cfg.mesh, jax.device_count())
-  # XLA's temporaries hold the gradients as well as the activations
+  # XLA's temporaries hold the gradients and the FP8 expert tiles as well as the activations
   fused = platform == "tpu" or (platform == "gpu" and not packed)  # what nn/attention.py's auto picks here
   estimate = (memory.activation_bytes(cfg.model, sizes, cfg.train.batch_size, cfg.train.seq_len, fused)
-              + memory.state_bytes(cfg, sizes)["grads"])
+              + memory.state_bytes(cfg, sizes)["grads"] + memory.expert_tile_bytes(cfg, sizes))
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
   return {
       "bench": "train", "platform": platform, "device_kind": jax.devices()[0].device_kind,

@@ -61,6 +61,24 @@ def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
   return {"params": params, "grads": params, "optimizer": total(state.opt_state)}
 
 
+def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
+  """Per-device bytes of the MoE stack's routed-expert weights quantised ahead, held through a step
+  (FP8Config.quantize_experts_once, moe.with_expert_tiles): e4m3 in both majors and fp32 block scales, each
+  split like its weight; 0 where the experts are not quantised that way."""
+  m = cfg.model
+  fp8 = m.fp8.use("routed_experts")
+  if fp8 is None or not fp8.quantize_experts_once or not m.n_moe_layers or expert_parallel.gemm_impl(m) != "einsum":
+    return 0
+  experts = abstract_state(cfg, sharding.abstract_mesh(sizes)).params["moe_layers"]["ffn"]["experts"]
+  b = fp8.block
+  total = 0
+  for w in experts.values():
+    *lead, K, N = w.shape
+    total += 2 * shard_bytes(w.shape, jnp.float8_e4m3fn, w.sharding.spec, sizes)
+    total += shard_bytes((*lead, K // b, N // b), jnp.float32, w.sharding.spec, sizes)
+  return total
+
+
 def fused_attention(cfg: RunConfig, backend: str) -> bool:
   """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
   unpacked rows (packed batches carry segment ids, which cuDNN is not given)."""
@@ -153,6 +171,8 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
   mesh = sharding.abstract_mesh(sizes)
   sharding.validate_mesh(cfg.model, mesh, batch)
   mem = state_bytes(cfg, sizes)
+  if tiles := expert_tile_bytes(cfg, sizes):
+    mem["fp8_expert_tiles"] = tiles
   fused = fused_attention(cfg, jax.default_backend())
   mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq, fused)
   mem["total"] = sum(mem.values())

@@ -79,7 +79,8 @@ def expert_tiles(experts: dict, fp8: FP8Config) -> dict:
   [..., D, 2, F] (scales [..., D/b, 2, F/b], N-major [..., 2, F, D]): the joined GEMM's [D, 2F] where F is
   whole on the device, and still split over exp_mlp like the weights where shard_map splits F. One pass over
   both weights in place where they join (on one device, the Triton quantiser's `parts`); under GSPMD
-  partitioning each is quantised where it lies and stacked, as a join along F would reshard it."""
+  partitioning (the XLA quantiser: a pallas_call has no partitioning rule) each is quantised where it lies and
+  stacked, as a join along F would reshard it."""
   kw = dict(block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
   w_gate, w_up = experts["w_gate"], experts["w_up"]
   *lead, D, F = w_gate.shape

@@ -325,6 +325,7 @@ def _forward(x_quantized, ws_KxN, st: _Static, out_dtype, w_tiles=None):
   # The e4m3 x and its scales are kept as DeepSeek caches fp8 activations (V3 report §3.3.3). Under remat the
   # weight is re-quantised with the rematerialised forward (WEIGHT_NAME is saved by no policy), so the backward
   # quantises nothing it already had; without remat it stays alive through the forward, 1 byte per parameter.
+  # Given w_tiles (the routed experts, quantised before the layer scan) nothing is re-quantised at all.
   # (Saving the weights instead, both majors, measured slower on an H200: the scan copies each custom call's
   # output into its stacked residuals. Residuals are named after their last forward use: jax.checkpoint rounds
   # a saved value the forward still reads with reduce_precision(exponent_bits=4, mantissa_bits=3), IEEE
