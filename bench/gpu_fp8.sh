@@ -24,12 +24,12 @@ fi
 if [[ " $STAGES " == *" tune "* ]]; then
   timeout 200 python3 - > "$OUT/fp8_tune.json" <<'PY'
 import json
-from r1jax import fp8_bench
-from r1jax.nn.fp8_mosaic_gpu import Tiles
-shapes = fp8_bench.V3_SHAPES + ((2560, 2048, 2048), (2560, 1024, 2048))  # + one bench-config expert's gate/up, down
-rows = {str(s): fp8_bench.tune("mosaic_gpu", s) for s in shapes}
+from r1jax.bench import fp8_gemms
+from r1jax.nn.fp8.kernels.mosaic_gpu import Tiles
+shapes = fp8_gemms.V3_SHAPES + ((2560, 2048, 2048), (2560, 1024, 2048))  # + one bench-config expert's gate/up, down
+rows = {str(s): fp8_gemms.tune("mosaic_gpu", s) for s in shapes}
 for s in shapes:  # per-row b scales (as wgrad's), for the cost of b_blocked's per-tile scale
-  rows[str(s)] += [dict(r, b_blocked=False) for r in fp8_bench.tune("mosaic_gpu", s, [Tiles()], b_blocked=False)]
+  rows[str(s)] += [dict(r, b_blocked=False) for r in fp8_gemms.tune("mosaic_gpu", s, [Tiles()], b_blocked=False)]
 print(json.dumps(rows, indent=1))
 PY
   echo "tune rc=$?"; python3 -c "

@@ -15,7 +15,8 @@ import tempfile
 
 import jax
 
-from r1jax import bench, config, sharding, train
+from r1jax import config, sharding, train
+from r1jax.bench.batches import train_batch
 
 
 def hlo_meta(hlo: str) -> dict:
@@ -34,7 +35,7 @@ def profile(cfg, steps: int = 2) -> tuple[dict, dict, str]:
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     state = train.init_state(cfg, jax.random.key(0), mesh)
-    b = bench.train_batch(cfg)
+    b = train_batch(cfg)
     b = jax.device_put(b, train.batch_shardings(b, mesh))
     step = train.jit_sft_step(state, b, mesh).lower(state, b).compile()
     for _ in range(3):

@@ -12,9 +12,9 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from digits import digit_batch
 
 from r1jax import losses, model
-from r1jax.rl import tasks
 
 BF16_TOL = 4 * 2.0**-8
 
@@ -32,7 +32,7 @@ def _flat(tree):
 def case(tiny):
   cfg32 = tiny.model
   cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
-  batch = tasks.digit_batch(np.random.default_rng(0), "reverse", 8, 32)
+  batch = digit_batch(np.random.default_rng(0), "reverse", 8, 32)
   params = model.init(cfg32, jax.random.key(0))
   return cfg32, cfg16, batch, params
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from r1jax.nn import fp8
-from r1jax.nn.fp8_triton import Tiles
+from r1jax.nn.fp8.kernels.triton import Tiles
 
 F8 = ml_dtypes.float8_e4m3fn
 SMALL = Tiles(bm=32, bn=64, num_warps=4, num_stages=2, group_m=2)  # interpreter-sized kernel tiles

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax import bench, config, model, sharding, train, train_ab
+from r1jax import config, model, sharding, train
+from r1jax.bench import ab
+from r1jax.bench.batches import train_batch
 from r1jax.config import ConfigError, FP8Config, MeshConfig
-from r1jax.nn import fp8 as fp8_lib
-from r1jax.nn import layers, moe
+from r1jax.nn import fp8, layers, moe
 
 FP8 = FP8Config(enabled=True, block=16, impl="xla")  # the tiny model's dims are multiples of 16
 
@@ -101,17 +102,17 @@ def test_fp8_training_matches_high_precision_training(tiny):
   (mean of the last 10 steps) within 1% relative of the fp32-compute run, after learning well below ln(V).
   At lr 1e-3 the gap measured 0.13%; the tiny preset's lr 1e-2 makes both runs chaotic (gaps of 2-10%
   between any two perturbed runs), which says nothing about FP8. Both arms run as `bench fp8` runs them:
-  compiled once from one state (train_ab), each curve from its own init, on progressions."""
+  compiled once from one state (bench/ab.py), each curve from its own init, on progressions."""
   run = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=1e-3),
                             train=dataclasses.replace(tiny.train, batch_size=16, seq_len=32))
   low_cfg = dataclasses.replace(run, model=dataclasses.replace(tiny.model, fp8=FP8))
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   with jax.set_mesh(mesh):
     state = train.init_state(run, jax.random.key(0), mesh)
-    batch = bench.train_batch(run)
-    high_arm, low_arm = (train_ab.compile_arm(c, state, batch, mesh) for c in (run, low_cfg))
+    batch = train_batch(run)
+    high_arm, low_arm = (ab.compile_arm(c, state, batch, mesh) for c in (run, low_cfg))
     del state
-    high, low = (np.array(train_ab.loss_curve(a, mesh, seed=0, steps=60)) for a in (high_arm, low_arm))
+    high, low = (np.array(ab.loss_curve(a, mesh, seed=0, steps=60)) for a in (high_arm, low_arm))
   V = tiny.model.vocab_size
   assert high[-10:].mean() < 0.6 * np.log(V), high  # it learned something, so the comparison means something
   assert abs(low[-10:].mean() / high[-10:].mean() - 1) < 0.01, (low[-10:], high[-10:])
@@ -151,7 +152,7 @@ def test_remat_dots_keeps_fp8_gemms_as_it_keeps_bf16_dots():
   forward redoes rather than keep 1 byte per parameter (fp8.WEIGHT_NAME); the backward reuses it. Per GEMM:
   x and w forward, dy rows and columns and x's requantisation backward. The per-expert GEMMs (batched, as
   bf16 expert einsums are) are recomputed: one more forward's worth of each."""
-  from r1jax.nn import block, fp8
+  from r1jax.nn import block
 
   w1, w2 = (jax.random.normal(k, (32, 32)) * 0.1 for k in jax.random.split(jax.random.key(0), 2))
 
@@ -199,19 +200,19 @@ def test_dense_many_is_the_separate_gemms():
   """One FP8 GEMM over concatenated columns equals one GEMM per weight when every weight but the last ends
   on a block boundary (the same tiles and block products; fp32 operands, so only fp32 summation order
   differs, in dx's sum over both weights); otherwise the weights run separately, bitwise as `dense`."""
-  fp8 = FP8Config(enabled=True, block=16, impl="xla")
+  fp8_cfg = FP8Config(enabled=True, block=16, impl="xla")
   x = jax.random.normal(jax.random.key(0), (2, 24, 32))
   for widths in ((32, 48), (48, 40), (40, 32)):  # joined, joined with a partial last block, separate
     ws = [jax.random.normal(k, (32, n)) * 0.2 for k, n in zip(jax.random.split(jax.random.key(1), 2), widths)]
-    f_many = lambda x, ws: sum(jnp.sum(jnp.sin(y)) for y in layers.dense_many(x, ws, fp8))  # noqa: E731
-    f_each = lambda x, ws: sum(jnp.sum(jnp.sin(layers.dense(x, w, fp8))) for w in ws)  # noqa: E731
-    ys_many = jax.jit(lambda x, ws: layers.dense_many(x, ws, fp8))(x, ws)
-    ys_each = jax.jit(lambda x, ws: [layers.dense(x, w, fp8) for w in ws])(x, ws)
+    f_many = lambda x, ws: sum(jnp.sum(jnp.sin(y)) for y in layers.dense_many(x, ws, fp8_cfg))  # noqa: E731
+    f_each = lambda x, ws: sum(jnp.sum(jnp.sin(layers.dense(x, w, fp8_cfg))) for w in ws)  # noqa: E731
+    ys_many = jax.jit(lambda x, ws: layers.dense_many(x, ws, fp8_cfg))(x, ws)
+    ys_each = jax.jit(lambda x, ws: [layers.dense(x, w, fp8_cfg) for w in ws])(x, ws)
     g_many, g_each = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, ws) for f in (f_many, f_each))
     assert [y.shape for y in ys_many] == [(2, 24, n) for n in widths]
     for a, b in zip([*ys_many, *jax.tree.leaves(g_many)], [*ys_each, *jax.tree.leaves(g_each)]):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert fp8_lib.joins_columns(*widths, block=16) == (widths[0] % 16 == 0)
+    assert fp8.joins_columns(*widths, block=16) == (widths[0] % 16 == 0)
 
 
 def test_mlp_with_the_swiglu_fused_into_its_quantisation():
@@ -221,19 +222,19 @@ def test_mlp_with_the_swiglu_fused_into_its_quantisation():
   step, so the two are different FP8 roundings of one layer: measured 1-1.6% apart in y and 2.5-3.5% in the
   gradients over 4 seeds, each 5.5% (y) and 9-13% (gradients at block 16) from the fp32 layer. Bars: apart
   by under 0.4x their error to fp32, and the fused path no further from fp32 than the composition (+10%)."""
-  fp8 = FP8Config(enabled=True, block=16, impl="xla")
+  fp8_cfg = FP8Config(enabled=True, block=16, impl="xla")
   p = layers.unbox(layers.init_mlp(jax.random.key(0), 32, 64, 0.2, jnp.float32))
   x = jax.random.normal(jax.random.key(10), (2, 24, 32)).astype(jnp.bfloat16)
 
   def unfused(p, x):
-    gate, up = layers.dense_many(x, [p["w_gate"], p["w_up"]], fp8)
-    return layers.dense(jax.nn.silu(gate) * up, p["w_down"], fp8)
+    gate, up = layers.dense_many(x, [p["w_gate"], p["w_up"]], fp8_cfg)
+    return layers.dense(jax.nn.silu(gate) * up, p["w_down"], fp8_cfg)
 
   def run(f):
     loss = lambda p, x: jnp.sum(jnp.sin(f(p, x).astype(jnp.float32)))  # noqa: E731
     return jax.jit(lambda p, x: (f(p, x), jax.grad(loss, argnums=(0, 1))(p, x)))(p, x)
 
-  fused, composed, hi = (run(f) for f in (lambda p, x: layers.mlp(p, x, fp8), unfused,
+  fused, composed, hi = (run(f) for f in (lambda p, x: layers.mlp(p, x, fp8_cfg), unfused,
                                           lambda p, x: layers.mlp(p, x.astype(jnp.float32))))
   for path in ([0], [1, 1], [1, 0, "w_gate"], [1, 0, "w_up"], [1, 0, "w_down"]):  # y, dx, the weight gradients
     f, c, h = (functools.reduce(lambda t, k: t[k], path, r) for r in (fused, composed, hi))
@@ -263,7 +264,7 @@ def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for hopper, kernel in ((True, "mosaic_gpu"), (False, "triton")):
-    monkeypatch.setattr(fp8, "_hopper", lambda hopper=hopper: hopper)
+    monkeypatch.setattr(fp8.gemm, "_hopper", lambda hopper=hopper: hopper)
     assert fp8.resolve_impl("auto") == kernel
     assert fp8.resolve_impl("auto", block=16) == "triton"  # below Mosaic GPU's smallest swizzle
     assert fp8.resolve_impl("auto", block=32) == "triton"  # Mosaic GPU's checked block is 128

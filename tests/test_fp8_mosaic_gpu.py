@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.nn import fp8, fp8_mosaic_gpu
-from r1jax.nn.fp8_mosaic_gpu import Tiles
+from r1jax.nn import fp8
+from r1jax.nn.fp8.kernels import mosaic_gpu
+from r1jax.nn.fp8.kernels.mosaic_gpu import Tiles
 
-ON_HOPPER = jax.default_backend() == "gpu" and fp8._hopper()
+ON_HOPPER = jax.default_backend() == "gpu" and fp8.gemm._hopper()
 
 
 def _operands(M, K, N, seed=0):
@@ -33,14 +34,14 @@ def _fwd_bwd(impl, block=128, tiles=None):
   return run
 
 
-@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+@pytest.mark.skipif(mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
 @pytest.mark.parametrize("M,K,N,tiles", [(4096, 7168, 1536, Tiles()), (200, 256, 384, Tiles()),
                                          (256, 512, 384, Tiles(64, 192, 4, 4)),
                                          (2048, 1024, 2048, Tiles(k_pair=True, chain=True, stages=2))])
 def test_kernel_lowers_for_cuda(M, K, N, tiles, monkeypatch):
   """The forward GEMM and the fp8.dot backward (dgrad over N, wgrad over tokens: M = 200 pads to a block)
   trace and lower for CUDA; compilation to SASS and values need a GPU (the gpu-marked test below)."""
-  mm = functools.partial(fp8_mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.bfloat16, tiles=tiles,
+  mm = functools.partial(mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.bfloat16, tiles=tiles,
                          num_sms=132)
   ops = (jax.ShapeDtypeStruct((M, K), fp8.E4M3), jax.ShapeDtypeStruct((M, K // 128), jnp.float32),
          jax.ShapeDtypeStruct((N, K), fp8.E4M3), jax.ShapeDtypeStruct((N, K // 128), jnp.float32))
@@ -48,7 +49,7 @@ def test_kernel_lowers_for_cuda(M, K, N, tiles, monkeypatch):
   assert "mosaic_gpu" in text
   x, w, dy = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((M, K), (K, N), (M, N)))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowering for a Hopper GPU from a CPU-only machine
-  monkeypatch.setattr(fp8, "_hopper", lambda: True)
+  monkeypatch.setattr(fp8.gemm, "_hopper", lambda: True)
   lowered = jax.jit(_fwd_bwd("mosaic_gpu")).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
   assert lowered.count("mosaic_gpu") >= 3  # y, dx and dw each one kernel
 
@@ -57,32 +58,32 @@ def test_refusals(monkeypatch):
   """A non-Hopper GPU, and the interpreter (which cannot emulate the transposed 8-bit wgmma operand), are
   one-line errors, not a failure deep in Mosaic's compiler."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(fp8, "_hopper", lambda: False)
+  monkeypatch.setattr(fp8.gemm, "_hopper", lambda: False)
   with pytest.raises(ValueError, match="compute capability 9"):
     fp8.resolve_impl("mosaic_gpu")
   q = jnp.zeros((128, 128), fp8.E4M3)
   with pytest.raises(ValueError, match="no interpreter"):
-    fp8_mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=128, out_dtype=jnp.float32,
+    mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=128, out_dtype=jnp.float32,
                                     interpret=True)
 
 
 def test_block_must_be_a_swizzle_width():
   q = jnp.zeros((128, 48), fp8.E4M3)
   with pytest.raises(ValueError, match="block 48"):
-    fp8_mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=48, out_dtype=jnp.float32)
+    mosaic_gpu.scaled_matmul_nt(q, jnp.ones((128, 1)), q, jnp.ones((128, 1)), block=48, out_dtype=jnp.float32)
 
 
-@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+@pytest.mark.skipif(mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
 def test_k_pair_needs_paired_blocks_and_narrow_tiles():
   """k_pair takes K blocks two at a time into three tile_m x tile_n accumulators: an odd number of K blocks, or
   tile_n 192 (288 fp32 registers a thread), is a one-line error; the default pairs only where K allows it."""
   a3, a2 = jnp.zeros((128, 384), fp8.E4M3), jnp.zeros((192, 256), fp8.E4M3)
-  mm = functools.partial(fp8_mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.float32)
+  mm = functools.partial(mosaic_gpu.scaled_matmul_nt, block=128, out_dtype=jnp.float32)
   with pytest.raises(ValueError, match="3 blocks of 128"):
     mm(a3, jnp.ones((128, 3)), a3, jnp.ones((128, 3)), tiles=Tiles(k_pair=True, stages=2))
   with pytest.raises(ValueError, match="tile_n 192"):
     mm(a2, jnp.ones((192, 2)), a2, jnp.ones((192, 2)), tiles=Tiles(tile_n=192, k_pair=True, stages=2))
-  assert fp8_mosaic_gpu.default_tiles(7168, 128).k_pair and not fp8_mosaic_gpu.default_tiles(640, 128).k_pair
+  assert mosaic_gpu.default_tiles(7168, 128).k_pair and not mosaic_gpu.default_tiles(640, 128).k_pair
 
 
 @pytest.mark.gpu
@@ -116,12 +117,11 @@ def test_kernel_equals_xla_on_hopper(M, K, N, block, tiles):
 def test_kept_fp8_weight_equals_xla_on_hopper():
   """A checkpoint's e4m3 weight (keep_fp8) with 576 outputs, V3's kv_a width: 4.5 blocks, padded to 5. The
   kernel takes its block scales one per tile (b_blocked); the same bar as the block-128 case above."""
-  from r1jax.nn import fp8_weights
 
   x, w, _ = _operands(1024, 1024, 576, seed=4)
   q, s = fp8.quantize_weight(jnp.pad(w, ((0, 0), (0, 64))), 128)
-  qw = fp8_weights.QuantizedWeight(q[:, :576], s)
-  got, want = (np.asarray(jax.jit(functools.partial(fp8_weights.dot, block=128, impl=impl))(x, qw), np.float64)
+  qw = fp8.weights.QuantizedWeight(q[:, :576], s)
+  got, want = (np.asarray(jax.jit(functools.partial(fp8.weights.dot, block=128, impl=impl))(x, qw), np.float64)
                for impl in ("mosaic_gpu", "xla"))
   np.testing.assert_allclose(got, want, rtol=2.0**-7, atol=1e-5 * np.abs(want).max())
 
@@ -145,7 +145,7 @@ def test_saved_kernel_output_runs_once_in_a_scanned_remat_layer():
   assert len(calls) == 3, f"{len(calls)} kernel calls for 3 GEMMs"
 
 
-@pytest.mark.skipif(fp8_mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
+@pytest.mark.skipif(mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
 def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
   """As in the expert shard_map: rows split over 8 devices, the weight replicated. The custom_vjp's dx must
   vary like x although plgpu.kernel drops its output's manual-axis type (kernel_util.varying_like)."""
@@ -159,7 +159,7 @@ def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
   x = jax.ShapeDtypeStruct((8 * 256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("e")))
   w = jax.ShapeDtypeStruct((512, 384), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(fp8, "_hopper", lambda: True)
+  monkeypatch.setattr(fp8.gemm, "_hopper", lambda: True)
   text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -200,7 +200,7 @@ def test_model_gradients_as_close_to_fp32_as_xla_on_hopper(tiny):
   import dataclasses
 
   from r1jax import train
-  from r1jax.bench import progressions
+  from r1jax.bench.batches import progressions
   from r1jax.config import FP8Config
 
   B, L = 8, 64

@@ -1,5 +1,5 @@
 """The Pallas Mosaic TPU FP8 GEMM: in Pallas's TPU interpreter against the XLA formulation
-(fp8.scaled_matmul_nt_xla) on the same quantised operands, and compiled for real TPU chips ahead of time
+(xla.scaled_matmul_nt) on the same quantised operands, and compiled for real TPU chips ahead of time
 on this CPU-only machine (libtpu's Mosaic compiler, no TPU attached)."""
 
 import importlib.util
@@ -12,8 +12,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from r1jax.nn import fp8, fp8_mosaic_tpu
-from r1jax.nn.fp8_mosaic_tpu import Tiles
+from r1jax.nn import fp8
+from r1jax.nn.fp8.kernels import mosaic_tpu, xla
+from r1jax.nn.fp8.kernels.mosaic_tpu import Tiles
 
 # The TPU-semantics interpreter: uninitialised VMEM reads NaN and out-of-bounds reads raise, so a missing
 # accumulator reset or a wrong block index fails loudly instead of reading zeros.
@@ -34,7 +35,7 @@ def operands(M, K, N, seed=0):
 
 
 def kernel(tiles, out_dtype):
-  return jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=out_dtype, tiles=tiles,
+  return jax.jit(lambda *ops: mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=out_dtype, tiles=tiles,
                                                        interpret=INTERPRET))
 
 
@@ -54,7 +55,7 @@ def test_interpreted_kernel_equals_xla(M, K, N, tiles, out_dtype):
   """M = 200 and 40 are no multiple of bm: rows are padded to the tile and cropped after."""
   ops = operands(M, K, N)
   y = kernel(tiles, out_dtype)(*ops)
-  ref = fp8.scaled_matmul_nt_xla(*ops, block=128, out_dtype=out_dtype)
+  ref = xla.scaled_matmul_nt(*ops, block=128, out_dtype=out_dtype)
   assert y.shape == (M, N) and y.dtype == out_dtype
   assert_close(y, ref)
 
@@ -62,7 +63,7 @@ def test_interpreted_kernel_equals_xla(M, K, N, tiles, out_dtype):
 def test_default_tiles_shrink_to_small_operands():
   """8 rows and 128 columns take one (32, 128) tile rather than padding to 512 x 512."""
   ops = operands(8, 256, 128, seed=1)
-  assert_close(kernel(None, jnp.float32)(*ops), fp8.scaled_matmul_nt_xla(*ops, block=128, out_dtype=jnp.float32))
+  assert_close(kernel(None, jnp.float32)(*ops), xla.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32))
 
 
 def test_inside_shard_map_with_a_replicated_weight():
@@ -70,20 +71,20 @@ def test_inside_shard_map_with_a_replicated_weight():
   generic interpreter, interpret=True, fails inside shard_map on JAX 0.10.2's varying-axes checks.)"""
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
   aq, as_, bq, bs = operands(96, 256, 128, seed=2)
-  local = lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32,  # noqa: E731
+  local = lambda *ops: mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32,  # noqa: E731
                                                 tiles=Tiles(bm=32, bn=128, bk=128), interpret=INTERPRET)
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()), out_specs=P("data")))
   y = f(aq, as_, bq, bs)
   assert y.sharding.spec == P("data")
-  assert_close(y, fp8.scaled_matmul_nt_xla(aq, as_, bq, bs, block=128, out_dtype=jnp.float32))
+  assert_close(y, xla.scaled_matmul_nt(aq, as_, bq, bs, block=128, out_dtype=jnp.float32))
 
 
 def test_bad_tiles_raise():
   ops = operands(8, 256, 128)
   with pytest.raises(ValueError, match="bm 48"):
-    fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32, tiles=Tiles(bm=48))
+    mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.float32, tiles=Tiles(bm=48))
   with pytest.raises(ValueError, match="block 64"):
-    fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=64, out_dtype=jnp.float32)
+    mosaic_tpu.scaled_matmul_nt(*ops, block=64, out_dtype=jnp.float32)
 
 
 def abstract_operands(M, K, N, sharding=None):
@@ -95,7 +96,7 @@ def abstract_operands(M, K, N, sharding=None):
 def test_lowers_to_mosaic_tpu(M, K, N):
   """Pallas -> Mosaic lowering for TPU, which runs anywhere: block shapes pass the (8, 128) rule and every
   op in the kernel has a Mosaic lowering. Mosaic's own layout passes run only in libtpu (next test)."""
-  f = jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
+  f = jax.jit(lambda *ops: mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
   assert "tpu_custom_call" in f.trace(*abstract_operands(M, K, N)).lower(lowering_platforms=("tpu",)).as_text()
 
 
@@ -115,6 +116,6 @@ def test_compiles_for_tpu_ahead_of_time(topology, M, K, N):
 
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata to ask on this machine
   device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-  f = jax.jit(lambda *ops: fp8_mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
+  f = jax.jit(lambda *ops: mosaic_tpu.scaled_matmul_nt(*ops, block=128, out_dtype=jnp.bfloat16))
   compiled = f.trace(*abstract_operands(M, K, N, jax.sharding.SingleDeviceSharding(device))).lower().compile()
   assert compiled.memory_analysis().output_size_in_bytes == M * N * 2

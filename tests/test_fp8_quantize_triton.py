@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from r1jax.nn import fp8
-from r1jax.nn import fp8_quantize_triton as fq
+from r1jax.nn.fp8.kernels import quantize_triton as fq
 
 pytestmark = pytest.mark.skipif(fq.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.triton")
 ON_GPU = jax.default_backend() == "gpu"
@@ -146,17 +146,17 @@ def test_outlier_and_zero_tiles(pow2):
   for g, want in zip(got, _want_act(x, 32, pow2, True, True)):
     _same(g, want)
   q, s, _, st = got
-  floor = fp8._scale(jnp.float32(0.0), pow2)
+  floor = fp8.tile_scale(jnp.float32(0.0), pow2)
   assert (np.asarray(s)[:32, 0] == floor).all() and (np.asarray(st)[:32, 0] == floor).all()
   assert not np.asarray(q[:32, :32]).astype(np.float32).any()
   wq, ws, _ = jax.jit(functools.partial(fq.quantize_weight, block=32, pow2=pow2, interpret=True))(x)
   _same(ws, fp8.quantize_weight(x, 32, pow2)[1])
-  assert ws[0, 0] == floor and ws[1, 1] == fp8._scale(jnp.float32(3e4), pow2)
+  assert ws[0, 0] == floor and ws[1, 1] == fp8.tile_scale(jnp.float32(3e4), pow2)
 
 
 def test_pow2_bit_trick_equals_frexp():
   """The kernel's power-of-two ceiling against numpy's frexp on every power of two in the scales' range and
-  its neighbours, and whole scales against fp8._scale on amax from zero to 1e30."""
+  its neighbours, and whole scales against fp8.tile_scale on amax from zero to 1e30."""
   k = np.arange(-22, 100)  # 1e-4 / 448 > 2^-22; fp32 amax < 2^128 keeps scales < 2^120
   p = np.ldexp(np.float32(1.0), k).astype(np.float32)
   rng = np.random.default_rng(0)
@@ -167,7 +167,7 @@ def test_pow2_bit_trick_equals_frexp():
   amax = np.concatenate([[0.0, 1e-5, 1e-4, np.nextafter(np.float32(1e-4), np.float32(1))], 448.0 * p[:60],
                          np.exp2(rng.uniform(-20, 100, 10_000))]).astype(np.float32)
   for pow2 in (False, True):
-    _same(jax.jit(functools.partial(fq._scale, pow2=pow2))(amax), fp8._scale(jnp.asarray(amax), pow2))
+    _same(jax.jit(functools.partial(fq._scale, pow2=pow2))(amax), fp8.tile_scale(jnp.asarray(amax), pow2))
 
 
 @pytest.mark.parametrize("call,match", [

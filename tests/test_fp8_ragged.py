@@ -1,4 +1,4 @@
-"""The FP8 grouped GEMM (nn/fp8_ragged.py): DeepSeek's block-scaled recipe (V3 report §3.3) over rows sorted
+"""The FP8 grouped GEMM (nn/fp8.ragged.py): DeepSeek's block-scaled recipe (V3 report §3.3) over rows sorted
 by expert, against a float64 numpy version of the recipe, against fp8.dot run per group, and wired into the
 expert-parallel layer's ragged_dot path (model.expert_gemm=ragged_dot) against its einsum FP8 path."""
 
@@ -12,8 +12,7 @@ from test_fp8 import np_deq_act, np_deq_weight, np_quant_act, np_quant_weight, r
 
 from r1jax import config, sharding
 from r1jax.config import FP8Config, MeshConfig
-from r1jax.nn import expert_parallel as ep
-from r1jax.nn import fp8, fp8_ragged, layers, moe
+from r1jax.nn import expert_ffn, fp8, layers, moe
 
 # (N rows, K, F, block, group sizes): empty groups, groups shorter than a block and straddling blocks, and
 # trailing rows in no group; the second case at DeepSeek's block 128.
@@ -52,7 +51,7 @@ def _grads(f, x, w, dy):
 
 def _ragged(group_sizes, block, pow2=False):
   gs = jnp.asarray(group_sizes, jnp.int32)
-  return lambda x, w: fp8_ragged.ragged_dot(x, w, gs, block=block, pow2=pow2)  # noqa: E731
+  return lambda x, w: fp8.ragged.ragged_dot(x, w, gs, block=block, pow2=pow2)  # noqa: E731
 
 
 @pytest.mark.parametrize("N,K,F,block,group_sizes", CASES)
@@ -99,14 +98,14 @@ def test_equals_fp8_dot_per_group():
 
 
 def test_bounded_partials_give_the_same_result(monkeypatch):
-  """fp8.PARTIAL_BYTES bounds the fp32 partials: at 50 kB the forward and dgrad take one K block at a time
+  """xla.PARTIAL_BYTES bounds the fp32 partials: at 50 kB the forward and dgrad take one K block at a time
   (the [N, F] partial is 38 kB) and wgrad two 24 kB token tiles, with one all-zero tile evening the last
   chunk (7 tiles -> 4 x 2). The same products in another summation order: 1e-6."""
   N, K, F, block, group_sizes = CASES[0]
   x, w, dy = (jnp.asarray(t) for t in operands(N, K, F, len(group_sizes), seed=5))
   f = _ragged(group_sizes, block)
   y, grads = jax.jit(f)(x, w), _grads(f, x, w, dy)
-  monkeypatch.setattr(fp8, "PARTIAL_BYTES", 50_000)
+  monkeypatch.setattr(fp8.kernels.xla, "PARTIAL_BYTES", 50_000)
   f = _ragged(group_sizes, block)  # a new function: traced again under the smaller bound
   for got, want in zip((jax.jit(f)(x, w), *_grads(f, x, w, dy)), (y, *grads)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
@@ -158,7 +157,7 @@ def test_ragged_fp8_experts_match_the_einsum_fp8_experts(tiny):
   mesh the ragged path packs both source shards' rows into one group, other tiles: within FP8 error."""
   ragged = dataclasses.replace(tiny.model, fp8=FP8, expert_gemm="ragged_dot")
   einsum = dataclasses.replace(ragged, expert_gemm="einsum")
-  assert ep.gemm_impl(ragged) == "ragged_dot" and ep.gemm_impl(einsum) == "einsum"
+  assert expert_ffn.gemm_impl(ragged) == "ragged_dot" and expert_ffn.gemm_impl(einsum) == "einsum"
   boxed = moe.init(jax.random.key(0), ragged)
   x = jax.random.normal(jax.random.key(1), (8, 16, ragged.dim))
 
@@ -190,9 +189,9 @@ def test_fp8_routed_experts_with_ragged_dot_validate():
   """Once refused (no FP8 grouped GEMM); now the ragged path has one, and auto stays einsum off TPU."""
   overrides = ["model.fp8.enabled=true", "model.fp8.block=16"]
   cfg = config.load("configs/tiny.yaml", overrides + ["model.expert_gemm=ragged_dot"]).model
-  assert cfg.fp8.use("routed_experts") is cfg.fp8 and ep.gemm_impl(cfg) == "ragged_dot"
+  assert cfg.fp8.use("routed_experts") is cfg.fp8 and expert_ffn.gemm_impl(cfg) == "ragged_dot"
   auto = config.load("configs/tiny.yaml", overrides).model
-  assert ep.gemm_impl(auto) == ("ragged_dot" if jax.default_backend() == "tpu" else "einsum")
+  assert expert_ffn.gemm_impl(auto) == ("ragged_dot" if jax.default_backend() == "tpu" else "einsum")
 
 
 def test_dtypes_and_bad_shapes():
@@ -200,8 +199,8 @@ def test_dtypes_and_bad_shapes():
   y, (dx, dw) = jax.jit(_ragged([3, 4], 32))(x, w), _grads(_ragged([3, 4], 32), x, w, jnp.ones((8, 64)))
   assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32 and y.shape == (8, 64)
   with pytest.raises(ValueError, match="multiples of block 32"):
-    fp8_ragged.ragged_dot(jnp.ones((8, 48)), jnp.ones((2, 48, 64)), gs, block=32)
+    fp8.ragged.ragged_dot(jnp.ones((8, 48)), jnp.ones((2, 48, 64)), gs, block=32)
   with pytest.raises(ValueError, match=r"\[N, K\] and \[G, K, F\]"):
-    fp8_ragged.ragged_dot(x, jnp.ones((2, 64, 64)), gs, block=32)
+    fp8.ragged.ragged_dot(x, jnp.ones((2, 64, 64)), gs, block=32)
   with pytest.raises(ValueError, match="one per group"):
-    fp8_ragged.ragged_dot(x, w, jnp.array([8], jnp.int32), block=32)
+    fp8.ragged.ragged_dot(x, w, jnp.array([8], jnp.int32), block=32)

@@ -376,7 +376,7 @@ QWEN2_5_CONFIG = {
 @pytest.mark.parametrize("raw,preset", [(V3_CONFIG, "deepseek_v3_671b"), (V2_LITE_CONFIG, "deepseek_v2_lite_16b"),
                                         (QWEN2_5_CONFIG, "qwen2_5_1_5b")])
 def test_published_configs_map_onto_presets(raw, preset, caplog, monkeypatch):
-  # Exactly one capture, whatever earlier CLI tests left on the r1jax logger (hf._cli_logging) and pytest version.
+  # Exactly one capture, whatever earlier CLI tests left on the r1jax logger (cli.common.setup_logging) and pytest version.
   logger = logging.getLogger("r1jax.interop.hf_config")
   monkeypatch.setattr(logger, "propagate", False)
   monkeypatch.setattr(logger, "handlers", [caplog.handler])

@@ -1,4 +1,4 @@
-"""keep_fp8: DeepSeek's FP8 checkpoints imported as e4m3 weights with their block scales (nn/fp8_weights.py), for
+"""keep_fp8: DeepSeek's FP8 checkpoints imported as e4m3 weights with their block scales (nn/fp8.weights.py), for
 inference at one byte per weight, running the same FP8 forward as an import that dequantises (16x16 blocks here,
 so that every tiny-model matmul, MLA's 48-wide kv_a included, is whole blocks)."""
 
@@ -13,7 +13,7 @@ from fp8_checkpoint import build
 from r1jax import model, sharding, train
 from r1jax.config import ConfigError, MeshConfig
 from r1jax.interop import hf, hf_config, hf_weights
-from r1jax.nn import fp8, fp8_weights
+from r1jax.nn import fp8
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors.torch")
@@ -35,8 +35,8 @@ def imported(ckpt):
 
 def _kept(params):
   """{path: QuantizedWeight} of every kept weight."""
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8_weights.is_quantized)[0]
-  return {jax.tree_util.keystr(p): w for p, w in flat if fp8_weights.is_quantized(w)}
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8.weights.is_quantized)[0]
+  return {jax.tree_util.keystr(p): w for p, w in flat if fp8.weights.is_quantized(w)}
 
 
 def _forward(params, tokens_BxL, cfg):
@@ -54,7 +54,7 @@ def test_kept_weights_are_the_checkpoints_bytes_and_scales(ckpt, imported):
   """Every FP8 tensor of the checkpoint is kept, its e4m3 bytes and weight_scale_inv bit for bit (transposed to
   r1jax's [in, out]); everything else equals the dequantising import."""
   cfg, kept, dequantised = imported
-  info = hf_config.from_hf(hf._raw_config(ckpt.fp8_dir), quiet=True)[1]
+  info = hf_config.from_hf(hf.raw_config(ckpt.fp8_dir), quiet=True)[1]
   plan = hf_weights.plan(cfg.model, model.abstract(cfg.model), info)
   by_path = {jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in leaf.path)): leaf for leaf in plan}
   ckpt_fp8 = {n for n, t in ckpt.tensors.items() if t.dtype == torch.float8_e4m3fn}
@@ -72,9 +72,9 @@ def test_kept_weights_are_the_checkpoints_bytes_and_scales(ckpt, imported):
       np.testing.assert_array_equal(scale[i], want_scale, err_msg=name)
       seen.add(name)
   assert seen == ckpt_fp8 and len(_kept(kept)) == 31
-  flat_kept = jax.tree.leaves(kept, is_leaf=fp8_weights.is_quantized)
+  flat_kept = jax.tree.leaves(kept, is_leaf=fp8.weights.is_quantized)
   for x, y in zip(flat_kept, jax.tree.leaves(dequantised)):
-    if not fp8_weights.is_quantized(x):
+    if not fp8.weights.is_quantized(x):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -120,10 +120,10 @@ def test_dot_from_stored_tiles_equals_fp8_dot():
   """The kept GEMM with fp8.quantize_weight's own tiles is fp8.dot's forward, bit for bit."""
   x = jax.random.normal(jax.random.key(0), (3, 5, 64))
   w = jax.random.normal(jax.random.key(1), (64, 48)) * 0.1
-  qw = fp8_weights.QuantizedWeight(*fp8.quantize_weight(w, 16))
-  np.testing.assert_array_equal(fp8_weights.dot(x, qw, 16), fp8.dot(x, w, 16))
+  qw = fp8.weights.QuantizedWeight(*fp8.quantize_weight(w, 16))
+  np.testing.assert_array_equal(fp8.weights.dot(x, qw, 16), fp8.dot(x, w, 16))
   with pytest.raises(ValueError, match="model.fp8.block must match"):
-    fp8_weights.dot(x, qw, 32)
+    fp8.weights.dot(x, qw, 32)
 
 
 def test_weight_bytes_halve(imported):
@@ -179,7 +179,7 @@ def test_partial_output_blocks_are_kept(tmp_path):
   kept = hf.load_params(ckpt32.fp8_dir, cfg.model, keep_fp8=True)
   dequantised = hf.load_params(ckpt32.fp8_dir, cfg.model)
   wkv_a = kept["dense_layers"]["attn"]["wkv_a"]
-  assert fp8_weights.is_quantized(wkv_a) and wkv_a.shape[-2:] == (128, 48) and wkv_a.scale_KbxNb.shape[-2:] == (4, 2)
+  assert fp8.weights.is_quantized(wkv_a) and wkv_a.shape[-2:] == (128, 48) and wkv_a.scale_KbxNb.shape[-2:] == (4, 2)
   name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
   np.testing.assert_array_equal(np.asarray(wkv_a.q_KxN)[0].view(np.uint8), ckpt32.tensors[name].view(torch.uint8).numpy().T)
   np.testing.assert_array_equal(np.asarray(wkv_a.scale_KbxNb)[0],

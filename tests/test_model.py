@@ -7,10 +7,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from digits import digit_batch
 
 from r1jax import config, model, sharding, train
 from r1jax.config import MeshConfig
-from r1jax.rl import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_data_parallel_matches_one_device(tiny):
 def test_overfits_one_batch_and_every_part_learns():
   cfg = config.load(ROOT / "configs/tiny.yaml", ["optim.lr=0.003", "optim.warmup_steps=5", "optim.weight_decay=0"])
   mesh = one_device_mesh()
-  batch = tasks.digit_batch(np.random.default_rng(0), "reverse", 8, 32)
+  batch = digit_batch(np.random.default_rng(0), "reverse", 8, 32)
   with jax.set_mesh(mesh):
     state = train.init_state(cfg, jax.random.key(0), mesh)
     grads = jax.jit(jax.grad(train.loss_fn, has_aux=True), static_argnums=2)(state.params, batch, cfg.model)[0]
@@ -107,7 +107,7 @@ def test_train_step_updates_bias_from_load(tiny):
   cfg = dataclasses.replace(tiny.model, bias_update_speed=0.01)
   run = dataclasses.replace(tiny, model=cfg)
   mesh = one_device_mesh()
-  batch = tasks.digit_batch(np.random.default_rng(0), "sort", 4, 16)
+  batch = digit_batch(np.random.default_rng(0), "sort", 4, 16)
   with jax.set_mesh(mesh):
     state = train.init_state(run, jax.random.key(0), mesh)
     _, (_, router) = jax.jit(train.loss_fn, static_argnums=2)(state.params, batch, cfg)
@@ -127,7 +127,7 @@ def test_train_step_updates_bias_from_load(tiny):
 
 
 def test_remat_changes_memory_not_math(tiny):
-  batch = tasks.digit_batch(np.random.default_rng(0), "copy", 2, 16)
+  batch = digit_batch(np.random.default_rng(0), "copy", 2, 16)
   grads = {}
   for remat in ["none", "full", "dots"]:
     cfg = dataclasses.replace(tiny.model, remat=remat)

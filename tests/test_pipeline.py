@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from r1jax import cli, config
+from r1jax import cli, config, tasks
 from r1jax.config import ConfigError
-from r1jax.rl import pipeline, rewards, tasks
+from r1jax.rl import pipeline, rewards
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -3,9 +3,11 @@
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from r1jax.rl import rewards, tasks
+from r1jax import tasks
+from r1jax.rl import rewards
 
 EXAMPLES = [e for task in tasks.TASKS for tpl in tasks.TEMPLATES for e in tasks.make(task, 5, template=tpl)]
 ALL = "accuracy:1.0,format:0.1,overlong:1.0"

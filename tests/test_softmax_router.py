@@ -5,11 +5,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from digits import digit_batch
 
 from r1jax import config, model, sharding, train
 from r1jax.config import MeshConfig
 from r1jax.interop import hf
-from r1jax.rl import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 V2 = ["model.score_func=softmax", "model.norm_topk_prob=false", "model.route_scale=1.0", "model.n_mtp=0",
@@ -19,7 +19,7 @@ V2 = ["model.score_func=softmax", "model.norm_topk_prob=false", "model.route_sca
 def _trained(overrides, steps=2):
   cfg = config.load(ROOT / "configs/tiny.yaml", V2 + overrides)
   mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-  batch = tasks.digit_batch(np.random.default_rng(0), "copy", 4, 16)
+  batch = digit_batch(np.random.default_rng(0), "copy", 4, 16)
   with jax.set_mesh(mesh):
     state = train.init_state(cfg, jax.random.key(0), mesh)
     step = jax.jit(train.sft_step)

@@ -4,9 +4,11 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from digits import digit_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from r1jax.rl import tasks
+from r1jax import tasks
 
 TASKS = tuple(tasks.TASKS)
 
@@ -140,5 +142,5 @@ def test_errors():
 
 def test_digit_batch_unchanged():
   assert list(tasks.digit_answer("reverse", np.array([1, 2, 3]))) == [3, 2, 1]
-  batch = tasks.digit_batch(np.random.default_rng(0), "sort", 2, 10)
+  batch = digit_batch(np.random.default_rng(0), "sort", 2, 10)
   assert batch["tokens"].shape == (2, 10) and batch["loss_mask"].sum() == 2 * 5

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from r1jax import config as config_lib
-from r1jax import memory
+from r1jax import train
 from r1jax.config import CheckpointConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Manager:
 
   def restore_params(self, cfg: RunConfig, mesh, step: int | None = None) -> dict:
     step = self.steps()[-1] if step is None else step
-    target = memory.abstract_state(cfg, mesh).params
+    target = train.abstract_state(cfg, mesh).params
     return self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
 
   def restore(self, cfg: RunConfig, mesh) -> tuple[object, list | None] | None:
@@ -124,7 +124,7 @@ class Manager:
     return aside
 
   def _restore_step(self, step: int, cfg: RunConfig, mesh):
-    abstract = memory.abstract_state(cfg, mesh)
+    abstract = train.abstract_state(cfg, mesh)
     train_target = {k: getattr(abstract, k) for k in _TRAIN_FIELDS}
     items = {"params": ocp.args.StandardRestore(abstract.params), "train": ocp.args.StandardRestore(train_target)}
     has_data = (self.directory / str(step) / "data").exists()

@@ -286,10 +286,10 @@ class TrainConfig:
 class DataConfig:
   """Where SFT examples come from and how they become token batches (data.py, tokenizer.py)."""
 
-  # "task:<copy|reverse|sort>" (generated digit strings, no files), "rl:<task>" (an rl.tasks problem in
+  # "task:<copy|reverse|sort>" (generated digit strings, no files), "rl:<task>" (a tasks.py problem in
   # `template` with its cold-start completion `<think>trace</think><answer>...</answer>`), or a JSONL file
   source: str = "task:copy"
-  template: Literal["r1zero", "short"] = "short"  # prompt template of rl.tasks problems
+  template: Literal["r1zero", "short"] = "short"  # prompt template of tasks.py problems
   eval_source: str = ""  # optional held-out JSONL or task
   tokenizer: str = "bytes"  # "bytes" (built in, no files) or a `tokenizers` JSON file
   pack: bool = True  # several examples per row, with segment ids and per-segment positions
@@ -353,7 +353,7 @@ class SamplerConfig:
 class GRPOConfig:
   """Group-relative policy optimisation (DeepSeekMath §4; R1) and its variants (DAPO, Dr.GRPO, GSPO, RLOO)."""
 
-  task: str = "reverse"  # rl.tasks name: countdown, arith, copy, reverse, sort (prompt template: data.template)
+  task: str = "reverse"  # tasks.py name: countdown, arith, copy, reverse, sort (prompt template: data.template)
   init: str = ""  # checkpoint or run directory to start from; "" trains from scratch, base_steps of SFT first
   base_steps: int = 0  # without init: SFT steps on the task's cold-start text (R1-Zero's "base model" stage)
   lr: float = 0.0  # the GRPO stage's peak learning rate (0: optim.lr); RL wants far smaller steps than SFT

@@ -18,10 +18,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from r1jax import sharding, tokenizer
+from r1jax import sharding, tasks, tokenizer
 from r1jax.config import ConfigError, DataConfig, RunConfig
-from r1jax.rl import tasks as rl_tasks
-from r1jax.rl.tasks import digit_answer
+from r1jax.tasks import digit_answer
 
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask")  # per example, before padding/packing
 BATCH_KEYS = (*EXAMPLE_KEYS, "token_mask", "segment_ids", "positions")  # segment_ids: packed batches only
@@ -109,14 +108,14 @@ class TaskSource:
 
 
 class RLTaskSource:
-  """Problems of an rl.tasks task with their cold-start completions (`<think>trace</think><answer>..`), or
+  """Problems of a tasks.py task with their cold-start completions (`<think>trace</think><answer>..`), or
   with direct answers (`<think></think><answer>..`, traces=False): text a model is trained on before RL, in
   the prompt format GRPO samples from."""
 
   def __init__(self, task: str, cfg: DataConfig, split: str, traces: bool = True):
     try:
-      self.examples = rl_tasks.make(task, cfg.task_examples, cfg.seed, split, cfg.template,
-                                    **rl_tasks_difficulty(task, cfg))
+      self.examples = tasks.make(task, cfg.task_examples, cfg.seed, split, cfg.template,
+                                 **task_difficulty(task, cfg))
     except ValueError as e:
       raise ConfigError(f"data.source=rl:{task}: {e}") from None
     self.task, self.traces, self.kind = task, traces, "rl" if traces else "rl-direct"
@@ -126,11 +125,11 @@ class RLTaskSource:
 
   def __getitem__(self, i: int) -> dict:
     ex = self.examples[i]
-    completion = rl_tasks.cold_start_completion(ex) if self.traces else rl_tasks.direct_completion(ex)
+    completion = tasks.cold_start_completion(ex) if self.traces else tasks.direct_completion(ex)
     return {"prompt": ex.prompt, "completion": completion, "where": f"{self.kind}:{self.task}#{i}"}
 
 
-def rl_tasks_difficulty(task: str, cfg: DataConfig) -> dict:
+def task_difficulty(task: str, cfg: DataConfig) -> dict:
   """data.task_digits sets the size of digit and arithmetic problems."""
   return {"digits": cfg.task_digits} if task in ("copy", "reverse", "sort", "arith") else {}
 

@@ -9,23 +9,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from r1jax import model, sharding, train
-from r1jax.config import ConfigError, ModelConfig, RunConfig
-from r1jax.nn import expert_parallel, layers
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """`data=1,fsdp=8,expert=32` -> sizes of all four axes (missing ones are 1)."""
-  sizes = dict.fromkeys(sharding.AXES, 1)
-  for item in filter(None, text.split(",")):
-    name, _, value = item.partition("=")
-    if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-      raise ConfigError(f"--mesh {text!r}: expected axis=size items with axes {list(sharding.AXES)}, sizes >= 1")
-    sizes[name.strip()] = int(value)
-  return sizes
+from r1jax import sharding, train
+from r1jax.config import ModelConfig, RunConfig
+from r1jax.nn import expert_ffn, expert_parallel
 
 
 def shard_bytes(shape, dtype, spec: P, sizes: dict[str, int]) -> int:
@@ -38,23 +26,9 @@ def shard_bytes(shape, dtype, spec: P, sizes: dict[str, int]) -> int:
   return n * jnp.dtype(dtype).itemsize
 
 
-def abstract_state(cfg: RunConfig, mesh):
-  """The TrainState as ShapeDtypeStructs carrying their NamedShardings on `mesh` (abstract or concrete)."""
-  boxed = model.abstract(cfg.model)
-  specs = jax.tree.map(lambda p: sharding.spec(*p.names), boxed, is_leaf=layers.is_param)
-  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
-  params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
-  tx = train.make_optimizer(cfg.optim, cfg.model)
-  opt_state = jax.eval_shape(tx.init, params)
-  opt_state = jax.tree.map(sds, opt_state, train.optimizer_shardings(tx, params, specs, P()))
-  step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
-  rng = sds(jax.ShapeDtypeStruct((2,), jnp.uint32), P())
-  return train.TrainState(step, params, opt_state, rng, step, step, cfg.model, tx, cfg.train.grad_accum)
-
-
 def state_bytes(cfg: RunConfig, sizes: dict[str, int]) -> dict:
   """Per-device bytes of params, grads (param dtype) and optimizer state under sharding.RULES."""
-  state = abstract_state(cfg, sharding.abstract_mesh(sizes))
+  state = train.abstract_state(cfg, sharding.abstract_mesh(sizes))
   total = lambda tree: sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, sizes)  # noqa: E731
                            for x in jax.tree.leaves(tree))
   params = total(state.params)
@@ -67,9 +41,9 @@ def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
   split like its weight; 0 where the experts are not quantised that way."""
   m = cfg.model
   fp8 = m.fp8.use("routed_experts")
-  if fp8 is None or not fp8.quantize_experts_once or not m.n_moe_layers or expert_parallel.gemm_impl(m) != "einsum":
+  if fp8 is None or not fp8.quantize_experts_once or not m.n_moe_layers or expert_ffn.gemm_impl(m) != "einsum":
     return 0
-  experts = abstract_state(cfg, sharding.abstract_mesh(sizes)).params["moe_layers"]["ffn"]["experts"]
+  experts = train.abstract_state(cfg, sharding.abstract_mesh(sizes)).params["moe_layers"]["ffn"]["experts"]
   b = fp8.block
   total = 0
   for w in experts.values():
@@ -188,12 +162,10 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
   compile it and read XLA's memory analysis when this backend has enough devices for the mesh."""
   mesh = sharding.abstract_mesh(sizes)
   sharding.validate_mesh(cfg.model, mesh, batch)
-  state = abstract_state(cfg, mesh)
-  batch_sharding = NamedSharding(mesh, sharding.spec("batch", "seq"))
-  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sharding)
+  state = train.abstract_state(cfg, mesh)
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   batch_sds = {"tokens": tokens, "targets": tokens, "loss_mask": tokens}
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(train.sft_step, out_shardings=(state_shardings, None), donate_argnums=0)
+  step = train.jit_sft_step(state, batch_sds, mesh)  # the step `r1jax sft` runs, as it is jitted there
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = step.trace(state, batch_sds).lower(lowering_platforms=(jax.default_backend(),))
   out = {"lowered": True, "platform": jax.default_backend(), "hlo_chars": len(lowered.as_text())}
@@ -209,41 +181,3 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
             "generated_code_size_in_bytes"]
   out["memory_analysis"] = None if stats is None else {f: int(getattr(stats, f)) for f in fields}
   return out
-
-
-def cli_report(cfg: RunConfig, mesh_text: str | None, batch: int | None, seq: int | None, link_GBps: float,
-               lower_step: bool) -> dict:
-  """`r1jax info --mesh ... [--lower]`: the mesh defaults to the config's, resolved on this host's devices."""
-  if mesh_text:
-    sizes = parse_mesh(mesh_text)
-  else:
-    sizes = sharding.axis_sizes(cfg.mesh, len(jax.devices()))
-  batch, seq = batch or cfg.train.batch_size, seq or cfg.train.seq_len
-  out = report(cfg, sizes, batch, seq, link_GBps)
-  if lower_step:
-    out["lower"] = lower(cfg, sizes, batch, seq)
-  return out
-
-
-def format_report(r: dict) -> str:
-  def gb(n):
-    unit = next(u for u in range(4, -1, -1) if n >= 1024**u or u == 0)
-    return f"{n / 1024**unit:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
-
-  mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-  lines = [f"mesh {mesh} ({r['devices']} devices), global batch {r['batch']} x {r['seq_len']}; per device:"]
-  lines += [f"  {k:22s} {gb(v)}" for k, v in r["bytes_per_device"].items()]
-  if "all_to_all" in r:
-    a = r["all_to_all"]
-    lines.append(f"  all-to-all per MoE layer {gb(a['bytes_per_layer'])} ({a['exchanges_per_layer']} exchanges, "
-                 f"capacity {a['capacity']}; unpadded {gb(a['unpadded_bytes_per_layer'])}): "
-                 f"{a['ms_per_layer']:.2f} ms at {a['link_GBps']:g} GB/s, {a['ms_per_step']:.1f} ms/step "
-                 f"over {a['moe_layers']} layers")
-  if "lower" in r:
-    lo = r["lower"]
-    lines.append(f"  lowered on {lo['platform']}: {lo['hlo_chars']} chars of StableHLO")
-    if lo["memory_analysis"]:
-      lines += [f"  XLA {k:28s} {gb(v)}" for k, v in lo["memory_analysis"].items()]
-    else:
-      lines.append(f"  XLA memory analysis: {lo.get('note', 'not provided by this backend')}")
-  return "\n".join(lines)

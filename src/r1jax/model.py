@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ConfigError, ModelConfig
-from r1jax.nn import attention, block, fp8_weights, layers, moe, mtp, rope
+from r1jax.nn import attention, block, fp8, layers, moe, mtp, rope
 from r1jax.sharding import constrain
 
 
@@ -258,9 +258,9 @@ def fp8_part(path) -> str | None:
 def check_fp8_params(params: dict, cfg: ModelConfig):
   """keep_fp8 weights (QuantizedWeight) run only in FP8 GEMMs: a one-line error naming the first one whose part
   model.fp8 leaves in high precision."""
-  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8_weights.is_quantized)[0]:
+  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8.weights.is_quantized)[0]:
     part = fp8_part(path)
-    if fp8_weights.is_quantized(x) and (part is None or cfg.fp8.use(part) is None):
+    if fp8.weights.is_quantized(x) and (part is None or cfg.fp8.use(part) is None):
       fix = f"set model.fp8.enabled=true and model.fp8.{part}=true" if part else "import it without keep_fp8"
       raise ConfigError(f"parameter {'/'.join(map(str, _keys(path)))} is a keep_fp8 e4m3 weight but model.fp8 runs "
                         f"its matmul in high precision: {fix}")

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
@@ -308,19 +306,3 @@ def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig
     if done.all():
       break
   return out
-
-
-def read_prompts(path: str | Path) -> list[str]:
-  """Prompts from a JSONL file of {"prompt": str} records; a bad line is an error naming file:line."""
-  prompts = []
-  for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-      raise ConfigError(f"{path}:{n}: expected an object with a string \"prompt\"")
-    prompts.append(record["prompt"])
-  return prompts

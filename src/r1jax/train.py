@@ -8,10 +8,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from r1jax import losses, model, sharding
 from r1jax.config import ModelConfig, OptimConfig, RunConfig
-from r1jax.nn import fp8_weights
+from r1jax.nn import fp8, layers
 
 
 @flax.struct.dataclass
@@ -68,6 +70,20 @@ def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   rng = jax.random.key_data(jax.random.fold_in(key, 1))
   return TrainState(zero(), params, opt_state, rng, zero(), zero(), cfg.model, tx, cfg.train.grad_accum)
 
+
+
+def abstract_state(cfg: RunConfig, mesh):
+  """The TrainState as ShapeDtypeStructs carrying their NamedShardings on `mesh` (abstract or concrete)."""
+  boxed = model.abstract(cfg.model)
+  specs = jax.tree.map(lambda p: sharding.spec(*p.names), boxed, is_leaf=layers.is_param)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
+  params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
+  tx = make_optimizer(cfg.optim, cfg.model)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = jax.tree.map(sds, opt_state, optimizer_shardings(tx, params, specs, P()))
+  step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
+  rng = sds(jax.ShapeDtypeStruct((2,), jnp.uint32), P())
+  return TrainState(step, params, opt_state, rng, step, step, cfg.model, tx, cfg.train.grad_accum)
 
 def loss_totals(batch: dict, cfg: ModelConfig) -> dict:
   """Units each loss averages over, for the whole batch: passed to loss_fn of each micro-batch so that
@@ -152,7 +168,7 @@ def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict)
   """The optimizer update, then the aux-loss-free router-bias update from the observed load. A non-finite
   loss or gradient norm leaves params, optimizer state and biases untouched and is counted (bad_steps in a
   row, skipped_steps in all). The step counter is the caller's."""
-  fp8_weights.refuse_training(state.params)  # every step kind (SFT, GRPO) ends here: refused while tracing
+  fp8.weights.refuse_training(state.params)  # every step kind (SFT, GRPO) ends here: refused while tracing
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if router:

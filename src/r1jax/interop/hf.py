@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from pathlib import Path
 
 import jax
@@ -25,14 +24,14 @@ from r1jax.config import ConfigError, MeshConfig, ModelConfig, RunConfig
 from r1jax.interop import hf_config, hf_weights
 from r1jax.interop.hf_weights import CheckpointError
 from r1jax.interop.safetensors_io import Checkpoint, ShardWriter
-from r1jax.nn import fp8_weights, layers
+from r1jax.nn import fp8, layers
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "read_config", "load_params", "import_hf", "export_hf"]
 
 
-def _raw_config(model_dir: Path) -> dict:
+def raw_config(model_dir: Path) -> dict:
   """Parsed config.json; a malformed one is a one-line ConfigError at file:line:col, not a traceback."""
   path = Path(model_dir) / "config.json"
   if not path.exists():
@@ -55,7 +54,7 @@ def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
   DeepSeek's MTP layers (after num_hidden_layers) are imported when present; transformers drops them on save,
   so when absent the model gets n_mtp=0 and a log line says so. `model.n_mtp=0` skips present ones.
   """
-  fields, info = hf_config.from_hf(_raw_config(model_dir))
+  fields, info = hf_config.from_hf(raw_config(model_dir))
   if info.n_mtp:
     first = f"model.layers.{fields['n_layers']}."
     if any(name.startswith(first) for name in Checkpoint(model_dir).keys()):
@@ -75,10 +74,10 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, mesh=None, keep_fp8: bo
 
   Every device reads only its own slice (tensor by tensor from memory-mapped shards, FP8 dequantised on the
   fly), so host memory stays near one HF tensor plus the slices being placed. `keep_fp8` (inference only)
-  keeps the e4m3 weights of the matmuls model.fp8 runs in FP8 as fp8_weights.QuantizedWeight.
+  keeps the e4m3 weights of the matmuls model.fp8 runs in FP8 as fp8.weights.QuantizedWeight.
   """
   model_dir = Path(model_dir)
-  info = hf_config.from_hf(_raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
+  info = hf_config.from_hf(raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
   if keep_fp8 and not cfg.fp8.enabled:
     raise ConfigError("keep_fp8 needs model.fp8.enabled=true (kept e4m3 weights run only in FP8 GEMMs): set it, "
                       "or import without keep_fp8 to dequantise to model.param_dtype")
@@ -129,11 +128,11 @@ def _place(ckpt, leaf: hf_weights.Leaf, p: layers.Param, keep: bool, block: int,
   if not keep:
     s = layers.shardings(p, mesh)
     return jax.make_array_from_callback(leaf.shape, s, hf_weights.reader(ckpt, leaf, info))
-  s = layers.shardings(layers.Param(fp8_weights.abstract(leaf.shape, block), p.names), mesh)
+  s = layers.shardings(layers.Param(fp8.weights.abstract(leaf.shape, block), p.names), mesh)
   q_leaf, scale_leaf = hf_weights.fp8_leaves(leaf, block)
   q = hf_weights.reader(ckpt, q_leaf, info, hf_weights.e4m3_tensor(ckpt, leaf))
   scale = hf_weights.reader(ckpt, scale_leaf, info, hf_weights.scale_tensor(ckpt, scale_leaf))
-  return fp8_weights.QuantizedWeight(jax.make_array_from_callback(q_leaf.shape, s.q_KxN, q),
+  return fp8.weights.QuantizedWeight(jax.make_array_from_callback(q_leaf.shape, s.q_KxN, q),
                                      jax.make_array_from_callback(scale_leaf.shape, s.scale_KbxNb, scale))
 
 
@@ -254,7 +253,7 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
   Host memory stays near one HF tensor plus the shard being filled; in multi-process runs every process must
   call this, and process 0 writes.
   """
-  if (kept := fp8_weights.first_quantized(params)) is not None:
+  if (kept := fp8.weights.first_quantized(params)) is not None:
     raise ConfigError(f"export_hf: parameter {kept} is a keep_fp8 e4m3 weight; export params imported without "
                       "keep_fp8")
   arch = arch or hf_config.default_arch(cfg)
@@ -273,53 +272,3 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
     writer.close()
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
   return out_dir
-
-
-def _cli_logging():
-  """Show r1jax's own INFO lines (MTP, FP8, tied head) without other libraries' chatter."""
-  logger = logging.getLogger("r1jax")
-  if not logger.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("r1jax: %(message)s"))
-    logger.addHandler(handler)
-    logger.propagate = False  # a library may have configured the root logger too; print once
-  logger.setLevel(logging.INFO)
-
-
-def _fail(message: str) -> int:
-  print(f"r1jax: {message}", file=sys.stderr)
-  return 2
-
-
-def import_command(model_dir: str, out: str, overrides=()) -> int:
-  """`r1jax import-hf DIR OUT [k=v ...]`: HF directory -> r1jax checkpoint (checkpoint.py) on cfg.mesh."""
-  from r1jax import checkpoint
-
-  _cli_logging()
-  cfg = read_config(model_dir, overrides)
-  if Path(out).exists() and any(Path(out).iterdir()):
-    return _fail(f"{out} is not empty; choose a new checkpoint directory")
-  try:
-    params = load_params(model_dir, cfg.model, sharding.make_mesh(cfg.mesh))
-  except CheckpointError as e:
-    return _fail(f"checkpoint error: {e}")
-  path = checkpoint.save_params(out, params, cfg)
-  n = sum(x.size for x in jax.tree.leaves(params))
-  print(f"imported {hf_config.architecture(_raw_config(Path(model_dir)))} ({n:,} parameters) into {path}")
-  return 0
-
-
-def export_command(ckpt: str, out: str, overrides=(), arch: str | None = None, dtype: str | None = None,
-                   max_shard_gb: float = 5.0) -> int:
-  """`r1jax export-hf CKPT DIR`: r1jax checkpoint -> HF directory (config.json, shards, index)."""
-  from r1jax import checkpoint
-
-  _cli_logging()
-  cfg = checkpoint.load_config(ckpt, overrides)
-  params = checkpoint.load_params(ckpt, cfg, sharding.make_mesh(cfg.mesh))
-  try:
-    export_hf(params, cfg.model, out, arch=arch, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
-  except FileExistsError as e:
-    return _fail(str(e))
-  print(f"exported {arch or hf_config.default_arch(cfg.model)} to {out}")
-  return 0

@@ -9,15 +9,14 @@ import jax.numpy as jnp
 
 from r1jax import sharding
 from r1jax.config import FP8Config
-from r1jax.nn import fp8 as _fp8
-from r1jax.nn import fp8_weights
+from r1jax.nn import fp8
 
 
 @dataclasses.dataclass(frozen=True)
 class Param:
   """A weight and the logical names of its dimensions (static), as created by an init function."""
 
-  value: jax.Array  # or a fp8_weights.QuantizedWeight (a keep_fp8 import), named like the weight it stands for
+  value: jax.Array  # or a fp8.weights.QuantizedWeight (a keep_fp8 import), named like the weight it stands for
   names: tuple[str | None, ...]
 
 
@@ -62,10 +61,10 @@ def unbox(tree):
 
 def shardings(tree, mesh):
   """NamedShardings for a tree of Params (abstract or concrete), via sharding.RULES; a QuantizedWeight gets
-  one for its e4m3 values and one for its scales (fp8_weights.shardings)."""
+  one for its e4m3 values and one for its scales (fp8.weights.shardings)."""
   def one(p):
     s = sharding.named(mesh, p.names)
-    return fp8_weights.shardings(s, p.value) if fp8_weights.is_quantized(p.value) else s
+    return fp8.weights.shardings(s, p.value) if fp8.weights.is_quantized(p.value) else s
   return jax.tree.map(one, tree, is_leaf=is_param)
 
 
@@ -76,28 +75,28 @@ def rms_norm(x, w, eps: float):
   return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def dense(x, w, fp8: FP8Config | None = None):
+def dense(x, w, fp8_cfg: FP8Config | None = None):
   """x[..., K] @ w[K, N] in x's dtype: the one entry point for projections. With an FP8Config (see
-  FP8Config.use), DeepSeek's block-scaled FP8 GEMM in both passes (nn/fp8.py); a keep_fp8 weight (a
-  QuantizedWeight) runs the forward GEMM from its stored e4m3 values (nn/fp8_weights.py)."""
-  if fp8_weights.is_quantized(w):
-    if fp8 is None:
+  FP8Config.use), DeepSeek's block-scaled FP8 GEMM in both passes (nn/fp8/); a keep_fp8 weight (a
+  QuantizedWeight) runs the forward GEMM from its stored e4m3 values (nn/fp8/weights.py)."""
+  if fp8.weights.is_quantized(w):
+    if fp8_cfg is None:
       raise ValueError(f"layers.dense: a keep_fp8 e4m3 weight {list(w.shape)} reached a matmul that model.fp8 runs "
                        "in high precision: enable FP8 for its part or import without keep_fp8")
-    return fp8_weights.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)
-  if fp8 is not None:
-    return _fp8.dot(x, w, fp8.block, fp8.impl, fp8.pow2_scales)
+    return fp8.weights.dot(x, w, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
+  if fp8_cfg is not None:
+    return fp8.dot(x, w, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
   return jnp.einsum("...k,kn->...n", x, w.astype(x.dtype))
 
 
-def dense_many(x, ws, fp8: FP8Config | None = None) -> list:
+def dense_many(x, ws, fp8_cfg: FP8Config | None = None) -> list:
   """[x @ w for w in ws]. In FP8, where fp8.joins_columns allows, one GEMM over the concatenated weights, so x
   is quantised once (forward and wgrad) and the kernel gets one wider launch; separate `dense`s otherwise
   (bf16, keep_fp8 weights, or columns sharded by GSPMD)."""
   widths = [w.shape[-1] for w in ws]
-  if fp8 is None or any(map(fp8_weights.is_quantized, ws)) or not _fp8.joins_columns(*widths, block=fp8.block):
-    return [dense(x, w, fp8) for w in ws]
-  return _fp8.dots(x, ws, fp8.block, fp8.impl, fp8.pow2_scales)
+  if fp8_cfg is None or any(map(fp8.weights.is_quantized, ws)) or not fp8.joins_columns(*widths, block=fp8_cfg.block):
+    return [dense(x, w, fp8_cfg) for w in ws]
+  return fp8.dots(x, ws, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
 
 
 def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp")) -> dict:
@@ -109,15 +108,15 @@ def init_mlp(key, dim: int, hidden: int, std: float, dtype, names=("embed", "mlp
   }
 
 
-def mlp(p: dict, x_NxD, fp8: FP8Config | None = None):
+def mlp(p: dict, x_NxD, fp8_cfg: FP8Config | None = None):
   """SwiGLU: down(silu(x W_gate) * (x W_up)). In FP8 with master weights whose gate and up join as one GEMM
   (dense_many), fp8.swiglu_mlp: the SwiGLU fused into the down GEMM's input quantisation."""
   ws = [p["w_gate"], p["w_up"], p["w_down"]]
   F = ws[0].shape[-1]
-  if fp8 is not None and not any(map(fp8_weights.is_quantized, ws)) and _fp8.joins_columns(F, F, block=fp8.block):
-    return _fp8.swiglu_mlp(x_NxD, *ws, block=fp8.block, impl=fp8.impl, pow2=fp8.pow2_scales)
-  gate, up = dense_many(x_NxD, ws[:2], fp8)
-  return dense(jax.nn.silu(gate) * up, ws[2], fp8)
+  if fp8_cfg is not None and not any(map(fp8.weights.is_quantized, ws)) and fp8.joins_columns(F, F, block=fp8_cfg.block):
+    return fp8.swiglu_mlp(x_NxD, *ws, block=fp8_cfg.block, impl=fp8_cfg.impl, pow2=fp8_cfg.pow2_scales)
+  gate, up = dense_many(x_NxD, ws[:2], fp8_cfg)
+  return dense(jax.nn.silu(gate) * up, ws[2], fp8_cfg)
 
 
 def embed(table_VxD, tokens_BxL, dtype):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.nn import attention, fp8_weights, layers, rope
+from r1jax.nn import attention, fp8, layers, rope
 from r1jax.sharding import constrain
 
 
@@ -35,12 +35,12 @@ def _project(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   normalised kv latent [B, L, R], the roped shared key [B, L, Dr]). x's two projections, wq_a and wkv_a, go
   through layers.dense_many (in FP8: one quantisation of x)."""
   B, L, _ = x_BxLxD.shape
-  fp8 = cfg.fp8.use("attention")
+  fp8_cfg = cfg.fp8.use("attention")
   if cfg.q_lora_rank:
-    cq_BxLxRq, kv_a = layers.dense_many(x_BxLxD, [p["wq_a"], p["wkv_a"]], fp8)
-    q = layers.dense(layers.rms_norm(cq_BxLxRq, p["q_norm"], cfg.norm_eps), p["wq_b"], fp8)
+    cq_BxLxRq, kv_a = layers.dense_many(x_BxLxD, [p["wq_a"], p["wkv_a"]], fp8_cfg)
+    q = layers.dense(layers.rms_norm(cq_BxLxRq, p["q_norm"], cfg.norm_eps), p["wq_b"], fp8_cfg)
   else:  # wq's columns are split over heads ("tensor"), wkv_a's not: separate GEMMs
-    q, kv_a = layers.dense(x_BxLxD, p["wq"], fp8), layers.dense(x_BxLxD, p["wkv_a"], fp8)
+    q, kv_a = layers.dense(x_BxLxD, p["wq"], fp8_cfg), layers.dense(x_BxLxD, p["wkv_a"], fp8_cfg)
   q_BxLxHxDqk = constrain(q.reshape(B, L, cfg.n_heads, cfg.qk_head_dim), "batch", "seq", "act_heads", None)
   Dn, R = cfg.qk_nope_head_dim, cfg.kv_lora_rank
   ckv_BxLxR = layers.rms_norm(kv_a[..., :R], p["kv_norm"], cfg.norm_eps)
@@ -83,7 +83,7 @@ def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, 
   H, Dn, Dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   q_nope, q_pe, ckv_BxTxR, k_pe_BxTxDr = _project(p, x_BxTxD, cos, sin, cfg)
   latent_BxSxRr = layers.write_rows(cache["latent"], jnp.concatenate([ckv_BxTxR, k_pe_BxTxDr], -1), write_B)
-  wkv_b_RxHxDnv = fp8_weights.cast(p["wkv_b"], x_BxTxD.dtype).reshape(R, H, Dn + Dv)  # high precision (keep_fp8 too)
+  wkv_b_RxHxDnv = fp8.weights.cast(p["wkv_b"], x_BxTxD.dtype).reshape(R, H, Dn + Dv)  # high precision (keep_fp8 too)
   w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
   q_lat_BxTxHxR = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk_RxHxDn)
   q_BxTxHxRr = jnp.concatenate([q_lat_BxTxHxR, q_pe], -1)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from r1jax import sharding
 from r1jax.config import ModelConfig
+from r1jax.nn import expert_ffn, fp8, layers
 from r1jax.nn import expert_parallel as ep
-from r1jax.nn import fp8_weights, layers
 
 
 class Routing(NamedTuple):
@@ -146,11 +146,11 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
   replay_TxK = None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1)
   routing = route(router, x_TxD, cfg, replay_TxK)
-  if ep.gemm_impl(cfg) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of this
-    # shard and layer are dequantised here, and it re-creates their e4m3 values (the padded form reads them)
-    experts = fp8_weights.dequantize_tree(experts, jnp.dtype(cfg.param_dtype))
+  if expert_ffn.gemm_impl(cfg) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of
+    # this shard and layer are dequantised here, and it re-creates their e4m3 values (the padded form reads them)
+    experts = fp8.weights.dequantize_tree(experts, jnp.dtype(cfg.param_dtype))
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
-                                       axes.exp)
+                                       axes.exp, expert_ffn.choose(cfg, experts))
   y_TxD = ep.sum_over(y_TxD, axes.exp_mlp)  # the expert FFN width may be split over tensor: add the parts
   aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
   stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), axes.batch),
@@ -167,13 +167,13 @@ def _pad_rows(x, n: int):
 
 def with_expert_tiles(p: dict, cfg: ModelConfig) -> dict:
   """An MoE layer's params (any leading stack axes) with its routed experts' FP8 weights quantised ahead into
-  p["experts"]["fp8_tiles"] (expert_parallel.expert_tiles), where FP8Config.quantize_experts_once asks and the
+  p["experts"]["fp8_tiles"] (fp8.experts.stack_tiles), where FP8Config.quantize_experts_once asks and the
   padded FP8 expert GEMMs from master weights will read them; p unchanged otherwise."""
-  fp8, experts = cfg.fp8.use("routed_experts"), p["experts"]
-  if (fp8 is None or not fp8.quantize_experts_once or ep.gemm_impl(cfg) != "einsum"
-      or any(map(fp8_weights.is_quantized, experts.values()))):
+  fp8_cfg, experts = cfg.fp8.use("routed_experts"), p["experts"]
+  if (fp8_cfg is None or not fp8_cfg.quantize_experts_once or expert_ffn.gemm_impl(cfg) != "einsum"
+      or any(map(fp8.weights.is_quantized, experts.values()))):
     return p
-  return {**p, "experts": {**experts, "fp8_tiles": ep.expert_tiles(experts, fp8)}}
+  return {**p, "experts": {**experts, "fp8_tiles": fp8.experts.stack_tiles(experts, fp8_cfg)}}
 
 
 def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
@@ -195,7 +195,8 @@ def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, repl
   else:
     pad = -B % sharding.batch_size_multiple(mesh)
     args = args[:2] + tuple(_pad_rows(a, pad) for a in args[2:])
-    in_specs, out_specs = ep.specs(p["router"], replay, tiles="fp8_tiles" in p["experts"])
+    tiles = {"fp8_tiles": fp8.experts.tile_specs(ep.spec)} if "fp8_tiles" in p["experts"] else None
+    in_specs, out_specs = ep.specs(p["router"], replay, tiles)
     shard_fn = lambda r, e, x, m, s, *rep: _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg,  # noqa: E731
                                                          ep.Axes.from_rules())
     y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
@@ -229,7 +230,7 @@ def routed_experts(experts: dict, x_TxD, routing: Routing, cfg: ModelConfig):
   order = jnp.argsort(flat_expert, stable=True)
   x_sorted = jnp.take(x_TxD, order // K, axis=0)
   group_sizes_E = jnp.bincount(flat_expert, length=cfg.n_routed_experts).astype(jnp.int32)
-  y_sorted = ep.grouped_ffn(experts, x_sorted, group_sizes_E)
+  y_sorted = expert_ffn.grouped(experts, x_sorted, group_sizes_E)
   y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, K, -1)
   y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), routing.weights_TxK)
   return y_TxD.astype(x_TxD.dtype)

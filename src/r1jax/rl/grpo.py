@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax import losses, model
+from r1jax import losses, model, train
 from r1jax.config import GRPOConfig, ModelConfig
 
 # Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
@@ -253,8 +253,6 @@ def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_
   (RL trains the main model; MTP weights only see weight decay). Router biases move with the load as in SFT;
   the sequence-wise balance loss is logged but not optimised (with zero advantages Adam would rescale its
   tiny gradient into full-size updates that wreck the policy: seen in the tiny demo)."""
-  from r1jax import train  # the step sits on train's machinery; imported here to keep rl.grpo light
-
   cfg = dataclasses.replace(state.cfg, n_mtp=0)
   mask_BxL = batch["loss_mask"]
   n_real = jnp.maximum(mask_BxL.sum(), 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from r1jax.rl import tasks
+from r1jax import tasks
 
 Reward = Callable[[tasks.Example, str, dict], float]
 REGISTRY: dict[str, Reward] = {}

@@ -15,15 +15,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from r1jax import data, sampler, sharding, tokenizer
+from r1jax import data, sampler, sharding, tasks, tokenizer
 from r1jax.config import ConfigError, RunConfig
-from r1jax.rl import grpo, rewards, tasks
+from r1jax.rl import grpo, rewards
 
 
 def task_examples(cfg: RunConfig, split: str, n: int) -> list[tasks.Example]:
   task = cfg.grpo.task
   try:
-    return tasks.make(task, n, cfg.data.seed, split, cfg.data.template, **data.rl_tasks_difficulty(task, cfg.data))
+    return tasks.make(task, n, cfg.data.seed, split, cfg.data.template, **data.task_difficulty(task, cfg.data))
   except ValueError as e:
     raise ConfigError(f"grpo.task={task}: {e}") from None
 

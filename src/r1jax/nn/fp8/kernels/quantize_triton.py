@@ -21,10 +21,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn import fp8
 # The GEMM kernel's guarded import of Pallas's Triton backend: absent or renamed, both kernels are unavailable.
-from r1jax.nn.fp8_triton import COMPILER_PARAMS, IMPORT_ERROR, pl, plgpu
-from r1jax.nn.kernel_util import same_varying
+from r1jax.nn.fp8.kernels.triton import COMPILER_PARAMS, IMPORT_ERROR, pl, plgpu
+from r1jax.nn.fp8.kernels.util import same_varying
+from r1jax.nn.fp8.quantize import AMAX_FLOOR, E4M3, E4M3_MAX, swiglu
 
 TILE_ROWS = 32  # rows per program in rows-only mode: a [32, 128] bf16 tile is 8 KiB (32-128 measured alike)
 _IN_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -47,7 +47,7 @@ def _pow2_ceil(s):
 
 def _scale(amax, pow2: bool):
   """fp8._scale (scales are >= 1e-4 / 448, so always normal)."""
-  s = jnp.maximum(amax, fp8.AMAX_FLOOR) * jnp.float32(1.0 / fp8.E4M3_MAX)
+  s = jnp.maximum(amax, AMAX_FLOOR) * jnp.float32(1.0 / E4M3_MAX)
   return _pow2_ceil(s) if pow2 else s
 
 
@@ -74,12 +74,12 @@ def _act_kernel(*refs, rows: bool, cols: bool, dequant: bool, pow2: bool, n_rows
   if rows:
     q_ref, s_ref, *refs = refs
     s_T = _scale(jnp.max(abs_TxB, axis=1), pow2)
-    plgpu.store(q_ref, (x_TxB * _recip(s_T, interpret)[:, None]).astype(fp8.E4M3), mask=_row_mask(q_ref, valid))
+    plgpu.store(q_ref, (x_TxB * _recip(s_T, interpret)[:, None]).astype(E4M3), mask=_row_mask(q_ref, valid))
     plgpu.store(s_ref, s_T, mask=_row_mask(s_ref, valid))
   if cols:
     qt_ref, st_ref = refs
     s_B = _scale(jnp.max(abs_TxB, axis=0), pow2)
-    qt_ref[...] = (x_TxB * _recip(s_B, interpret)[None, :]).astype(fp8.E4M3).T
+    qt_ref[...] = (x_TxB * _recip(s_B, interpret)[None, :]).astype(E4M3).T
     st_ref[...] = s_B
 
 
@@ -97,7 +97,7 @@ def _weight_kernel(*refs, n_parts: int, starts: tuple[int, ...], pow2: bool, int
       mine = (j >= lo) if hi is None else (j >= lo) & (j < hi)
       w_BxB += plgpu.load(ref, mask=jnp.broadcast_to(mine, ref.shape), other=0).astype(jnp.float32)
   s_1x1 = _scale(jnp.max(jnp.max(jnp.abs(w_BxB), axis=1, keepdims=True), axis=0, keepdims=True), pow2)
-  q_BxB = (w_BxB * _recip(s_1x1, interpret)).astype(fp8.E4M3)
+  q_BxB = (w_BxB * _recip(s_1x1, interpret)).astype(E4M3)
   q_ref[...] = q_BxB
   s_ref[...] = s_1x1
   if qt_ref:
@@ -113,9 +113,9 @@ def _swiglu_kernel(g_ref, u_ref, q_ref, s_ref, *, pow2: bool, n_rows: int, dtype
     valid = pl.program_id(0) * tm + jax.lax.broadcasted_iota(jnp.int32, (tm,), 0) < n_rows
   g = plgpu.load(g_ref, mask=_row_mask(g_ref, valid)).astype(jnp.float32)
   u = plgpu.load(u_ref, mask=_row_mask(u_ref, valid)).astype(jnp.float32)
-  h = fp8.swiglu(g, u, dtype).astype(jnp.float32)
+  h = swiglu(g, u, dtype).astype(jnp.float32)
   s_T = _scale(jnp.max(jnp.abs(h), axis=1), pow2)
-  plgpu.store(q_ref, (h * _recip(s_T, interpret)[:, None]).astype(fp8.E4M3), mask=_row_mask(q_ref, valid))
+  plgpu.store(q_ref, (h * _recip(s_T, interpret)[:, None]).astype(E4M3), mask=_row_mask(q_ref, valid))
   plgpu.store(s_ref, s_T, mask=_row_mask(s_ref, valid))
 
 
@@ -151,7 +151,7 @@ def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = Tr
     raise ValueError(f"fp8_quantize_triton.quantize_act: x shape {shape} needs [M, K] (jax.vmap for leading "
                      f"axes), K a multiple of block {block}, M too with cols (pad the rows), rows or cols set")
   (M, K), Kb = shape, shape[1] // block
-  if in_scale_MxKb is not None and (dtype != fp8.E4M3 or in_scale_MxKb.shape != (M, Kb)):
+  if in_scale_MxKb is not None and (dtype != E4M3 or in_scale_MxKb.shape != (M, Kb)):
     raise ValueError(f"fp8_quantize_triton.quantize_act: in_scale needs e4m3 x and [M, K/{block}] scales; "
                      f"got x {shape} {dtype}, scales {in_scale_MxKb.shape}")
   if in_scale_MxKb is None and dtype not in _IN_DTYPES:
@@ -164,10 +164,10 @@ def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = Tr
     in_specs.append(pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))
   outs = []
   if rows:
-    outs += [((M, K), fp8.E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
+    outs += [((M, K), E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
              ((M, Kb), jnp.float32, pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))]
   if cols:
-    outs += [((K, M), fp8.E4M3, pl.BlockSpec((block, tm), lambda i, j: (j, i))),
+    outs += [((K, M), E4M3, pl.BlockSpec((block, tm), lambda i, j: (j, i))),
              ((K, M // block), jnp.float32, pl.BlockSpec((block, pl.squeezed), lambda i, j: (j, i)))]
   kernel = functools.partial(_act_kernel, rows=rows, cols=cols, dequant=in_scale_MxKb is not None, pow2=pow2,
                              n_rows=M, interpret=interpret)
@@ -195,10 +195,10 @@ def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: b
   # Each part's block index clamped into its own range: the program reading another part's columns masks it off.
   in_specs = [pl.BlockSpec((b, b), lambda i, j, lo=lo, n=w.shape[1] // b: (i, jnp.clip(j - lo, 0, n - 1)))
               for w, lo in zip(parts, starts)]
-  outs = [((K, N), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (i, j))),
+  outs = [((K, N), E4M3, pl.BlockSpec((b, b), lambda i, j: (i, j))),
           ((K // b, N // b), jnp.float32, pl.BlockSpec((1, 1), lambda i, j: (i, j)))]
   if transpose:
-    outs.append(((N, K), fp8.E4M3, pl.BlockSpec((b, b), lambda i, j: (j, i))))
+    outs.append(((N, K), E4M3, pl.BlockSpec((b, b), lambda i, j: (j, i))))
   kernel = functools.partial(_weight_kernel, n_parts=len(parts), starts=starts, pow2=pow2, interpret=interpret)
   return tuple(_call(kernel, parts, in_specs, outs, (K // b, N // b), f"fp8_quantize_weight_block{block}", interpret,
                      num_warps=8 if b >= 128 else 4))  # untuned
@@ -215,7 +215,7 @@ def quantize_swiglu(gate_up_Mx2F, block: int = 128, pow2: bool = False, *, inter
   M, Fb = shape[0], shape[1] // (2 * block)
   tm = min(TILE_ROWS, pl.next_power_of_2(M))
   in_specs = [pl.BlockSpec((tm, block), lambda i, j: (i, j)), pl.BlockSpec((tm, block), lambda i, j: (i, j + Fb))]
-  outs = [((M, Fb * block), fp8.E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
+  outs = [((M, Fb * block), E4M3, pl.BlockSpec((tm, block), lambda i, j: (i, j))),
           ((M, Fb), jnp.float32, pl.BlockSpec((tm, pl.squeezed), lambda i, j: (i, j)))]
   kernel = functools.partial(_swiglu_kernel, pow2=pow2, n_rows=M, dtype=dtype, interpret=interpret)
   return tuple(_call(kernel, [gate_up_Mx2F, gate_up_Mx2F], in_specs, outs, (pl.cdiv(M, tm), Fb),

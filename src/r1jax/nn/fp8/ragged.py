@@ -1,4 +1,4 @@
-"""DeepSeek-V3's block-scaled FP8 GEMM (V3 report §3.3; nn/fp8.py) as a grouped GEMM over rows sorted by
+"""DeepSeek-V3's block-scaled FP8 GEMM (V3 report §3.3; nn/fp8/dot.py) as a grouped GEMM over rows sorted by
 expert, the FP8 form of `jax.lax.ragged_dot`: x in 1 x block tiles, each expert's weight in block x block
 tiles, e4m3 products promoted to fp32 every block-deep K step; dgrad and wgrad in FP8 too (custom_vjp).
 
@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn import fp8, kernel_util
+from r1jax.nn.fp8.kernels import util, xla
+from r1jax.nn.fp8.quantize import dequantize_act, quantize_act, quantize_weight
 
 __all__ = ["grouped_scaled_matmul", "ragged_dot"]
 
@@ -25,18 +26,18 @@ def _row_groups(group_sizes_G, n: int):
 
 
 def _ragged_f32(a_NxB, b_GxBxF, group_sizes_G):
-  """e4m3 x e4m3 -> fp32 ragged product of one K block (fp8.exact_operands). Two-dimensional on purpose: XLA
+  """e4m3 x e4m3 -> fp32 ragged product of one K block (xla.exact_operands). Two-dimensional on purpose: XLA
   GPU (JAX 0.11.2) rejects a ragged_dot_general with batch dimensions ("dimension number is not unique in
   Dot", on an H200), so K blocks are not batched."""
-  return jax.lax.ragged_dot(*fp8.exact_operands(a_NxB, b_GxBxF), group_sizes_G, preferred_element_type=jnp.float32)
+  return jax.lax.ragged_dot(*xla.exact_operands(a_NxB, b_GxBxF), group_sizes_G, preferred_element_type=jnp.float32)
 
 
 def grouped_scaled_matmul(aq_NxK, as_NxKb, bq_GxKxF, bs_GxKbxFb, group_sizes_G, *, block: int, out_dtype):
   """Row n of a times its group's b: sum over K blocks of fp32(a_k @ b[g]_k) * as[n, k] * bs[g, k, f/block]
-  (V3 report §3.3.2 promotion); c K blocks per loop step, their fp32 partials bounded as in fp8.k_chunk."""
+  (V3 report §3.3.2 promotion); c K blocks per loop step, their fp32 partials bounded as in xla.k_chunk."""
   (N, K), F = aq_NxK.shape, bq_GxKxF.shape[-1]
   Kb, Fb = K // block, F // block
-  c = fp8.k_chunk(Kb, N * F * 4)
+  c = xla.k_chunk(Kb, N * F * 4)
   gid_N = _row_groups(group_sizes_G, N)
 
   def block_product(k):
@@ -75,7 +76,7 @@ def _wgrad(x_NxK, dy_NxF, group_sizes_G, block: int, pow2: bool):
   """
   (N, K), F, G = x_NxK.shape, dy_NxF.shape[-1], group_sizes_G.shape[0]
   T = (N + G * (block - 1)) // block  # >= sum over groups of ceil(size / block), the tiles in use
-  fits = max(1, fp8.PARTIAL_BYTES // (K * F * 4))  # fp32 partials [c, K, F] of c tiles at a time
+  fits = max(1, xla.PARTIAL_BYTES // (K * F * 4))  # fp32 partials [c, K, F] of c tiles at a time
   n_chunks = -(-T // fits)
   c = -(-T // n_chunks)  # the fewest chunks, evened out: at most n_chunks - 1 extra all-zero tiles
   pos_N, tile_group_T = _tile_layout(group_sizes_G, N, block, n_chunks * c)
@@ -84,7 +85,7 @@ def _wgrad(x_NxK, dy_NxF, group_sizes_G, block: int, pow2: bool):
     """Rows to their padded positions (rows in no group dropped), then channels x tokens, quantised per
     channel per `block` tokens: ([D, T*block] e4m3 as [D, T, block], scales [D, T])."""
     t_PxD = jnp.zeros((n_chunks * c * block, t_NxD.shape[1]), jnp.float32).at[pos_N].set(t_NxD, mode="drop")
-    q_DxP, s_DxT = fp8.quantize_act(t_PxD.T, block, pow2)
+    q_DxP, s_DxT = quantize_act(t_PxD.T, block, pow2)
     return q_DxP.reshape(-1, n_chunks * c, block), s_DxT
 
   xq_KxTxB, xs_KxT = tokens_last(x_NxK)
@@ -92,7 +93,7 @@ def _wgrad(x_NxK, dy_NxF, group_sizes_G, block: int, pow2: bool):
 
   def add_chunk(i, dw_GxKxF):
     sl = lambda t: jax.lax.dynamic_slice_in_dim(t, i * c, c, axis=1)  # noqa: E731
-    p_CxKxF = fp8.mm_f32("kcb,fcb->ckf", sl(xq_KxTxB), sl(dyq_FxTxB))
+    p_CxKxF = xla.mm_f32("kcb,fcb->ckf", sl(xq_KxTxB), sl(dyq_FxTxB))
     p_CxKxF = p_CxKxF * sl(xs_KxT).T[:, :, None] * sl(dys_FxT).T[:, None, :]
     return dw_GxKxF.at[jax.lax.dynamic_slice_in_dim(tile_group_T, i * c, c)].add(p_CxKxF)
 
@@ -106,8 +107,8 @@ def _ragged(x_NxK, w_GxKxF, group_sizes_G, block, pow2):
 
 
 def _ragged_fwd(x_NxK, w_GxKxF, group_sizes_G, block, pow2):
-  xq_NxK, xs_NxKb = fp8.quantize_act(x_NxK, block, pow2)
-  wq_GxKxF, ws_GxKbxFb = fp8.quantize_weight(w_GxKxF, block, pow2)
+  xq_NxK, xs_NxKb = quantize_act(x_NxK, block, pow2)
+  wq_GxKxF, ws_GxKbxFb = quantize_weight(w_GxKxF, block, pow2)
   y_NxF = grouped_scaled_matmul(xq_NxK, xs_NxKb, wq_GxKxF, ws_GxKbxFb, group_sizes_G, block=block,
                                 out_dtype=x_NxK.dtype)
   return y_NxF, (xq_NxK, xs_NxKb, w_GxKxF, group_sizes_G)  # residuals as fp8._dot_fwd keeps them
@@ -117,12 +118,12 @@ def _ragged_bwd(block, pow2, res, dy_NxF):
   """dgrad: dy in 1 x block tiles against each group's w^T in the same block x block tiles; wgrad: the
   cached fp8 x dequantised and requantised with dy in block x 1 tiles per group (as fp8._dot_bwd)."""
   xq_NxK, xs_NxKb, w_GxKxF, group_sizes_G = res
-  wq_GxKxF, ws_GxKbxFb = fp8.quantize_weight(w_GxKxF, block, pow2)
-  dyq_NxF, dys_NxFb = fp8.quantize_act(dy_NxF, block, pow2)
+  wq_GxKxF, ws_GxKbxFb = quantize_weight(w_GxKxF, block, pow2)
+  dyq_NxF, dys_NxFb = quantize_act(dy_NxF, block, pow2)
   dx_NxK = grouped_scaled_matmul(dyq_NxF, dys_NxFb, wq_GxKxF.transpose(0, 2, 1), ws_GxKbxFb.transpose(0, 2, 1),
                                  group_sizes_G, block=block, out_dtype=dy_NxF.dtype)
-  dw_GxKxF = _wgrad(fp8.dequantize_act(xq_NxK, xs_NxKb), dy_NxF, group_sizes_G, block, pow2)
-  return kernel_util.sum_to(dx_NxK, xq_NxK), kernel_util.sum_to(dw_GxKxF.astype(w_GxKxF.dtype), w_GxKxF), None
+  dw_GxKxF = _wgrad(dequantize_act(xq_NxK, xs_NxKb), dy_NxF, group_sizes_G, block, pow2)
+  return util.sum_to(dx_NxK, xq_NxK), util.sum_to(dw_GxKxF.astype(w_GxKxF.dtype), w_GxKxF), None
 
 
 _ragged.defvjp(_ragged_fwd, _ragged_bwd)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
+from r1jax.nn.fp8.kernels.util import manual_type, pad_rows, same_varying
 
 try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
   from jax.experimental import pallas as pl

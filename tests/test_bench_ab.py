@@ -1,4 +1,4 @@
-"""train_ab's bookkeeping: the interleaved order, the seed statistics, telemetry off a GPU. Its train-step
+"""bench/ab.py's bookkeeping: the interleaved order, the seed statistics, telemetry off a GPU. Its train-step
 arms run in tests/test_fp8_model.py (the FP8 training parity)."""
 
 import math
@@ -7,13 +7,13 @@ import statistics
 import jax.numpy as jnp
 import pytest
 
-from r1jax import train_ab
+from r1jax.bench import ab
 
 
 def test_interleaving_alternates_the_order_every_round():
   calls = []
   steps = {name: (lambda name=name: calls.append(name) or jnp.zeros(())) for name in ("a", "b", "c")}
-  times, windows = train_ab.interleaved_seconds(steps, rounds=4, per_round=2)
+  times, windows = ab.interleaved_seconds(steps, rounds=4, per_round=2)
   forward, backward = ["a"] * 2 + ["b"] * 2 + ["c"] * 2, ["c"] * 2 + ["b"] * 2 + ["a"] * 2
   assert calls == forward + backward + forward + backward
   assert {k: len(v) for k, v in times.items()} == {"a": 8, "b": 8, "c": 8}
@@ -23,23 +23,23 @@ def test_interleaving_alternates_the_order_every_round():
 
 def test_seed_statistics_against_the_textbook_formulas():
   base, other = [4.0, 5.0, 6.0], [4.2, 4.9, 6.3]
-  got = train_ab.compare_finals(base, other)
+  got = ab.compare_finals(base, other)
   paired = [(o - b) / b for b, o in zip(base, other)]
   assert got["rel_diff_of_means"] == pytest.approx((statistics.fmean(other) - 5.0) / 5.0)
   assert got["paired_rel_diff"] == pytest.approx(paired)
   assert got["paired_rel_diff_mean"] == pytest.approx(statistics.fmean(paired))
   assert got["paired_rel_diff_sem"] == pytest.approx(statistics.stdev(paired) / math.sqrt(3))
   assert got["base_seed_rel_std"] == pytest.approx(1.0 / 5.0)  # stdev of 4, 5, 6 is 1
-  one = train_ab.compare_finals([4.0], [4.4])
+  one = ab.compare_finals([4.0], [4.4])
   assert one["paired_rel_diff_sem"] is None and one["rel_diff_of_means"] == pytest.approx(0.1)
 
 
 def test_final_ce_is_the_mean_of_the_last_ten():
-  assert train_ab.final_ce([100.0] * 5 + list(range(10))) == pytest.approx(4.5)
+  assert ab.final_ce([100.0] * 5 + list(range(10))) == pytest.approx(4.5)
 
 
 def test_telemetry_off_a_gpu_says_why_and_measures_nothing():
-  with train_ab.GpuTelemetry(period_s=0.001) as t:
+  with ab.GpuTelemetry(period_s=0.001) as t:
     pass
   assert t.samples == [] and t.summary([(0.0, math.inf)]) == {"unavailable": "no GPU"}
 
@@ -48,7 +48,7 @@ def test_speed_threads_one_state_through_every_arm():
   """Fake arms that count their calls on the carried state: warm-up and timed steps of both arms all advance
   the one state, and each arm's report covers rounds x steps_per_round samples."""
   arms = {"off": lambda s, b: (s + 1, {}), "on": lambda s, b: (s + 100, {})}
-  out, state = train_ab.speed(arms, jnp.zeros((), jnp.int32), None, rounds=2, per_round=3, warmup=1)
+  out, state = ab.speed(arms, jnp.zeros((), jnp.int32), None, rounds=2, per_round=3, warmup=1)
   assert int(state) == (1 + 6) * 1 + (1 + 6) * 100
   assert len(out["off"]["step_s_all"]) == len(out["on"]["step_s_all"]) == 6
   assert out["off"]["speedup_vs_off"] == 1.0 and len(out["on"]["speedup_per_round"]) == 2
@@ -58,11 +58,11 @@ def test_speed_threads_one_state_through_every_arm():
 def test_bench_fp8_arms_parse_and_refuse_clashes():
   """`bench fp8 --arm NAME:overrides`: the overrides split on commas; a missing part or a name the bench
   already uses is a one-line ConfigError naming the flag."""
-  from r1jax import bench
+  from r1jax.cli.bench import parse_arms
   from r1jax.config import ConfigError
 
-  assert bench.parse_arms(["a:model.fp8.attention=false,model.fp8.dense_mlp=false", "b:optim.lr=2e-4"]) == {
+  assert parse_arms(["a:model.fp8.attention=false,model.fp8.dense_mlp=false", "b:optim.lr=2e-4"]) == {
       "a": ["model.fp8.attention=false", "model.fp8.dense_mlp=false"], "b": ["optim.lr=2e-4"]}
   for bad in (["a"], [":optim.lr=1"], ["a:"], ["on:optim.lr=1"], ["a:optim.lr=1", "a:optim.lr=2"]):
     with pytest.raises(ConfigError, match="--arm"):
-      bench.parse_arms(bad)
+      parse_arms(bad)

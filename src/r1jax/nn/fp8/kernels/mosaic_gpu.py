@@ -22,7 +22,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
   pl = plgpu = None
   IMPORT_ERROR = e
 
-from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying, varying_like
+from r1jax.nn.fp8.kernels.util import manual_type, pad_rows, same_varying, varying_like
 
 BLOCKS = (32, 64, 128)  # e4m3 K rows of 32, 64 or 128 bytes: the shared-memory swizzle widths
 WG_COMPUTE = 2  # compute warpgroups per CTA; a third one issues the TMA copies

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from r1jax import bench, train
+from r1jax import train
+from r1jax.bench.batches import progressions, train_batch
 from r1jax.config import RunConfig
 
 
@@ -164,7 +165,7 @@ def loss_curve(arm: Arm, mesh, seed: int, steps: int) -> list[float]:
   state = arm.bind(train.init_state(cfg, jax.random.key(seed), mesh))
   ces = []
   for _ in range(steps):
-    batch = bench.train_batch(cfg, tokens=bench.progressions(rng, B, L + 1, V))
+    batch = train_batch(cfg, tokens=progressions(rng, B, L + 1, V))
     state, metrics = arm(state, jax.device_put(batch, train.batch_shardings(batch, mesh)))
     ces.append(float(metrics["ce"]))
   return ces

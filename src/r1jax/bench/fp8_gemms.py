@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.bench import median_seconds
-from r1jax.nn import fp8, fp8_mosaic_gpu, fp8_triton
+from r1jax.bench.timing import median_seconds
+from r1jax.nn import fp8
+from r1jax.nn.fp8.kernels import mosaic_gpu, triton, xla
 
 # (M tokens, K, N): expert gate/up, expert down, MLA q down-projection, dense-layer up (V3 671B preset)
 V3_SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (4096, 7168, 1536), (4096, 7168, 18432))
 GPU_IMPLS = ("xla", "triton", "mosaic_gpu")
 CALLS = 20  # back-to-back launches per timing sample (bench.median_seconds): kernels here take 0.1-2 ms
-_T, _M = fp8_triton.Tiles, fp8_mosaic_gpu.Tiles
+_T, _M = triton.Tiles, mosaic_gpu.Tiles
 TUNE_CANDIDATES = {
     "triton": (_T(64, 128, 4, 4), _T(64, 256, 8, 3), _T(128, 128, 8, 4), _T(128, 128, 4, 3), _T(128, 256, 8, 3),
                _T(64, 128, 4, 4, group_m=1)),
@@ -114,7 +115,7 @@ def tune(impl: str = "mosaic_gpu", shape=V3_SHAPES[0], candidates=None, repeats:
   xq, xs = fp8.quantize_act(x, block)
   wq, ws = fp8.quantize_weight(w, block)
   wtq, wts = fp8.weight_nt(wq, ws, block)
-  ref = fp8.scaled_matmul_nt_xla(xq, xs, wtq, wts, block=block, out_dtype=jnp.float32)
+  ref = xla.scaled_matmul_nt(xq, xs, wtq, wts, block=block, out_dtype=jnp.float32)
   rows = []
   for tiles in candidates or TUNE_CANDIDATES[impl]:
     row = dict(tiles._asdict())
@@ -141,7 +142,7 @@ def bench_quantize(acts=QUANT_ACTS, weights=QUANT_WEIGHTS, repeats: int = 10, bl
   and transposed 128 x 1 tiles; the cached e4m3 x dequantised and requantised transposed (wgrad); a weight in
   128 x 128 tiles, both majors. ms, GB/s of the bytes the op must move (read once, write each output once),
   and whether the kernel's bytes equal XLA's."""
-  from r1jax.nn import fp8_quantize_triton as fq
+  from r1jax.nn.fp8.kernels import quantize_triton as fq
 
   def xla_rows_cols(x):
     return (*fp8.quantize_act(x, block), *fp8.quantize_act(x.astype(jnp.float32).T, block))

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ConfigError
-from r1jax.nn import fp8
+from r1jax.nn.fp8.gemm import Impl, gemm_nt, resolve_impl, weight_nt
+from r1jax.nn.fp8.quantize import E4M3, dequantize_weight, quantize_act
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ def abstract(shape: tuple[int, ...], block: int) -> QuantizedWeight:
   """ShapeDtypeStructs of a kept weight of `shape` in block x block tiles (a last partial block of output
   columns has its own scale)."""
   *lead, K, N = shape
-  return QuantizedWeight(jax.ShapeDtypeStruct(tuple(shape), fp8.E4M3),
+  return QuantizedWeight(jax.ShapeDtypeStruct(tuple(shape), E4M3),
                          jax.ShapeDtypeStruct((*lead, K // block, -(-N // block)), jnp.float32))
 
 
@@ -58,26 +59,26 @@ def shardings(weight: NamedSharding, w: QuantizedWeight) -> QuantizedWeight:
   return QuantizedWeight(weight, scale)
 
 
-def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: fp8.Impl = "xla", pow2: bool = False):
+def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: Impl = "xla", pow2: bool = False):
   """x[..., K] @ w as fp8.dot's forward GEMM, with w's stored e4m3 values and scales in place of quantising a
   master weight (a last partial block of output columns zero-padded to a whole one, as fp8.dot does).
   Inference only: not differentiable (w frozen, no FP8 backward; training refuses these weights)."""
-  impl = fp8.resolve_impl(impl, block=block)
+  impl = resolve_impl(impl, block=block)
   q_KxN, scale_KbxNb = jax.lax.stop_gradient(w.q_KxN), jax.lax.stop_gradient(w.scale_KbxNb)
   (K, N), Kb = q_KxN.shape, x_MxK.shape[-1] // block
   if x_MxK.shape[-1] != K or scale_KbxNb.shape != (Kb, -(-N // block)):
     raise ValueError(f"fp8_weights.dot: x {x_MxK.shape} @ e4m3 {q_KxN.shape} with scales {scale_KbxNb.shape} "
                      f"needs [{K}] inputs and {block}x{block} tiles (model.fp8.block must match the checkpoint's)")
-  xq_MxK, xs_MxKb = fp8.quantize_act(x_MxK.reshape(-1, K), block, pow2)
+  xq_MxK, xs_MxKb = quantize_act(x_MxK.reshape(-1, K), block, pow2)
   q_KxNp = jnp.pad(q_KxN, ((0, 0), (0, -N % block)))
-  y_MxNp = fp8.gemm_nt(xq_MxK, xs_MxKb, *fp8.weight_nt(q_KxNp, scale_KbxNb, block), block=block,
+  y_MxNp = gemm_nt(xq_MxK, xs_MxKb, *weight_nt(q_KxNp, scale_KbxNb, block), block=block,
                        out_dtype=x_MxK.dtype, impl=impl, b_blocked=True)
   return y_MxNp[:, :N].reshape(*x_MxK.shape[:-1], N)
 
 
 def dequantize(w: QuantizedWeight, dtype):
   """q * scale in `dtype` (frozen), the same values an import without keep_fp8 holds."""
-  return jax.lax.stop_gradient(fp8.dequantize_weight(w.q_KxN, w.scale_KbxNb)).astype(dtype)
+  return jax.lax.stop_gradient(dequantize_weight(w.q_KxN, w.scale_KbxNb)).astype(dtype)
 
 
 def cast(w, dtype):

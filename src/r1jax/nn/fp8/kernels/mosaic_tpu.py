@@ -18,7 +18,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
   pl = pltpu = None
   IMPORT_ERROR = e
 
-from r1jax.nn.kernel_util import manual_type, pad_rows, same_varying
+from r1jax.nn.fp8.kernels.util import manual_type, pad_rows, same_varying
 
 SUBLANES_8BIT, LANES = 32, 128  # Mosaic's native tile of an 8-bit array is (32, 128); fp32's is (8, 128)
 

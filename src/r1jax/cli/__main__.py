@@ -1,0 +1,7 @@
+"""`python -m r1jax.cli ...` (the launchers use it): the same as the `r1jax` script."""
+
+import sys
+
+from r1jax.cli.main import main
+
+sys.exit(main())
