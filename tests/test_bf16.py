@@ -56,7 +56,7 @@ def test_replaying_a_runs_own_routes_changes_nothing(case):
   routes = {k: v["experts"] for k, v in out.router.items()}
   again = _forward(params, batch, cfg32, routes)
   np.testing.assert_array_equal(again.logits_BxLxV, out.logits_BxLxV)
-  np.testing.assert_array_equal(again.mtp_logits_NxBxLxV, out.mtp_logits_NxBxLxV)
+  np.testing.assert_array_equal(again.mtp_logits_PxBxLxV, out.mtp_logits_PxBxLxV)
   # Other routes are followed exactly: every token to experts 0..K-1.
   forced = {k: np.broadcast_to(np.arange(cfg32.n_activated_experts), v.shape) for k, v in routes.items()}
   moved = _forward(params, batch, cfg32, forced)
@@ -71,7 +71,7 @@ def test_bf16_forward_and_gradients_match_fp32_with_routing_fixed(case):
   out16 = _forward(params, batch, cfg16, routes)
   assert out16.hidden_BxLxD.dtype == np.dtype("bfloat16") and out16.logits_BxLxV.dtype == np.float32
   assert _rel(out32.logits_BxLxV, out16.logits_BxLxV) < BF16_TOL
-  assert _rel(out32.mtp_logits_NxBxLxV, out16.mtp_logits_NxBxLxV) < BF16_TOL
+  assert _rel(out32.mtp_logits_PxBxLxV, out16.mtp_logits_PxBxLxV) < BF16_TOL
   l32, g32 = _loss_and_grads(params, batch, cfg32, routes)
   l16, g16 = _loss_and_grads(params, batch, cfg16, routes)
   assert abs(float(l16) / float(l32) - 1) < 1e-3

@@ -102,3 +102,33 @@ def test_non_numeric_string_for_a_float_is_named():
 def test_any_written_float_reads_back(value, fmt):
   text = fmt.format(value)
   assert config.load(TINY, [f"optim.lr={text}"]).optim.lr == float(text)
+
+
+def test_typed_values_parse_once_from_text_or_yaml(tmp_path):
+  """Reward specs, stages and data sources are typed at load, from an override's text or YAML's own forms, and
+  the saved form (to_dict, as a checkpoint writes it) loads back to the same config."""
+  cfg = config.load(TINY, ["grpo.rewards=accuracy:1.0,format:0.1,overlong", "pipeline.stages=base,r1zero",
+                           "data.source=rl-direct:countdown"])
+  assert cfg.grpo.rewards == (("accuracy", 1.0), ("format", 0.1), ("overlong", 1.0))
+  assert cfg.pipeline.stages == ("base", "r1zero")
+  assert config.DataSource.parse(cfg.data.source) == ("rl-direct", "countdown")
+  assert config.DataSource.parse("my/data.jsonl") == ("jsonl", "my/data.jsonl")
+  yaml_cfg = tmp_path / "typed.yaml"
+  yaml_cfg.write_text("grpo:\n  rewards: {accuracy: 1, format: 0.5}\npipeline:\n  stages: [base, r1zero]\n")
+  loaded = config.load(yaml_cfg)
+  assert loaded.grpo.rewards == (("accuracy", 1.0), ("format", 0.5)) and loaded.pipeline.stages == ("base", "r1zero")
+  saved = tmp_path / "saved.yaml"
+  saved.write_text(__import__("yaml").safe_dump(config.to_dict(cfg)))
+  assert config.load(saved) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("grpo.rewards=accuracy:1,accuracy:2", "appears twice"),
+    ("grpo.rewards=accuracy:nan", "finite"),
+    ("pipeline.stages=base,,rl", "expected comma-separated names"),
+    ("data.source='rl:'", "needs a task name"),
+    ("data.eval_source='task:'", "data.eval_source='task:'"),
+])
+def test_typed_values_fail_in_one_line(override, fragment):
+  with pytest.raises(config.ConfigError, match=fragment):
+    config.load(TINY, [override])

@@ -59,8 +59,8 @@ def test_causal_including_mtp(tiny):
   np.testing.assert_array_equal(a.logits_BxLxV[:, :j], b.logits_BxLxV[:, :j])
   assert not np.allclose(a.logits_BxLxV[:, j], b.logits_BxLxV[:, j])
   # MTP depth 1 at position i reads token i+1, so positions < j-1 must not move.
-  np.testing.assert_array_equal(a.mtp_logits_NxBxLxV[0, :, :j - 1], b.mtp_logits_NxBxLxV[0, :, :j - 1])
-  assert not np.allclose(a.mtp_logits_NxBxLxV[0, :, j - 1], b.mtp_logits_NxBxLxV[0, :, j - 1])
+  np.testing.assert_array_equal(a.mtp_logits_PxBxLxV[0, :, :j - 1], b.mtp_logits_PxBxLxV[0, :, :j - 1])
+  assert not np.allclose(a.mtp_logits_PxBxLxV[0, :, j - 1], b.mtp_logits_PxBxLxV[0, :, j - 1])
 
 
 def test_data_parallel_matches_one_device(tiny):
@@ -75,7 +75,7 @@ def test_data_parallel_matches_one_device(tiny):
       if name == "dp8":
         assert out.logits_BxLxV.sharding.shard_shape(out.logits_BxLxV.shape)[0] == 1  # batch split 8 ways
   np.testing.assert_allclose(outs["dp8"].logits_BxLxV, outs["one"].logits_BxLxV, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(outs["dp8"].mtp_logits_NxBxLxV, outs["one"].mtp_logits_NxBxLxV, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs["dp8"].mtp_logits_PxBxLxV, outs["one"].mtp_logits_PxBxLxV, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(outs["dp8"].router["moe_layers"]["load"], outs["one"].router["moe_layers"]["load"])
 
 

@@ -8,7 +8,6 @@ and `r1jax export-hf` reads the newest step's params."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -36,7 +35,7 @@ def checkpoint_dir(path: str | Path) -> Path:
 def write_config(directory: Path, cfg: RunConfig):
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    (directory / CONFIG).write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
 
 
 def load_config(directory: str | Path, overrides=()) -> RunConfig:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from r1jax import sharding, tasks, tokenizer
-from r1jax.config import ConfigError, DataConfig, RunConfig
+from r1jax.config import ConfigError, DataConfig, DataSource, RunConfig
 from r1jax.tasks import digit_answer
 
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask")  # per example, before padding/packing
@@ -135,14 +135,14 @@ def task_difficulty(task: str, cfg: DataConfig) -> dict:
 
 
 def make_source(spec: str, cfg: DataConfig, *, eval: bool = False):
-  """`task:<name>`, `rl:<task>` or a JSONL path; a task's eval split draws different examples than its
-  train split."""
-  if spec.startswith("task:"):
-    return TaskSource(spec.removeprefix("task:"), cfg.task_examples, cfg.task_digits, cfg.seed, split=int(eval))
-  if spec.startswith(("rl:", "rl-direct:")):
-    kind, task = spec.split(":", 1)
-    return RLTaskSource(task, cfg, "eval" if eval else "train", traces=kind == "rl")
-  return JsonlSource(spec)
+  """A DataSource's text (task:<name>, rl:<task>, rl-direct:<task> or a JSONL path); a task's eval split draws
+  different examples than its train split."""
+  source = DataSource.parse(spec)
+  if source.kind == "task":
+    return TaskSource(source.arg, cfg.task_examples, cfg.task_digits, cfg.seed, split=int(eval))
+  if source.kind in ("rl", "rl-direct"):
+    return RLTaskSource(source.arg, cfg, "eval" if eval else "train", traces=source.kind == "rl")
+  return JsonlSource(source.arg)
 
 
 def encode(tok, record: dict, seq_len: int) -> dict:

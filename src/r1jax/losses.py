@@ -64,13 +64,13 @@ def mtp_masks(mask_BxL, segment_ids_BxL, n_mtp: int) -> list:
   return masks
 
 
-def mtp_loss(mtp_h_NxBxLxD, head_fn, targets_BxL, mask_BxL, segment_ids_BxL, cfg: ModelConfig, totals=None):
+def mtp_loss(mtp_h_PxBxLxD, head_fn, targets_BxL, mask_BxL, segment_ids_BxL, cfg: ModelConfig, totals=None):
   """L_MTP = lambda / D * sum_k CE_k (V3 eq. 25) from each depth's normed state; `totals` are the per-depth
   token counts of the whole step."""
   total = jnp.zeros((), jnp.float32)
   for k, mask_k in enumerate(mtp_masks(mask_BxL, segment_ids_BxL, cfg.n_mtp), start=1):
     denom = None if totals is None else totals[k - 1]
-    logp_BxL, _ = head_logprobs(mtp_h_NxBxLxD[k - 1], head_fn, mtp.shift_left(targets_BxL, k), cfg.head_chunk)
+    logp_BxL, _ = head_logprobs(mtp_h_PxBxLxD[k - 1], head_fn, mtp.shift_left(targets_BxL, k), cfg.head_chunk)
     total = total + masked_nll(logp_BxL, mask_k, denom)[0]
   return cfg.mtp_loss_weight * total / cfg.n_mtp
 

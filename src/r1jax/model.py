@@ -1,7 +1,9 @@
 """The DeepSeek-V3 transformer: embed -> first-k dense blocks -> MoE blocks -> norm -> head, plus MTP.
 
-Shape key: B batch, L length, D model dim, H heads, E routed experts, K top-k, C capacity, V vocab,
-G expert groups, T tokens (B*L), F FFN width, R latent rank, N stacked layers.
+Shape key, one meaning per letter: B batch, L length, S cache slots, T tokens (B*L), D model dim, H heads, Hkv
+key/value heads, Dh head dim, Dn/Dr/Dv MLA's no-rope/rope/value head dims, R latent rank, F FFN width, V vocab,
+E routed experts, K top-k (experts per token), G expert groups, C capacity (rows per expert), N stacked layers
+(the scan axis), P MTP depth. nn/fp8 keeps the GEMM key of its own docstrings (M x K @ K x N, b a block).
 Params are a plain dict pytree; identical blocks are stacked on a leading axis and run with lax.scan.
 """
 
@@ -22,13 +24,13 @@ from r1jax.sharding import constrain
 
 class Output(NamedTuple):
   logits_BxLxV: jax.Array | None  # fp32; None when apply(logits=False) (training losses run the head in chunks)
-  mtp_logits_NxBxLxV: jax.Array | None  # depth k (1-based) at position i predicts token i+k+1
+  mtp_logits_PxBxLxV: jax.Array | None  # depth k (1-based) at position i predicts token i+k+1
   # {"moe_layers": stats, "mtp": stats}; stats = {"load": [N, E] real (token, slot) pairs per expert,
   # "aux_loss": [N], "dropped_pairs": [N], "replay_differs": [N] real tokens whose replayed experts differ
   # from the router's own choice, "experts": [N, B, L, K] each token's experts (for routing replay)}
   router: dict
   hidden_BxLxD: jax.Array  # last hidden state after the final norm: what the head and MTP read
-  mtp_hidden_NxBxLxD: jax.Array | None  # each MTP depth's state after its norm: what its head logits read
+  mtp_hidden_PxBxLxD: jax.Array | None  # each MTP depth's state after its norm: what its head logits read
 
 
 def init_boxed(cfg: ModelConfig, key) -> dict:

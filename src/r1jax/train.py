@@ -113,7 +113,7 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig, totals: dict | None = N
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
     seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
-    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_NxBxLxD, head, batch["targets"], batch["loss_mask"], seg,
+    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_PxBxLxD, head, batch["targets"], batch["loss_mask"], seg,
                                           cfg, totals.get("mtp_tokens"))
     loss = loss + metrics["mtp_loss"]
   if out.router:

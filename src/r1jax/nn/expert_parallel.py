@@ -120,8 +120,8 @@ def specs(router: dict, replay: bool, expert_extras: dict | None = None):
   """in/out specs of the MoE shard_map over (router, experts, x, token mask, sequence ids[, replayed experts]).
 
   Expert weights arrive split by expert and (F) by tensor; their fsdp-split embed dim is all-gathered on
-  entry (FSDP), as are `expert_extras` (specs of whatever else the experts dict holds, such as weights quantised ahead). The router
-  is small and replicated; per-token inputs and outputs are split over the batch.
+  entry (FSDP), as are `expert_extras` (the specs of whatever else the experts dict holds, such as weights
+  quantised ahead). The router is small and replicated; per-token inputs and outputs are split over the batch.
   """
   x, per_token = spec("batch", None, None), spec("batch", None)
   experts = {"w_gate": spec("exp", None, "exp_mlp"), "w_up": spec("exp", None, "exp_mlp"),

@@ -47,14 +47,14 @@ def _input(p: dict, h_BxLxD, next_tokens_BxL, embed_fn, cfg: ModelConfig):
   return layers.dense(jnp.concatenate([e_BxLxD, h_norm], axis=-1), p["proj"], cfg.fp8.use("mtp_proj"))
 
 
-def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, ctx: block.Context, cfg: ModelConfig, replay_NxBxLxK=None):
+def apply(stack: dict, h_BxLxD, tokens_BxL, embed_fn, ctx: block.Context, cfg: ModelConfig, replay_PxBxLxK=None):
   """Returns (normed states [n_mtp, B, L, D] whose head logits at depth k (1-based) and position i predict
   token i+k+1, stacked stats). `h_BxLxD` is the main model's last state after its final norm (see above).
   """
   states, stats = [], []
   for k in range(1, cfg.n_mtp + 1):
     p = jax.tree.map(lambda a, k=k: a[k - 1], stack)
-    replay = None if replay_NxBxLxK is None else replay_NxBxLxK[k - 1]
+    replay = None if replay_PxBxLxK is None else replay_PxBxLxK[k - 1]
     h_BxLxD = _input(p, h_BxLxD, shift_left(tokens_BxL, k), embed_fn, cfg)
     h_BxLxD, s = block.apply(p["block"], h_BxLxD, ctx, cfg, is_moe=True, replay_BxLxK=replay)
     states.append(layers.rms_norm(h_BxLxD, p["norm"], cfg.norm_eps))

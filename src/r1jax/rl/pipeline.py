@@ -102,7 +102,6 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
 # The R1 pipeline (R1 paper §2.3): every stage is one run directory under the pipeline's, started from the
 # final checkpoint of the stage it builds on; a finished stage is skipped on rerun, an unfinished one resumes.
 
-STAGES = ("base", "r1zero", "cold_start", "rl", "rejection", "sft", "final_rl", "distill")
 STARTS = {"r1zero": "base", "cold_start": "base", "rl": "cold_start", "sft": "base", "final_rl": "sft"}
 NEEDS = {**{k: (v,) for k, v in STARTS.items()}, "rejection": ("rl",), "sft": ("base", "rejection"),
          "distill": ("rejection",)}
@@ -188,13 +187,13 @@ def stage_model_dir(run_dir: Path, stage: str) -> Path:
 def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
   """Run the pipeline's stages in order, then evaluate every trained stage and write the report."""
   run_dir, p = Path(run_dir), cfg.pipeline
-  stages = [s.strip() for s in p.stages.split(",")]
+  stages = list(p.stages)
   rejection_data = run_dir / "rejection" / "data.jsonl"
   for i, stage in enumerate(stages):
     for need in NEEDS.get(stage, ()):
       done = (rejection_data if need == "rejection" else stage_model_dir(run_dir, need) / "checkpoints").exists()
       if need not in stages[:i] and not done:
-        raise ConfigError(f"pipeline.stages={p.stages!r}: stage {stage} needs {need} before it")
+        raise ConfigError(f"pipeline.stages={','.join(p.stages)}: stage {stage} needs {need} before it")
     stage_dir = run_dir / stage
     start = stage_model_dir(run_dir, STARTS[stage]) if stage in STARTS else None
     print(f"== stage {stage}" + (f" (from {STARTS[stage]})" if start else ""), flush=True)

@@ -10,11 +10,12 @@ import math
 from typing import Callable
 
 from r1jax import tasks
+from r1jax.config import GRPOConfig, weighted_names
 
 Reward = Callable[[tasks.Example, str, dict], float]
 REGISTRY: dict[str, Reward] = {}
 RESERVED = ("total", "errors")  # keys of `score`'s result that are not rewards
-DEFAULT_SPEC = "accuracy:1.0,format:0.1"
+DEFAULT_SPEC = GRPOConfig().rewards
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
@@ -85,28 +86,18 @@ def overlong(example: tasks.Example, completion: str, info: dict) -> float:
   return ((top - buffer) - n) / buffer if n <= top else -1.0
 
 
-def parse(spec: str) -> list[tuple[str, float]]:
-  """"name:weight,name:weight" (a bare name weighs 1.0) -> [(name, weight)], validated against REGISTRY."""
-  out = []
-  for item in str(spec).split(","):
-    name, _, weight = item.strip().partition(":")
-    name = name.strip()
+def parse(spec) -> list[tuple[str, float]]:
+  """grpo.rewards ((name, weight) pairs, or their text "name:weight,..." as config.weighted_names reads it) ->
+  [(name, weight)], every name checked against REGISTRY (which a user may extend after the config loads)."""
+  pairs = weighted_names("grpo.rewards", spec) if isinstance(spec, str) else spec
+  for name, _ in pairs:
     if name not in REGISTRY:
       raise ValueError(f"grpo.rewards: unknown reward {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    try:
-      w = float(weight) if weight.strip() else 1.0
-    except ValueError:
-      w = math.nan
-    if not math.isfinite(w):
-      raise ValueError(f"grpo.rewards: weight {weight.strip()!r} of {name!r} is not a finite number")
-    if name in dict(out):
-      raise ValueError(f"grpo.rewards: {name!r} appears twice")
-    out.append((name, w))
-  return out
+  return list(pairs)
 
 
 def score(example: tasks.Example, completion: str, info: dict | None = None,
-          spec: str | list[tuple[str, float]] = DEFAULT_SPEC) -> dict:
+          spec=DEFAULT_SPEC) -> dict:
   """{name: value for each reward in spec, "total": weighted sum, "errors": how many rewards failed}.
 
   Never raises for any completion: a reward that raises or returns a non-finite or non-number counts 0.0 and
