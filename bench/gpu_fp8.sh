@@ -37,7 +37,7 @@ import json; d = json.load(open('$OUT/fp8_tune.json'))
 for s, rows in d.items(): print(s, [(r['tile_n'], r['stages'], r['k_pair'], r['chain'], r.get('b_blocked', True), round(r.get('tflops', 0)), r.get('error', '')[:300]) for r in rows])"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  timeout 590 python3 -m r1jax.cli bench fp8 model.n_mtp=0 model.param_dtype="$PARAM_DTYPE" optim.lr="$LR" \
+  timeout 590 python3 -m r1jax.cli bench fp8 model.n_mtp=0 compute.param_dtype="$PARAM_DTYPE" optim.lr="$LR" \
     --config configs/bench_gpu.yaml --steps "$STEPS" --seeds "$SEEDS" ${BENCH_ARGS:-} --json > "$OUT/fp8.json" 2> "$OUT/fp8.err"
   echo "fp8 rc=$?"; tail -3 "$OUT/fp8.err"
   python3 -c "

@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 R1JAX_TEST_PLATFORMS=cuda timeout 300 python -m pytest -q -m gpu tests/test_multi_gpu.py -p no:cacheprovider 2>&1 \
   | tail -5 | tee "$OUT/multi_gpu_tests.txt"
-PEER="model.n_mtp=0 model.param_dtype=bfloat16"
+PEER="model.n_mtp=0 compute.param_dtype=bfloat16"
 run() {  # run NAME GPUS MESH
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(($2 - 1))) COMMAND=bench PYTHON=python timeout 400 launch/gpu_host.sh train $PEER \
     train.batch_size=$((8 * $2)) --config configs/bench_gpu.yaml --mesh "$3" --json > "$OUT/$1.json" 2> "$OUT/$1.err"

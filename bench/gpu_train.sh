@@ -9,7 +9,7 @@ export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench}; mkdir -p "$OUT"
 STAGES=${STAGES:-tests peer r1jax fp32 dots packed long}
 # The peer's setup: bf16 weights and Adam moments, no MTP (HF's DeepseekV3 has none).
-PEER="model.n_mtp=0 model.param_dtype=bfloat16"
+PEER="model.n_mtp=0 compute.param_dtype=bfloat16"
 # bench NAME "OVERRIDES" [FLAGS...]  (section.field=value overrides precede the --flags)
 bench() { name=$1; overrides=$2; shift 2; timeout 300 python -m r1jax.cli bench train $overrides --config configs/bench_gpu.yaml "$@" --json \
   > "$OUT/train_$name.json" 2> "$OUT/train_$name.err"; echo "$name rc=$? $(tail -c 600 "$OUT/train_$name.json")"; }
@@ -20,10 +20,10 @@ for stage in $STAGES; do case $stage in
           2> "$OUT/train_hf.err"; echo "hf rc=$? $(cat "$OUT/train_hf.json")" ;;
   r1jax) bench r1jax "$PEER" ;;
   fp32) bench fp32_master_mtp "" ;;
-  dots) bench dots "$PEER model.remat=dots" ;;
+  dots) bench dots "$PEER compute.remat=dots" ;;
   packed) bench packed4 "$PEER" --packed 4 ;;
   # Long context on an 80 GB budget (the H200's pool capped at 0.56 x 141 GiB = 79 GiB), remat of dots.
   long) for L in ${LONG:-65536 131072}; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.56 bench "long$L" \
-          "$PEER model.remat=dots train.batch_size=1 train.seq_len=$L model.max_seq_len=$L" --steps 3; done ;;
-  batch16) bench batch16 "$PEER model.remat=dots train.batch_size=16" ;;
+          "$PEER compute.remat=dots train.batch_size=1 train.seq_len=$L model.max_seq_len=$L" --steps 3; done ;;
+  batch16) bench batch16 "$PEER compute.remat=dots train.batch_size=16" ;;
 esac; done

@@ -74,11 +74,11 @@ def idle(kernels: list, steps: int) -> dict:
 
 def main(args):
   modes = [a for a in args if "=" not in a] or ["off", "on"]
-  base = config.load("configs/bench_gpu.yaml", ["model.n_mtp=0", "model.param_dtype=bfloat16",
+  base = config.load("configs/bench_gpu.yaml", ["model.n_mtp=0", "compute.param_dtype=bfloat16",
                                                 *(a for a in args if "=" in a)])
   out = {}
   for mode in modes:
-    fp8 = dataclasses.replace(base.model.fp8, enabled=mode == "on")
+    fp8 = dataclasses.replace(base.compute.fp8, enabled=mode == "on")
     cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, fp8=fp8)).validate()
     kernels, gaps, hlo = profile(cfg)
     meta = hlo_meta(hlo)

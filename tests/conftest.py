@@ -24,4 +24,4 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def tiny():
   """The tiny preset in float32 compute, so references can be compared at fp32 tolerances."""
   return config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
-                     ["model.dtype=float32"])
+                     ["compute.dtype=float32"])

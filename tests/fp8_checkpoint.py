@@ -17,7 +17,7 @@ from r1jax.nn import layers
 F8 = ml_dtypes.float8_e4m3fn
 # The tiny preset balances faster than V3 (gamma 0.01); config.json has no field for that training knob,
 # so configs compared after an HF round trip use the default.
-KNOB = "model.bias_update_speed=0.001"
+KNOB = "compute.bias_update_speed=0.001"
 
 
 def reference_dequant(q, scale_inv, block):
@@ -66,11 +66,11 @@ def build(tmp: Path, block: tuple[int, int]) -> FP8Checkpoint:
   import safetensors.torch
   import torch
 
-  cfg = config.load(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["model.dtype=float32", KNOB]).model
+  cfg = config.load(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["compute.dtype=float32", KNOB])
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: (0.05 * rng.normal(size=p.value.shape)).astype(p.value.dtype),
-                        model.abstract(cfg), is_leaf=layers.is_param)
-  hf.export_hf(params, cfg, tmp / "f32")
+                        model.abstract(cfg.model, cfg.compute), is_leaf=layers.is_param)
+  hf.export_hf(params, cfg.model, cfg.compute, tmp / "f32")
   raw = json.loads((tmp / "f32" / "config.json").read_text())
   original = safetensors.torch.load_file(next((tmp / "f32").glob("*.safetensors")))
   fp8, dequantized = {}, {}
@@ -85,4 +85,4 @@ def build(tmp: Path, block: tuple[int, int]) -> FP8Checkpoint:
   quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
   write(tmp / "fp8", fp8, {**raw, "quantization_config": quant})
   write(tmp / "reference", dequantized, raw)
-  return FP8Checkpoint(tmp / "fp8", tmp / "reference", cfg, params, fp8)
+  return FP8Checkpoint(tmp / "fp8", tmp / "reference", cfg.model, params, fp8)

@@ -61,8 +61,8 @@ def test_bench_fp8_arms_parse_and_refuse_clashes():
   from r1jax.cli.bench import parse_arms
   from r1jax.config import ConfigError
 
-  assert parse_arms(["a:model.fp8.attention=false,model.fp8.dense_mlp=false", "b:optim.lr=2e-4"]) == {
-      "a": ["model.fp8.attention=false", "model.fp8.dense_mlp=false"], "b": ["optim.lr=2e-4"]}
+  assert parse_arms(["a:compute.fp8.attention=false,compute.fp8.dense_mlp=false", "b:optim.lr=2e-4"]) == {
+      "a": ["compute.fp8.attention=false", "compute.fp8.dense_mlp=false"], "b": ["optim.lr=2e-4"]}
   for bad in (["a"], [":optim.lr=1"], ["a:"], ["on:optim.lr=1"], ["a:optim.lr=1", "a:optim.lr=2"]):
     with pytest.raises(ConfigError, match="--arm"):
       parse_arms(bad)

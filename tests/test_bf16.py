@@ -30,49 +30,49 @@ def _flat(tree):
 
 @pytest.fixture(scope="module")
 def case(tiny):
-  cfg32 = tiny.model
-  cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")
+  cfg, c32 = tiny.model, tiny.compute
+  c16 = dataclasses.replace(c32, dtype="bfloat16")
   batch = digit_batch(np.random.default_rng(0), "reverse", 8, 32)
-  params = model.init(cfg32, jax.random.key(0))
-  return cfg32, cfg16, batch, params
+  params = model.init(cfg, c32, jax.random.key(0))
+  return cfg, c32, c16, batch, params
 
 
-def _forward(params, batch, cfg, routes=None):
-  return jax.jit(lambda p, t, r: model.apply(p, t, cfg, token_mask_BxL=batch["token_mask"], routes=r))(
+def _forward(params, batch, cfg, compute, routes=None):
+  return jax.jit(lambda p, t, r: model.apply(p, t, cfg, compute, token_mask_BxL=batch["token_mask"], routes=r))(
       params, batch["tokens"], routes)
 
 
-def _loss_and_grads(params, batch, cfg, routes):
+def _loss_and_grads(params, batch, cfg, compute, routes):
   def loss(p):
-    out = model.apply(p, batch["tokens"], cfg, token_mask_BxL=batch["token_mask"], routes=routes)
+    out = model.apply(p, batch["tokens"], cfg, compute, token_mask_BxL=batch["token_mask"], routes=routes)
     return losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"])[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def test_replaying_a_runs_own_routes_changes_nothing(case):
-  cfg32, _, batch, params = case
-  out = _forward(params, batch, cfg32)
+  cfg, c32, _, batch, params = case
+  out = _forward(params, batch, cfg, c32)
   routes = {k: v["experts"] for k, v in out.router.items()}
-  again = _forward(params, batch, cfg32, routes)
+  again = _forward(params, batch, cfg, c32, routes)
   np.testing.assert_array_equal(again.logits_BxLxV, out.logits_BxLxV)
   np.testing.assert_array_equal(again.mtp_logits_PxBxLxV, out.mtp_logits_PxBxLxV)
   # Other routes are followed exactly: every token to experts 0..K-1.
-  forced = {k: np.broadcast_to(np.arange(cfg32.n_activated_experts), v.shape) for k, v in routes.items()}
-  moved = _forward(params, batch, cfg32, forced)
+  forced = {k: np.broadcast_to(np.arange(cfg.n_activated_experts), v.shape) for k, v in routes.items()}
+  moved = _forward(params, batch, cfg, c32, forced)
   for name, stats in moved.router.items():
     np.testing.assert_array_equal(stats["experts"], forced[name])
 
 
 def test_bf16_forward_and_gradients_match_fp32_with_routing_fixed(case):
-  cfg32, cfg16, batch, params = case
-  out32 = _forward(params, batch, cfg32)
+  cfg, c32, c16, batch, params = case
+  out32 = _forward(params, batch, cfg, c32)
   routes = {k: v["experts"] for k, v in out32.router.items()}
-  out16 = _forward(params, batch, cfg16, routes)
+  out16 = _forward(params, batch, cfg, c16, routes)
   assert out16.hidden_BxLxD.dtype == np.dtype("bfloat16") and out16.logits_BxLxV.dtype == np.float32
   assert _rel(out32.logits_BxLxV, out16.logits_BxLxV) < BF16_TOL
   assert _rel(out32.mtp_logits_PxBxLxV, out16.mtp_logits_PxBxLxV) < BF16_TOL
-  l32, g32 = _loss_and_grads(params, batch, cfg32, routes)
-  l16, g16 = _loss_and_grads(params, batch, cfg16, routes)
+  l32, g32 = _loss_and_grads(params, batch, cfg, c32, routes)
+  l16, g16 = _loss_and_grads(params, batch, cfg, c16, routes)
   assert abs(float(l16) / float(l32) - 1) < 1e-3
   assert _rel(_flat(g32), _flat(g16)) < BF16_TOL

@@ -19,8 +19,8 @@ def test_presets_load():
 
 
 def test_overrides_apply_and_coerce():
-  cfg = config.load(TINY, ["model.n_routed_experts=32", "optim.lr=1", "mesh.expert=2", "model.remat=full"])
-  assert cfg.model.n_routed_experts == 32 and cfg.mesh.expert == 2 and cfg.model.remat == "full"
+  cfg = config.load(TINY, ["model.n_routed_experts=32", "optim.lr=1", "mesh.expert=2", "compute.remat=full"])
+  assert cfg.model.n_routed_experts == 32 and cfg.mesh.expert == 2 and cfg.compute.remat == "full"
   assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 

@@ -226,7 +226,7 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path):
   # end; the balance loss is per packed sequence) and are tested where they are defined. What packing must
   # not change is the token CE, a mean over the same loss tokens in both layouts, and its gradients.
   path = _write(tmp_path / "sft.jsonl", _records(12, seed=3))
-  cfg = _cfg("model.dtype=float32", "model.n_mtp=0", "model.aux_loss_alpha=0.0", "model.n_layers=2",
+  cfg = _cfg("compute.dtype=float32", "model.n_mtp=0", "compute.aux_loss_alpha=0.0", "model.n_layers=2",
              f"data.source={path}", "data.shuffle=false", "train.batch_size=2")
   packed = next(data.make_iterator(cfg))
   examples = [dict(zip(data.EXAMPLE_KEYS, map(np.asarray, seg))) for seg in _segments([packed])]
@@ -237,10 +237,10 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path):
   packed = {k: np.pad(v, ((0, len(rows) - len(v)), (0, 0))) for k, v in packed.items()}
   assert packed["loss_mask"].sum() == unpacked["loss_mask"].sum()
 
-  params = model.init(cfg.model, jax.random.key(0))
-  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnums=2)
-  (loss_p, (metrics_p, _)), grads_p = grad_fn(params, packed, cfg.model)
-  (loss_u, (metrics_u, _)), grads_u = grad_fn(params, unpacked, cfg.model)
+  params = model.init(cfg.model, cfg.compute, jax.random.key(0))
+  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnums=(2, 3))
+  (loss_p, (metrics_p, _)), grads_p = grad_fn(params, packed, cfg.model, cfg.compute)
+  (loss_u, (metrics_u, _)), grads_u = grad_fn(params, unpacked, cfg.model, cfg.compute)
   # fp32 with "highest" matmuls: the layouts differ only in summation order over rows and padding (measured:
   # equal loss, grads within 3e-8 of magnitudes up to 0.5), so fp32 rounding bounds: rtol 1e-5, atol 1e-6.
   np.testing.assert_allclose(metrics_p["ce"], metrics_u["ce"], rtol=1e-5)

@@ -31,9 +31,9 @@ def _close(got, want, tol=2e-5):
 
 def test_capacity_rule(tiny):
   cfg = tiny.model  # E=16, K=4
-  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=0.0)) == 64  # dropless: every token fits
-  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=1.25)) == math.ceil(1.25 * 64 * 4 / 16)
-  assert ep.capacity(64, dataclasses.replace(cfg, capacity_factor=100.0)) == 64  # a token picks an expert once
+  assert ep.capacity(64, cfg, 0.0) == 64  # dropless: every token fits
+  assert ep.capacity(64, cfg, 1.25) == math.ceil(1.25 * 64 * 4 / 16)
+  assert ep.capacity(64, cfg, 100.0) == 64  # a token picks an expert once
 
 
 def test_plan_is_first_come_first_served_in_token_slot_order():
@@ -57,8 +57,8 @@ def test_plan_is_first_come_first_served_in_token_slot_order():
 
 
 def _moe_loss_of(apply_fn):
-  def loss(p, x, cfg):
-    y, stats = apply_fn(p, x, cfg)
+  def loss(p, x, cfg, compute):
+    y, stats = apply_fn(p, x, cfg, compute)
     return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats)
 
   return loss
@@ -67,16 +67,16 @@ def _moe_loss_of(apply_fn):
 _moe_loss = _moe_loss_of(moe.apply)
 
 
-def _moe_grad(p, x, cfg):
-  return jax.jit(jax.value_and_grad(_moe_loss, argnums=(0, 1), has_aux=True), static_argnums=2)(p, x, cfg)
+def _moe_grad(p, x, cfg, compute):
+  return jax.jit(jax.value_and_grad(_moe_loss, argnums=(0, 1), has_aux=True), static_argnums=(2, 3))(p, x, cfg, compute)
 
 
 @pytest.fixture(scope="module")
 def moe_case(tiny):
-  boxed = moe.init(jax.random.key(0), tiny.model)
+  boxed = moe.init(jax.random.key(0), tiny.model, tiny.compute)
   x = jax.random.normal(jax.random.key(1), (8, 16, tiny.model.dim))
   ref = jax.jit(jax.value_and_grad(_moe_loss_of(moe.dropless_reference), argnums=(0, 1), has_aux=True),
-                static_argnums=2)(layers.unbox(boxed), x, tiny.model)
+                static_argnums=(2, 3))(layers.unbox(boxed), x, tiny.model, tiny.compute)
   return boxed, x, ref
 
 
@@ -84,11 +84,11 @@ def moe_case(tiny):
                                             ("fsdp2_ep2_tp2", "ragged_dot")])
 def test_moe_layer_matches_reference(tiny, moe_case, mesh_name, gemm):
   boxed, x, ((_, (y_ref, stats_ref)), grads_ref) = moe_case
-  cfg = dataclasses.replace(tiny.model, expert_gemm=gemm)
+  compute = dataclasses.replace(tiny.compute, expert_gemm=gemm)
   mesh = sharding.make_mesh(MESHES[mesh_name])
   with jax.set_mesh(mesh):
     p = jax.device_put(layers.unbox(boxed), layers.shardings(boxed, mesh))
-    (_, (y, stats)), grads = _moe_grad(p, x, cfg)
+    (_, (y, stats)), grads = _moe_grad(p, x, tiny.model, compute)
   assert p["experts"]["w_gate"].sharding.spec == P("expert", "fsdp", "tensor")
   assert p["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
   _close(y, y_ref)
@@ -112,7 +112,7 @@ def numpy_kept(experts_SxP, C: int, E: int):
 @pytest.mark.parametrize("capacity_factor", [0.5, 16.0])
 def test_dropped_pairs_match_numpy_count(tiny, moe_case, capacity_factor):
   boxed, x, ((_, (y_dropless, _)), _) = moe_case
-  cfg = dataclasses.replace(tiny.model, capacity_factor=capacity_factor)
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, capacity_factor=capacity_factor)
   mesh = sharding.make_mesh(MESHES["dp2_ep4"])
   p = layers.unbox(boxed)
   B, L, D = x.shape
@@ -124,7 +124,8 @@ def test_dropped_pairs_match_numpy_count(tiny, moe_case, capacity_factor):
   C = min(T, math.ceil(capacity_factor * T * K / cfg.n_routed_experts))
   keep = numpy_kept(np.asarray(routing.experts_TxK).reshape(shards, T * K), C, cfg.n_routed_experts)
   with jax.set_mesh(mesh):
-    y, stats = jax.jit(moe.apply, static_argnums=2)(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg)
+    y, stats = jax.jit(moe.apply, static_argnums=(2, 3))(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg,
+                                                         compute)
   assert int(stats["dropped_pairs"]) == (~keep).sum()
   # Output: the dense reference with the dropped pairs' gates zeroed.
   kept = routing._replace(weights_TxK=routing.weights_TxK * keep.reshape(B * L, K))
@@ -153,13 +154,14 @@ def _packed_tokens(B, L, seed=0):
 def test_padding_and_packing_on_a_mesh_match_the_reference(tiny, moe_case):
   """Padding takes no expert rows and no statistics; the balance loss is per packed segment."""
   boxed, x, _ = moe_case
-  cfg = dataclasses.replace(tiny.model, aux_loss_alpha=0.01)
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, aux_loss_alpha=0.01)
   tokens = _packed_tokens(*x.shape[:2])
   p = layers.unbox(boxed)
-  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=2)(p, x, cfg, tokens)
+  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=(2, 3))(p, x, cfg, compute, tokens)
   mesh = sharding.make_mesh(MESHES["dp2_ep4"])
   with jax.set_mesh(mesh):
-    y, stats = jax.jit(moe.apply, static_argnums=2)(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg, tokens)
+    y, stats = jax.jit(moe.apply, static_argnums=(2, 3))(jax.device_put(p, layers.shardings(boxed, mesh)), x, cfg,
+                                                         compute, tokens)
   real = np.asarray(tokens.mask_BxL, bool)
   _close(np.asarray(y)[real], np.asarray(y_ref)[real])
   np.testing.assert_array_equal(stats["load"], stats_ref["load"])
@@ -175,17 +177,17 @@ def test_batch_not_dividing_the_mesh_is_padded_not_switched(tiny, moe_case, B):
   boxed, x, _ = moe_case
   p, x = layers.unbox(boxed), x[:B]
   mesh = sharding.make_mesh(MESHES["ep8"])
-  cfg = tiny.model  # dropless first: equal to the reference
-  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=2)(p, x, cfg)
+  cfg, compute = tiny.model, tiny.compute  # dropless first: equal to the reference
+  y_ref, stats_ref = jax.jit(moe.dropless_reference, static_argnums=(2, 3))(p, x, cfg, compute)
   with jax.set_mesh(mesh):
     p_sharded = jax.device_put(p, layers.shardings(boxed, mesh))
-    y, stats = jax.jit(moe.apply, static_argnums=2)(p_sharded, x, cfg)
+    y, stats = jax.jit(moe.apply, static_argnums=(2, 3))(p_sharded, x, cfg, compute)
     assert y.shape == x.shape and stats["experts"].shape == (B, x.shape[1], cfg.n_activated_experts)
     _close(y, y_ref)
     np.testing.assert_array_equal(stats["load"], stats_ref["load"])
     # With capacity, each real row is one shard's tokens and the padding rows claim no rows.
-    cfg = dataclasses.replace(tiny.model, capacity_factor=0.5)
-    _, stats = jax.jit(moe.apply, static_argnums=2)(p_sharded, x, cfg)
+    compute = dataclasses.replace(tiny.compute, capacity_factor=0.5)
+    _, stats = jax.jit(moe.apply, static_argnums=(2, 3))(p_sharded, x, cfg, compute)
   L, K, E = x.shape[1], cfg.n_activated_experts, cfg.n_routed_experts
   C = math.ceil(0.5 * L * K / E)
   keep = numpy_kept(np.asarray(stats_ref["experts"]).reshape(B, L * K), C, E)
@@ -196,41 +198,43 @@ def test_batch_not_dividing_the_mesh_is_padded_not_switched(tiny, moe_case, B):
 
 
 @pytest.fixture(scope="module")
-def model_cfg(tiny):
+def run_cfg(tiny):
   # No MTP here to halve compile time: its block is the same MoE path (test_multiprocess runs it on expert=8).
-  return dataclasses.replace(tiny.model, n_mtp=0, bias_update_speed=0.01)
+  return dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, n_mtp=0),
+                             compute=dataclasses.replace(tiny.compute, bias_update_speed=0.01))
 
 
 @pytest.fixture(scope="module")
-def model_case(model_cfg):
-  batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, model_cfg.vocab_size)}
+def model_case(run_cfg):
+  batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, run_cfg.model.vocab_size)}
   batch["targets"] = jnp.roll(batch["tokens"], -1, axis=1)
   batch["loss_mask"] = jnp.ones_like(batch["tokens"])
-  params = model.init(model_cfg, jax.random.key(0))
-  return params, batch, _model_grad(params, batch, model_cfg)
+  params = model.init(run_cfg.model, run_cfg.compute, jax.random.key(0))
+  return params, batch, _model_grad(params, batch, run_cfg)
 
 
 def _model_grad(params, batch, cfg):
   def fn(params, batch):
-    (loss, (metrics, router)), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(params, batch, cfg)
-    return loss, router, grads, model.update_router_bias(params, router, cfg)
+    (loss, (metrics, router)), grads = jax.value_and_grad(train.loss_fn, has_aux=True)(params, batch, cfg.model,
+                                                                                        cfg.compute)
+    return loss, router, grads, model.update_router_bias(params, router, cfg.compute.bias_update_speed)
 
   return jax.jit(fn)(params, batch)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_model_forward_backward_and_bias_match_reference(model_cfg, model_case, mesh_name):
+def test_model_forward_backward_and_bias_match_reference(run_cfg, model_case, mesh_name):
   params_ref, batch, (loss_ref, router_ref, grads_ref, updated_ref) = model_case
-  cfg = model_cfg
+  cfg = run_cfg
   mesh = sharding.make_mesh(MESHES[mesh_name])
   with jax.set_mesh(mesh):
-    params = jax.device_put(params_ref, model.param_shardings(cfg, mesh))
+    params = jax.device_put(params_ref, model.param_shardings(cfg.model, cfg.compute, mesh))
     loss, router, grads, updated = _model_grad(params, batch, cfg)
   _close(loss, loss_ref, 1e-5)
   _close(grads, grads_ref, 1e-4)
   load = np.asarray(router["moe_layers"]["load"])
   np.testing.assert_array_equal(load, router_ref["moe_layers"]["load"])
-  assert (load.sum(-1) == 8 * 16 * cfg.n_activated_experts).all()  # loads sum to tokens x top-k
+  assert (load.sum(-1) == 8 * 16 * cfg.model.n_activated_experts).all()  # loads sum to tokens x top-k
   bias = updated["moe_layers"]["ffn"]["router"]["bias"]
   shards = [np.asarray(s.data) for s in bias.addressable_shards]
   assert len(shards) == 8 and all(np.array_equal(shards[0], s) for s in shards)  # one bias on every replica

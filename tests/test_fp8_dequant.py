@@ -37,8 +37,8 @@ def test_fp8_checkpoint_dequantises_on_import(fp8_checkpoints):
   quantized = [n for n in tensors if n.endswith("_scale_inv")]
   for part in ("experts.15.down_proj", "kv_a_proj_with_mqa", "q_b_proj", "shared_experts.up_proj", "eh_proj"):
     assert any(part in n for n in quantized), part
-  cfg_fp8, got = hf.import_hf(fp8_dir, overrides=["model.dtype=float32"])
-  cfg_ref, want = hf.import_hf(ref_dir, overrides=["model.dtype=float32"])
+  cfg_fp8, got = hf.import_hf(fp8_dir, overrides=["compute.dtype=float32"])
+  cfg_ref, want = hf.import_hf(ref_dir, overrides=["compute.dtype=float32"])
   assert cfg_fp8 == cfg_ref and cfg_fp8.model == cfg
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))

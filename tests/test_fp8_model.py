@@ -1,4 +1,4 @@
-"""FP8 (model.fp8) inside the model: the expert-parallel shard_map equals its own 1-device run, and the tiny
+"""FP8 (compute.fp8) inside the model: the expert-parallel shard_map equals its own 1-device run, and the tiny
 model trains to the same loss with FP8 on as off. The FP8 GEMM itself is tested in test_fp8.py."""
 
 import dataclasses
@@ -25,12 +25,12 @@ def test_fp8_experts_on_a_mesh_match_one_device(tiny, mesh_cfg):
   order. Expert weight gradients contract over tokens in 128 x 1 tiles (V3 report Figure 6), and which tokens
   share a tile depends on the capacity layout (per source shard on the mesh, one buffer on one device):
   those match within FP8 error, and both stay within FP8 error of the fp32 gradient."""
-  cfg = dataclasses.replace(tiny.model, fp8=FP8)
-  boxed = moe.init(jax.random.key(0), cfg)
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, fp8=FP8)
+  boxed = moe.init(jax.random.key(0), cfg, compute)
   x = jax.random.normal(jax.random.key(1), (8, 16, cfg.dim))
 
   def loss(p, x):
-    y, stats = moe.apply(p, x, cfg)
+    y, stats = moe.apply(p, x, cfg, compute)
     return jnp.sum(jnp.sin(y)), y
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -38,14 +38,14 @@ def test_fp8_experts_on_a_mesh_match_one_device(tiny, mesh_cfg):
   with jax.set_mesh(sharding.make_mesh(mesh_cfg)):
     p = jax.device_put(layers.unbox(boxed), layers.shardings(boxed, sharding.make_mesh(mesh_cfg)))
     (_, y), g = grad(p, x)
-  y_bf = jax.jit(lambda p, x: moe.apply(p, x, tiny.model)[0])(layers.unbox(boxed), x)
+  y_bf = jax.jit(lambda p, x: moe.apply(p, x, tiny.model, tiny.compute)[0])(layers.unbox(boxed), x)
   assert np.abs(np.asarray(y_one) - np.asarray(y_bf)).max() > 1e-4  # FP8 really ran (it is not the fp32 layer)
   np.testing.assert_allclose(y, y_one, rtol=1e-5, atol=1e-5)
   (p_g, x_g), (p_g1, x_g1) = g, g_one
   np.testing.assert_allclose(x_g, x_g1, rtol=1e-4, atol=1e-5)
   rel = lambda a, b: np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))  # noqa: E731
-  _, (g_hi, _) = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(moe.apply(p, x, tiny.model)[0])),
-                                            argnums=(0, 1)))(layers.unbox(boxed), x)
+  high = lambda p, x: jnp.sum(jnp.sin(moe.apply(p, x, tiny.model, tiny.compute)[0]))  # noqa: E731
+  _, (g_hi, _) = jax.jit(jax.value_and_grad(high, argnums=(0, 1)))(layers.unbox(boxed), x)
   for name in ("w_gate", "w_up", "w_down"):
     got, one, hi = p_g["experts"][name], p_g1["experts"][name], g_hi["experts"][name]
     assert rel(got, one) < 0.08 and rel(got, hi) < 0.08 and rel(one, hi) < 0.08, (name, rel(got, one), rel(one, hi))
@@ -58,17 +58,18 @@ def test_expert_weights_quantised_once_per_step(tiny):
   (block.scan, moe.with_expert_tiles) gives bitwise the loss and gradients of quantising them in every layer;
   under remat "dots" the scan no longer quantises them in the forward and again in the rematerialised forward:
   the jaxpr has the two expert-weight amax reductions ([gate | up], down) outside the scan instead of four in it."""
-  cfg = dataclasses.replace(tiny.model, fp8=FP8, n_mtp=0, remat="dots", n_layers=2, n_dense_layers=0)
-  per_layer = dataclasses.replace(cfg, fp8=dataclasses.replace(FP8, quantize_experts_once=False))
-  params = layers.unbox(model.init_boxed(cfg, jax.random.key(0)))
+  cfg = dataclasses.replace(tiny.model, n_mtp=0, n_layers=2, n_dense_layers=0)
+  once = dataclasses.replace(tiny.compute, fp8=FP8, remat="dots")
+  per_layer = dataclasses.replace(once, fp8=dataclasses.replace(FP8, quantize_experts_once=False))
+  params = layers.unbox(model.init_boxed(cfg, once, jax.random.key(0)))
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
 
   def loss_grad(c):
-    return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model.apply(p, tokens, c).logits_BxLxV)))
+    return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model.apply(p, tokens, cfg, c).logits_BxLxV)))
 
-  amaxes = [str(jax.make_jaxpr(loss_grad(c))(params)).count("reduce_max") for c in (per_layer, cfg)]
+  amaxes = [str(jax.make_jaxpr(loss_grad(c))(params)).count("reduce_max") for c in (per_layer, once)]
   assert amaxes[0] - amaxes[1] == 2, amaxes
-  one, once = (jax.jit(loss_grad(c))(params) for c in (per_layer, cfg))
+  one, once = (jax.jit(loss_grad(c))(params) for c in (per_layer, once))
   assert float(jnp.abs(one[1]["moe_layers"]["ffn"]["experts"]["w_down"]).max()) > 0
   jax.tree.map(np.testing.assert_array_equal, one, once)
 
@@ -77,15 +78,15 @@ def test_expert_weights_quantised_once_on_a_mesh(tiny):
   """The same on a mesh that splits the experts, their FFN width (tensor) and their embed dim (FSDP): the tiles,
   quantised under GSPMD outside the expert shard_map (gate and up each where they lie), enter it split like the
   weights; bitwise the per-layer quantisation inside it."""
-  cfg = dataclasses.replace(tiny.model, fp8=FP8)
-  boxed = layers.stacked(lambda k: moe.init(k, cfg), jax.random.key(0), 2)
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, fp8=FP8)
+  boxed = layers.stacked(lambda k: moe.init(k, cfg, compute), jax.random.key(0), 2)
   x = jax.random.normal(jax.random.key(1), (8, 16, cfg.dim))
 
   def loss_grad(once: bool):
     def loss(stack, x):
-      stack = moe.with_expert_tiles(stack, cfg) if once else stack
+      stack = moe.with_expert_tiles(stack, compute) if once else stack
       assert ("fp8_tiles" in stack["experts"]) == once
-      return jnp.sum(jnp.sin(jax.lax.scan(lambda x, p: (x + moe.apply(p, x, cfg)[0], None), x, stack)[0]))
+      return jnp.sum(jnp.sin(jax.lax.scan(lambda x, p: (x + moe.apply(p, x, cfg, compute)[0], None), x, stack)[0]))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
@@ -105,7 +106,7 @@ def test_fp8_training_matches_high_precision_training(tiny):
   compiled once from one state (bench/ab.py), each curve from its own init, on progressions."""
   run = dataclasses.replace(tiny, optim=dataclasses.replace(tiny.optim, lr=1e-3),
                             train=dataclasses.replace(tiny.train, batch_size=16, seq_len=32))
-  low_cfg = dataclasses.replace(run, model=dataclasses.replace(tiny.model, fp8=FP8))
+  low_cfg = dataclasses.replace(run, compute=dataclasses.replace(tiny.compute, fp8=FP8))
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
   with jax.set_mesh(mesh):
     state = train.init_state(run, jax.random.key(0), mesh)
@@ -126,19 +127,19 @@ def test_mla_with_a_partial_output_block(tiny):
   7% RMS: 15%. A wrong crop or misplaced block would be off by O(1); above 1e-3 shows FP8 ran."""
   from r1jax.nn import attention, mla, rope
 
-  cfg = dataclasses.replace(tiny.model, fp8=dataclasses.replace(FP8, block=32))
-  cfg.validate()  # input dims are whole blocks; the 48-wide output is allowed
-  assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % 32 and cfg.fp8.use("attention")
-  p = layers.unbox(mla.init(jax.random.key(0), cfg))
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, fp8=dataclasses.replace(FP8, block=32))
+  compute.validate_for(cfg)  # input dims are whole blocks; the 48-wide output is allowed
+  assert (cfg.kv_lora_rank + cfg.qk_rope_head_dim) % 32 and compute.fp8.use("attention")
+  p = layers.unbox(mla.init(jax.random.key(0), cfg, compute))
   x = jax.random.normal(jax.random.key(1), (2, 24, cfg.dim))
   cos, sin = rope.cos_sin(jnp.broadcast_to(jnp.arange(24), (2, 24)), cfg)
 
-  def run(model_cfg):
-    f = lambda p: jnp.sum(jnp.sin(mla.apply(p, x, cos, sin, attention.Mask(), model_cfg)))  # noqa: E731
-    return jax.jit(jax.value_and_grad(f))(p), jax.jit(lambda p: mla.apply(p, x, cos, sin, attention.Mask(), model_cfg))(p)
+  def run(c):
+    f = lambda p: jnp.sum(jnp.sin(mla.apply(p, x, cos, sin, attention.Mask(), cfg, c)))  # noqa: E731
+    return jax.jit(jax.value_and_grad(f))(p), jax.jit(lambda p: mla.apply(p, x, cos, sin, attention.Mask(), cfg, c))(p)
 
-  (_, g8), y8 = run(cfg)
-  (_, g32), y32 = run(tiny.model)
+  (_, g8), y8 = run(compute)
+  (_, g32), y32 = run(tiny.compute)
   rel = lambda a, b: np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))  # noqa: E731
   assert 1e-3 < rel(y8, y32) < 0.08
   for name in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
@@ -179,13 +180,13 @@ def test_remat_changes_no_fp8_number(tiny):
   still reads made jax.checkpoint round it to NaN (fp8._forward's comment); this is the check."""
   from r1jax.nn import block
 
-  cfg = dataclasses.replace(tiny.model, fp8=FP8)
-  stack = jax.tree.map(lambda *a: jnp.stack(a), *(layers.unbox(moe.init(k, cfg)) for k in jax.random.split(
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, fp8=FP8)
+  stack = jax.tree.map(lambda *a: jnp.stack(a), *(layers.unbox(moe.init(k, cfg, compute)) for k in jax.random.split(
       jax.random.key(0), 2)))
   x = jax.random.normal(jax.random.key(1), (4, 16, cfg.dim))
 
   def grads(policy):
-    body = lambda x, p: (x + moe.apply(p, x, cfg)[0], None)  # noqa: E731
+    body = lambda x, p: (x + moe.apply(p, x, cfg, compute)[0], None)  # noqa: E731
     body = body if policy is None else jax.checkpoint(body, policy=policy)
     loss = lambda stack, x: jnp.sum(jnp.sin(jax.lax.scan(body, x, stack)[0]))  # noqa: E731
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(stack, x)
@@ -243,25 +244,23 @@ def test_mlp_with_the_swiglu_fused_into_its_quantisation():
 
 
 def test_fp8_dims_must_be_whole_blocks():
-  with pytest.raises(ConfigError, match="model.fp8.attention.*not multiples of model.fp8.block=128"):
-    config.load("configs/tiny.yaml", ["model.fp8.enabled=true"])
-  cfg = config.load("configs/tiny.yaml", ["model.fp8.enabled=true", "model.fp8.block=16"]).model
-  assert cfg.fp8.use("attention") is cfg.fp8 and cfg.fp8.use("mtp_proj") is cfg.fp8
-  assert config.load("configs/tiny.yaml", ["model.fp8.block=16"]).model.fp8.use("attention") is None
+  with pytest.raises(ConfigError, match="compute.fp8.attention.*not multiples of compute.fp8.block=128"):
+    config.load("configs/tiny.yaml", ["compute.fp8.enabled=true"])
+  compute = config.load("configs/tiny.yaml", ["compute.fp8.enabled=true", "compute.fp8.block=16"]).compute
+  assert compute.fp8.use("attention") is compute.fp8 and compute.fp8.use("mtp_proj") is compute.fp8
+  assert config.load("configs/tiny.yaml", ["compute.fp8.block=16"]).compute.fp8.use("attention") is None
 
 
 def test_fp8_blocks_must_survive_the_tensor_split(tiny):
-  cfg = dataclasses.replace(tiny.model, fp8=dataclasses.replace(FP8, block=64))  # moe_inter_dim 64
-  sharding.validate_mesh(cfg, jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.AXES))
-  with pytest.raises(ConfigError, match="32 columns per device, not whole model.fp8.block=64"):
-    sharding.validate_mesh(cfg, jax.sharding.AbstractMesh((1, 1, 2, 2), sharding.AXES))
+  compute = dataclasses.replace(tiny.compute, fp8=dataclasses.replace(FP8, block=64))  # moe_inter_dim 64
+  sharding.validate_mesh(tiny.model, compute, jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.AXES))
+  with pytest.raises(ConfigError, match="32 columns per device, not whole compute.fp8.block=64"):
+    sharding.validate_mesh(tiny.model, compute, jax.sharding.AbstractMesh((1, 1, 2, 2), sharding.AXES))
 
 
 def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):
   """A pallas_call has no partitioning rule: under a multi-device mesh outside shard_map `auto` takes the
   XLA formulation and an explicit kernel is refused. On one GPU: Mosaic GPU on Hopper, else Triton."""
-  from r1jax.nn import fp8
-
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for hopper, kernel in ((True, "mosaic_gpu"), (False, "triton")):
     monkeypatch.setattr(fp8.gemm, "_hopper", lambda hopper=hopper: hopper)
@@ -278,8 +277,6 @@ def test_a_dequantised_fp8_checkpoint_requantises_to_itself():
   """Why import needs no keep_fp8: weights stored as e4m3 values times 128x128 block scales (DeepSeek's
   checkpoints), dequantised to float32, quantise back to the same e4m3 values, and to the same scales up to
   one fp32 rounding (448 * s * fl(1/448))."""
-  from r1jax.nn import fp8
-
   rng = np.random.default_rng(0)
   w = rng.normal(size=(256, 384)).astype(np.float32) * rng.uniform(0.01, 3, size=(2, 1, 3, 1)).repeat(128, 1).repeat(
       128, 3).reshape(256, 384)

@@ -208,10 +208,10 @@ def test_model_gradients_as_close_to_fp32_as_xla_on_hopper(tiny):
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, L), np.int32)}
 
   def grads(impl, enabled=True):
-    cfg = dataclasses.replace(tiny, model=dataclasses.replace(
-        tiny.model, fp8=FP8Config(enabled=enabled, block=32, impl=impl))).validate()
+    cfg = dataclasses.replace(tiny, compute=dataclasses.replace(
+        tiny.compute, fp8=FP8Config(enabled=enabled, block=32, impl=impl))).validate()
     state = train.init_state(cfg, jax.random.key(0), None)
-    loss_fn = functools.partial(train.loss_fn, cfg=cfg.model)
+    loss_fn = functools.partial(train.loss_fn, cfg=cfg.model, compute=cfg.compute)
     (loss, _), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, batch)
     return float(loss), g
 

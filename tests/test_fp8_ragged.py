@@ -1,6 +1,6 @@
 """The FP8 grouped GEMM (nn/fp8.ragged.py): DeepSeek's block-scaled recipe (V3 report §3.3) over rows sorted
 by expert, against a float64 numpy version of the recipe, against fp8.dot run per group, and wired into the
-expert-parallel layer's ragged_dot path (model.expert_gemm=ragged_dot) against its einsum FP8 path."""
+expert-parallel layer's ragged_dot path (compute.expert_gemm=ragged_dot) against its einsum FP8 path."""
 
 import dataclasses
 
@@ -155,14 +155,14 @@ def test_ragged_fp8_experts_match_the_einsum_fp8_experts(tiny):
   input gradients quantise per row alike: fp32 summation order apart. Expert weight gradients: on one
   device each expert's rows start a token tile in both layouts (equal but for summation order); on the
   mesh the ragged path packs both source shards' rows into one group, other tiles: within FP8 error."""
-  ragged = dataclasses.replace(tiny.model, fp8=FP8, expert_gemm="ragged_dot")
+  ragged = dataclasses.replace(tiny.compute, fp8=FP8, expert_gemm="ragged_dot")
   einsum = dataclasses.replace(ragged, expert_gemm="einsum")
   assert expert_ffn.gemm_impl(ragged) == "ragged_dot" and expert_ffn.gemm_impl(einsum) == "einsum"
-  boxed = moe.init(jax.random.key(0), ragged)
-  x = jax.random.normal(jax.random.key(1), (8, 16, ragged.dim))
+  boxed = moe.init(jax.random.key(0), tiny.model, ragged)
+  x = jax.random.normal(jax.random.key(1), (8, 16, tiny.model.dim))
 
-  def loss(p, x, cfg):
-    y, _ = moe.apply(p, x, cfg)
+  def loss(p, x, compute):
+    y, _ = moe.apply(p, x, tiny.model, compute)
     return jnp.sum(jnp.sin(y)), y
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
@@ -172,7 +172,7 @@ def test_ragged_fp8_experts_match_the_einsum_fp8_experts(tiny):
   mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
   with jax.set_mesh(mesh):
     (_, y_m), (pg_m, xg_m) = grad(jax.device_put(p, layers.shardings(boxed, mesh)), x, ragged)
-  (_, y_hi), (pg_hi, _) = grad(p, x, tiny.model)  # FP8 off: the fp32 layer
+  (_, y_hi), (pg_hi, _) = grad(p, x, tiny.compute)  # FP8 off: the fp32 layer
   assert np.abs(np.asarray(y_r) - np.asarray(y_hi)).max() > 1e-4  # FP8 really ran (measured 2e-3 of 0.035)
   # Measured: outputs and input gradients <= 1e-7 of their max apart, one-device weight gradients 5e-8.
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())  # noqa: E731
@@ -187,10 +187,10 @@ def test_ragged_fp8_experts_match_the_einsum_fp8_experts(tiny):
 
 def test_fp8_routed_experts_with_ragged_dot_validate():
   """Once refused (no FP8 grouped GEMM); now the ragged path has one, and auto stays einsum off TPU."""
-  overrides = ["model.fp8.enabled=true", "model.fp8.block=16"]
-  cfg = config.load("configs/tiny.yaml", overrides + ["model.expert_gemm=ragged_dot"]).model
+  overrides = ["compute.fp8.enabled=true", "compute.fp8.block=16"]
+  cfg = config.load("configs/tiny.yaml", overrides + ["compute.expert_gemm=ragged_dot"]).compute
   assert cfg.fp8.use("routed_experts") is cfg.fp8 and expert_ffn.gemm_impl(cfg) == "ragged_dot"
-  auto = config.load("configs/tiny.yaml", overrides).model
+  auto = config.load("configs/tiny.yaml", overrides).compute
   assert expert_ffn.gemm_impl(auto) == ("ragged_dot" if jax.default_backend() == "tpu" else "einsum")
 
 

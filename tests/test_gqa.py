@@ -16,15 +16,25 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
-def student():
-  return config.load(CONFIGS / "tiny_dense_student.yaml", ["model.dtype=float32"]).model
+def student_run():
+  return config.load(CONFIGS / "tiny_dense_student.yaml", ["compute.dtype=float32"])
 
 
-def _random_params(cfg, seed=0, scale=0.1):
+@pytest.fixture(scope="module")
+def student(student_run):
+  return student_run.model
+
+
+@pytest.fixture(scope="module")
+def compute(student_run):
+  return student_run.compute
+
+
+def _random_params(cfg, compute, seed=0, scale=0.1):
   """Random values for every parameter from abstract shapes (no model.init compile)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda p: (scale * rng.normal(size=p.value.shape)).astype(p.value.dtype) + (p.value.ndim == 1),
-                      model.abstract(cfg), is_leaf=layers.is_param)
+                      model.abstract(cfg, compute), is_leaf=layers.is_param)
 
 
 def _reference_gqa(p, x, cfg, positions):
@@ -51,15 +61,15 @@ def _reference_gqa(p, x, cfg, positions):
   return np.einsum("bhqk,bkhd->bqhd", w, v).reshape(B, L, H * Dh) @ f(p["wo"])
 
 
-def test_gqa_matches_numpy_reference(student):
-  p = _random_params(student)["dense_layers"]
+def test_gqa_matches_numpy_reference(student, compute):
+  p = _random_params(student, compute)["dense_layers"]
   p = jax.tree.map(lambda a: a[0], p)["attn"]
   B, L = 2, 12
   x = np.random.default_rng(1).normal(size=(B, L, student.dim)).astype(np.float32)
   positions = np.broadcast_to(np.arange(L), (B, L))
   cos, sin = rope.cos_sin(jnp.asarray(positions), student)
   mask = attention.Mask()
-  got = gqa.apply(p, jnp.asarray(x), cos, sin, mask, student)
+  got = gqa.apply(p, jnp.asarray(x), cos, sin, mask, student, compute)
   np.testing.assert_allclose(np.asarray(got), _reference_gqa(p, x, student, positions), atol=2e-5, rtol=1e-5)
 
 
@@ -106,13 +116,13 @@ def test_gqa_config_validation():
     config.load(CONFIGS / "llama3_1_8b.yaml", ["model.high_freq_factor=0.5"])
 
 
-def test_sharded_student_matches_one_device(student):
-  params = _random_params(student)
+def test_sharded_student_matches_one_device(student, compute):
+  params = _random_params(student, compute)
   tokens = np.random.default_rng(2).integers(0, student.vocab_size, (4, 16))
-  fwd = jax.jit(lambda p, t: model.apply(p, t, student).logits_BxLxV)
+  fwd = jax.jit(lambda p, t: model.apply(p, t, student, compute).logits_BxLxV)
   want = np.asarray(fwd(params, tokens))
   mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=1, expert=1, tensor=4))
-  shardings = model.param_shardings(student, mesh)
+  shardings = model.param_shardings(student, compute, mesh)
   assert shardings["dense_layers"]["attn"]["wk"].spec == sharding.spec("layers", "embed", "kv_heads")
   with jax.set_mesh(mesh):
     placed = jax.device_put(params, shardings)

@@ -18,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def _cfg(*overrides):
-  base = ["model.dtype=float32", "grpo.prompts_per_step=2", "grpo.group_size=4", "data.task_examples=200",
+  base = ["compute.dtype=float32", "grpo.prompts_per_step=2", "grpo.group_size=4", "data.task_examples=200",
           "sampler.max_new_tokens=12", "sampler.steps_per_call=12", "train.seq_len=40", "mesh.data=8"]
   return config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), [*base, *overrides])
 
@@ -71,7 +71,8 @@ def test_replayed_routes_and_the_on_policy_ratio(case, step8):
   cfg, mesh, state, batch, _ = case
   model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
   with jax.set_mesh(mesh):
-    logp, _, router = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, 1.0, True))(state.params, batch)
+    logp, _, router = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.compute, 1.0, True))(
+        state.params, batch)
   routes = np.moveaxis(np.asarray(batch["routes"]), 1, 0)
   used = np.asarray(router["moe_layers"]["experts"])
   fed = routes >= 0

@@ -400,3 +400,22 @@ def test_unknown_kinds_raise():
     grpo.aggregate(x, x, "seq_mean_token_sum_norm")
   with pytest.raises(ValueError, match="grpo.loss"):
     grpo.policy_loss(x, x, jnp.zeros(B), x, dataclasses.replace(CFG, loss="gspo"))
+  with pytest.raises(ValueError, match="grpo.aggregation='sum': expected one of token_mean"):
+    grpo.check(dataclasses.replace(CFG, aggregation="sum"))
+
+
+def test_variants_registered_by_name_run_like_built_ins():
+  """A researcher's own advantage estimator, registered by name, is chosen by grpo.advantage like a built-in:
+  here the median baseline, checked against numpy."""
+  grpo.register_advantage("median")(lambda r, centred, eps: r - jnp.median(r, axis=-1, keepdims=True))
+  try:
+    grpo.check(dataclasses.replace(CFG, advantage="median"))
+    r = np.random.default_rng(0).normal(size=(P, G))
+    with jax.enable_x64(True):
+      adv, zero_var = grpo.advantages(jnp.asarray(r), "median")
+    np.testing.assert_allclose(adv, r - np.median(r, axis=-1, keepdims=True), rtol=1e-12)
+    assert not np.asarray(zero_var).any()
+  finally:
+    del grpo.ADVANTAGES["median"]
+  with pytest.raises(ValueError, match="must be non-empty, without"):
+    grpo.register_aggregation("a,b")

@@ -24,7 +24,7 @@ from r1jax.interop.safetensors_io import Checkpoint
 
 # The tiny preset balances faster than V3 (gamma 0.01); config.json has no field for that training knob,
 # so configs compared after an HF round trip use the default.
-KNOB = "model.bias_update_speed=0.001"
+KNOB = "compute.bias_update_speed=0.001"
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -38,7 +38,7 @@ def _compilations(fns) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """The tiny model on 8 devices exported once, recording each host copy's bytes and each leaf's extractor."""
-  cfg = config.load(TINY, ["model.dtype=float32", KNOB])
+  cfg = config.load(TINY, ["compute.dtype=float32", KNOB])
   mesh = sharding.make_mesh(MESH)
   out = tmp_path_factory.mktemp("hf")
   copied, extractors = [], []
@@ -54,13 +54,13 @@ def exported(tmp_path_factory):
 
   hf._extractor.cache_clear()
   with jax.set_mesh(mesh):
-    params = model.init(cfg.model, jax.random.key(0), mesh)
+    params = model.init(cfg.model, cfg.compute, jax.random.key(0), mesh)
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(hf, "_piece_to_host", recording_to_host)
       mp.setattr(hf, "_piece_fn", recording_piece_fn)
-      hf.export_hf(params, cfg.model, out)
+      hf.export_hf(params, cfg.model, cfg.compute, out)
     compiled = _compilations(f for _, _, f in extractors)
-    hf.export_hf(params, cfg.model, tmp_path_factory.mktemp("again"))  # the same extractors, from the cache
+    hf.export_hf(params, cfg.model, cfg.compute, tmp_path_factory.mktemp("again"))  # the same extractors, from the cache
     recompiled = _compilations(f for _, _, f in extractors) - compiled
   return types.SimpleNamespace(cfg=cfg, params=params, out=out, copied=copied, extractors=extractors,
                                compiled=compiled, recompiled=recompiled)
@@ -87,7 +87,7 @@ def test_export_equals_the_params(exported):
   np.testing.assert_array_equal(ckpt.get("model.layers.2.mlp.experts.13.down_proj.weight"),
                                 p["moe_layers"]["ffn"]["experts"]["w_down"][1, 13].T)
   np.testing.assert_array_equal(ckpt.get("model.layers.3.shared_head.head.weight"), p["head"].T)
-  cfg2, params2 = hf.import_hf(exported.out, overrides=["model.dtype=float32"])
+  cfg2, params2 = hf.import_hf(exported.out, overrides=["compute.dtype=float32"])
   assert cfg2.model == exported.cfg.model
   assert jax.tree.structure(params2) == jax.tree.structure(p)
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(p)[0], jax.tree.leaves(params2)):
@@ -139,11 +139,11 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
 from r1jax import config, model, sharding
 from r1jax.interop import hf
-cfg = config.load(sys.argv[3], ["model.dtype=float32"])
+cfg = config.load(sys.argv[3], ["compute.dtype=float32"])
 mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=2, expert=4))
 with jax.set_mesh(mesh):
-  params = model.init(cfg.model, jax.random.key(0), mesh)
-  hf.export_hf(params, cfg.model, os.path.join(sys.argv[4], f"process{jax.process_index()}"))
+  params = model.init(cfg.model, cfg.compute, jax.random.key(0), mesh)
+  hf.export_hf(params, cfg.model, cfg.compute, os.path.join(sys.argv[4], f"process{jax.process_index()}"))
 jax.distributed.shutdown()
 """
 

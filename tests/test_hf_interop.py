@@ -1,7 +1,6 @@
 """Hugging Face interop: small random models built by transformers itself are imported and must give the
 same float32 logits; exports must round-trip and load back into transformers; bad inputs name the culprit."""
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -52,7 +51,7 @@ CASES = {
 
 # The tiny preset balances faster than V3 (gamma 0.01); config.json has no field for that training knob,
 # so configs compared after an HF round trip use the default.
-KNOB = "model.bias_update_speed=0.001"
+KNOB = "compute.bias_update_speed=0.001"
 
 def _hf_model(family: str, kwargs: dict):
   """A random transformers model whose weights (norms, biases and router bias included) are all nontrivial."""
@@ -80,7 +79,8 @@ def _hf_logits(m, tokens):
     return m(torch.tensor(tokens)).logits.numpy()
 
 
-_logits = jax.jit(lambda params, tokens, cfg: model.apply(params, tokens, cfg).logits_BxLxV, static_argnums=2)
+_logits = jax.jit(lambda params, tokens, cfg, compute: model.apply(params, tokens, cfg, compute).logits_BxLxV,
+                  static_argnums=(2, 3))
 
 
 class Built:
@@ -91,8 +91,8 @@ class Built:
     self.hf_model.save_pretrained(self.dir, max_shard_size="64KB")  # several shards plus the index file
     self.tokens = np.random.default_rng(1).integers(0, 96, (B, L))
     self.hf_logits = _hf_logits(self.hf_model, self.tokens)
-    self.cfg, self.params = hf.import_hf(self.dir, overrides=["model.dtype=float32"])
-    self.logits = np.asarray(_logits(self.params, self.tokens, self.cfg.model))
+    self.cfg, self.params = hf.import_hf(self.dir, overrides=["compute.dtype=float32"])
+    self.logits = np.asarray(_logits(self.params, self.tokens, self.cfg.model, self.cfg.compute))
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_import_maps_config(built):
 @pytest.mark.parametrize("name", ["v3", "v3_q0_tied_halves", "v2_grouped_tied", "qwen2_tied", "llama3_mqa"])
 def test_export_round_trips_and_loads_in_transformers(built, name, tmp_path):
   b = built(name)
-  hf.export_hf(b.params, b.cfg.model, tmp_path, max_shard_bytes=32 * 1024)
-  cfg2, params2 = hf.import_hf(tmp_path, overrides=["model.dtype=float32"])
+  hf.export_hf(b.params, b.cfg.model, b.cfg.compute, tmp_path, max_shard_bytes=32 * 1024)
+  cfg2, params2 = hf.import_hf(tmp_path, overrides=["compute.dtype=float32"])
   assert cfg2.model == b.cfg.model
   _assert_trees_equal(b.params, params2)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -149,11 +149,11 @@ def test_export_round_trips_and_loads_in_transformers(built, name, tmp_path):
 
 def test_bfloat16_export_loads_in_transformers(built, tmp_path):
   b = built("llama3_mqa")
-  hf.export_hf(b.params, b.cfg.model, tmp_path, dtype="bfloat16")
+  hf.export_hf(b.params, b.cfg.model, b.cfg.compute, tmp_path, dtype="bfloat16")
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   assert np.abs(_hf_logits(reloaded, b.tokens) - b.logits).max() < 0.05  # bf16 weights: ~3 significant digits
-  cfg, params = hf.import_hf(tmp_path, overrides=["model.param_dtype=bfloat16"])
+  cfg, params = hf.import_hf(tmp_path, overrides=["compute.param_dtype=bfloat16"])
   assert params["embed"].dtype == jax.numpy.bfloat16
   want = np.asarray(b.params["embed"]).astype(params["embed"].dtype)
   np.testing.assert_array_equal(np.asarray(params["embed"]), want)
@@ -166,17 +166,17 @@ def test_missing_mtp_is_logged(built, caplog):
 
 
 def test_mtp_layers_round_trip(tmp_path, caplog):
-  cfg = config.load(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["model.dtype=float32", KNOB])
+  cfg = config.load(Path(__file__).parent.parent / "configs" / "tiny.yaml", ["compute.dtype=float32", KNOB])
   rng = np.random.default_rng(0)  # random values without compiling model.init; router biases nonzero too
-  params = jax.tree.map(lambda p: rng.normal(size=p.value.shape).astype(p.value.dtype), model.abstract(cfg.model),
-                        is_leaf=layers.is_param)
-  hf.export_hf(params, cfg.model, tmp_path)
+  params = jax.tree.map(lambda p: rng.normal(size=p.value.shape).astype(p.value.dtype),
+                        model.abstract(cfg.model, cfg.compute), is_leaf=layers.is_param)
+  hf.export_hf(params, cfg.model, cfg.compute, tmp_path)
   names = Checkpoint(tmp_path).keys()
   n = cfg.model.n_layers
   assert {f"model.layers.{n}.eh_proj.weight", f"model.layers.{n}.embed_tokens.weight",
           f"model.layers.{n}.shared_head.head.weight",
           f"model.layers.{n}.mlp.experts.15.down_proj.weight"} <= set(names)
-  cfg2, params2 = hf.import_hf(tmp_path, overrides=["model.dtype=float32"])
+  cfg2, params2 = hf.import_hf(tmp_path, overrides=["compute.dtype=float32"])
   assert cfg2.model == cfg.model
   _assert_trees_equal(params, params2)
   with caplog.at_level(logging.WARNING):
@@ -187,8 +187,8 @@ def test_mtp_layers_round_trip(tmp_path, caplog):
 def test_import_places_params_in_their_shardings(built):
   b = built("v3")
   mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
-  params = hf.load_params(b.dir, b.cfg.model, mesh)
-  want = layers.shardings(model.abstract(b.cfg.model), mesh)
+  params = hf.load_params(b.dir, b.cfg.model, b.cfg.compute, mesh)
+  want = layers.shardings(model.abstract(b.cfg.model, b.cfg.compute), mesh)
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want)):
     assert x.sharding.is_equivalent_to(s, x.ndim), jax.tree_util.keystr(path)
   assert params["moe_layers"]["ffn"]["experts"]["w_up"].sharding.spec == sharding.spec("layers", "exp", "embed",
@@ -329,7 +329,7 @@ def test_llama3_rope_matches_transformers():
   inv_freq, scale = ROPE_INIT_FUNCTIONS["llama3"](transformers.LlamaConfig(**raw))
   ours = config.ModelConfig(**hf_config.from_hf(raw)[0])
   preset = config.load(Path(__file__).parent.parent / "configs" / "llama3_1_8b.yaml").model
-  assert dataclasses.replace(ours, init_std=preset.init_std, remat=preset.remat) == preset  # the real config.json
+  assert ours == preset  # the real config.json
   np.testing.assert_allclose(rope.inv_freq(ours), inv_freq.numpy(), rtol=1e-6)
   assert rope.cos_sin_scale(ours) == scale == 1.0
 
@@ -376,28 +376,29 @@ QWEN2_5_CONFIG = {
 @pytest.mark.parametrize("raw,preset", [(V3_CONFIG, "deepseek_v3_671b"), (V2_LITE_CONFIG, "deepseek_v2_lite_16b"),
                                         (QWEN2_5_CONFIG, "qwen2_5_1_5b")])
 def test_published_configs_map_onto_presets(raw, preset, caplog, monkeypatch):
-  # Exactly one capture, whatever earlier CLI tests left on the r1jax logger (cli.common.setup_logging) and pytest version.
+  # Exactly one capture, whatever earlier CLI tests left on the r1jax logger (cli.common.setup_logging) and
+  # the pytest version.
   logger = logging.getLogger("r1jax.interop.hf_config")
   monkeypatch.setattr(logger, "propagate", False)
   monkeypatch.setattr(logger, "handlers", [caplog.handler])
   with caplog.at_level(logging.INFO, logger="r1jax.interop.hf_config"):
-    fields, info = hf_config.from_hf(raw)
+    fields, compute, info = hf_config.from_hf(raw)
   path = Path(__file__).parent.parent / "configs" / f"{preset}.yaml"
   want = config.load(path).model
   for name in yaml.safe_load(path.read_text())["model"]:
-    if name not in ("remat", "capacity_factor", "n_mtp"):  # training knobs; n_mtp: read_config checks the tensors
+    if name != "n_mtp":  # read_config checks the tensors
       assert fields[name] == getattr(want, name), name
   assert info.fp8_block == ((128, 128) if raw is V3_CONFIG else None)
   assert info.n_mtp == (1 if raw is V3_CONFIG else 0)
   # aux_loss_alpha: config.json's value (DeepSeek's MoEGate trains with it), not the V3 report's 1e-4.
   note = ("aux_loss_alpha=0.001 from config.json (the V3 report §4.2 trained with 1e-4; override with "
-          "model.aux_loss_alpha=1e-4)")
-  assert fields.get("aux_loss_alpha") == raw.get("aux_loss_alpha") == (None if raw is QWEN2_5_CONFIG else 0.001)
+          "compute.aux_loss_alpha=1e-4)")
+  assert compute.get("aux_loss_alpha") == raw.get("aux_loss_alpha") == (None if raw is QWEN2_5_CONFIG else 0.001)
   assert [r.getMessage() for r in caplog.records if "aux_loss_alpha" in r.getMessage()] == (
       [note] if raw is V3_CONFIG else [])
   if raw is not QWEN2_5_CONFIG:  # absent from config.json: r1jax's default stays
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="r1jax.interop.hf_config"):
-      fields, _ = hf_config.from_hf({k: v for k, v in raw.items() if k != "aux_loss_alpha"})
-    assert "aux_loss_alpha" not in fields and "aux_loss_alpha" not in caplog.text
-    assert config.ModelConfig(**fields).aux_loss_alpha == config.ModelConfig().aux_loss_alpha
+      _, compute, _ = hf_config.from_hf({k: v for k, v in raw.items() if k != "aux_loss_alpha"})
+    assert "aux_loss_alpha" not in compute and "aux_loss_alpha" not in caplog.text
+    assert config.ComputeConfig(**compute).aux_loss_alpha == config.ComputeConfig().aux_loss_alpha

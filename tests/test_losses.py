@@ -65,15 +65,15 @@ def test_chunking_keeps_the_logits_out_of_memory():
 
 def test_train_loss_and_grads_do_not_depend_on_the_chunk(tiny):
   cfg = tiny.model
-  params = model.init(cfg, jax.random.key(0))
+  params = model.init(cfg, tiny.compute, jax.random.key(0))
   rng = np.random.default_rng(0)
   B, L = 2, 16
   tokens = rng.integers(3, cfg.vocab_size, size=(B, L)).astype(np.int32)
   batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((B, L), np.int32)}
   # jitted: op-by-op the tiny model's gradient takes about a minute on 2 cores
-  grad = lambda c: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, c)[0]))(params)  # noqa: E731
-  loss = lambda c: jax.jit(lambda p: train.loss_fn(p, batch, c)[0])(params)  # noqa: E731
-  one, chunked = dataclasses.replace(cfg, head_chunk=0), dataclasses.replace(cfg, head_chunk=5)
+  grad = lambda c: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, cfg, c)[0]))(params)  # noqa: E731
+  loss = lambda c: jax.jit(lambda p: train.loss_fn(p, batch, cfg, c)[0])(params)  # noqa: E731
+  one, chunked = dataclasses.replace(tiny.compute, head_chunk=0), dataclasses.replace(tiny.compute, head_chunk=5)
   np.testing.assert_allclose(loss(chunked), loss(one), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grad(chunked)), jax.tree.leaves(grad(one))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

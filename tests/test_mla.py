@@ -80,7 +80,7 @@ def test_mla_matches_float64_numpy(tiny, variant):
          "no_yarn": dataclasses.replace(cfg, rope_scaling="none"),
          "yarn_mscale_0.707": dataclasses.replace(cfg, mscale=0.707, mscale_all_dim=0.707)}[variant]
   key_p, key_x = jax.random.split(jax.random.key(1))
-  p = layers.unbox(mla.init(key_p, cfg))
+  p = layers.unbox(mla.init(key_p, cfg, tiny.compute))
   p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), p)  # non-unit norms
   B, L = 2, 96  # longer than original_seq_len=64: exercises the YaRN range
   x = np.asarray(jax.random.normal(key_x, (B, L, cfg.dim)))
@@ -89,7 +89,7 @@ def test_mla_matches_float64_numpy(tiny, variant):
   seg = np.zeros((B, L), np.int32)
   seg[1, 40:] = 1
   cos, sin = rope.cos_sin(jnp.asarray(positions), cfg)
-  got = mla.apply(p, jnp.asarray(x, jnp.float32), cos, sin, attention.Mask(jnp.asarray(seg)), cfg)
+  got = mla.apply(p, jnp.asarray(x, jnp.float32), cos, sin, attention.Mask(jnp.asarray(seg)), cfg, tiny.compute)
   ref = np_mla(p, x, positions, seg, cfg)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-4, atol=2e-5)  # fp32 matmuls vs float64
 

@@ -20,7 +20,7 @@ def one_device_mesh():
 
 
 def test_param_count_equals_created_leaves(tiny):
-  params = model.init(tiny.model, jax.random.key(0))
+  params = model.init(tiny.model, tiny.compute, jax.random.key(0))
   created = sum(x.size for x in jax.tree.leaves(params))
   counts = model.param_count(tiny.model)
   assert counts["total_with_mtp"] == created
@@ -44,17 +44,17 @@ def test_preset_counts():
 
 def test_tied_embeddings_drop_the_head(tiny):
   cfg = dataclasses.replace(tiny.model, tie_embeddings=True)
-  assert "head" not in model.abstract(cfg)
+  assert "head" not in model.abstract(cfg, tiny.compute)
   assert model.param_count(cfg)["total"] == model.param_count(tiny.model)["total"] - cfg.dim * cfg.vocab_size
 
 
 def test_causal_including_mtp(tiny):
-  cfg = tiny.model
-  params = model.init(cfg, jax.random.key(0))
+  cfg, compute = tiny.model, tiny.compute
+  params = model.init(cfg, compute, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
   j = 15
   changed = tokens.at[:, j].set((tokens[:, j] + 7) % cfg.vocab_size)
-  fwd = jax.jit(lambda t: model.apply(params, t, cfg))
+  fwd = jax.jit(lambda t: model.apply(params, t, cfg, compute))
   a, b = fwd(tokens), fwd(changed)
   np.testing.assert_array_equal(a.logits_BxLxV[:, :j], b.logits_BxLxV[:, :j])
   assert not np.allclose(a.logits_BxLxV[:, j], b.logits_BxLxV[:, j])
@@ -64,13 +64,13 @@ def test_causal_including_mtp(tiny):
 
 
 def test_data_parallel_matches_one_device(tiny):
-  cfg = tiny.model
+  cfg, compute = tiny.model, tiny.compute
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
   outs = {}
   for name, mesh in {"one": one_device_mesh(), "dp8": sharding.make_mesh(MeshConfig(data=8))}.items():
     with jax.set_mesh(mesh):
-      params = model.init(cfg, jax.random.key(0), mesh)
-      out = jax.jit(lambda p, t: model.apply(p, t, cfg))(params, tokens)
+      params = model.init(cfg, compute, jax.random.key(0), mesh)
+      out = jax.jit(lambda p, t: model.apply(p, t, cfg, compute))(params, tokens)
       outs[name] = jax.device_get(out)
       if name == "dp8":
         assert out.logits_BxLxV.sharding.shard_shape(out.logits_BxLxV.shape)[0] == 1  # batch split 8 ways
@@ -86,7 +86,8 @@ def test_overfits_one_batch_and_every_part_learns():
   batch = digit_batch(np.random.default_rng(0), "reverse", 8, 32)
   with jax.set_mesh(mesh):
     state = train.init_state(cfg, jax.random.key(0), mesh)
-    grads = jax.jit(jax.grad(train.loss_fn, has_aux=True), static_argnums=2)(state.params, batch, cfg.model)[0]
+    grads = jax.jit(jax.grad(train.loss_fn, has_aux=True), static_argnums=(2, 3))(state.params, batch, cfg.model,
+                                                                                 cfg.compute)[0]
     named = {"/".join(str(getattr(k, "key", k)) for k in path): g
              for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     for name, g in named.items():
@@ -104,13 +105,13 @@ def test_overfits_one_batch_and_every_part_learns():
 
 
 def test_train_step_updates_bias_from_load(tiny):
-  cfg = dataclasses.replace(tiny.model, bias_update_speed=0.01)
-  run = dataclasses.replace(tiny, model=cfg)
+  cfg, compute = tiny.model, dataclasses.replace(tiny.compute, bias_update_speed=0.01)
+  run = dataclasses.replace(tiny, compute=compute)
   mesh = one_device_mesh()
   batch = digit_batch(np.random.default_rng(0), "sort", 4, 16)
   with jax.set_mesh(mesh):
     state = train.init_state(run, jax.random.key(0), mesh)
-    _, (_, router) = jax.jit(train.loss_fn, static_argnums=2)(state.params, batch, cfg)
+    _, (_, router) = jax.jit(train.loss_fn, static_argnums=(2, 3))(state.params, batch, cfg, compute)
     before = jax.device_get(state.params)
     new, _ = jax.jit(train.sft_step)(state, batch)
   for name, path in [("moe_layers", ("moe_layers", "ffn", "router", "bias")),
@@ -130,9 +131,9 @@ def test_remat_changes_memory_not_math(tiny):
   batch = digit_batch(np.random.default_rng(0), "copy", 2, 16)
   grads = {}
   for remat in ["none", "full", "dots"]:
-    cfg = dataclasses.replace(tiny.model, remat=remat)
-    params = model.init(cfg, jax.random.key(0))
-    grads[remat] = jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, cfg)[0]))(params)
+    compute = dataclasses.replace(tiny.compute, remat=remat)
+    params = model.init(tiny.model, compute, jax.random.key(0))
+    grads[remat] = jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, tiny.model, compute)[0]))(params)
   for remat in ["full", "dots"]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[remat], grads["none"])
 

@@ -29,12 +29,12 @@ def _meshes():
 def test_moe_layer_on_all_gpus_equals_one_gpu(tiny, name):
   if name not in _meshes():
     pytest.skip("needs 4 GPUs")
-  cfg = tiny.model
-  boxed = moe.init(jax.random.key(0), cfg)
+  cfg, compute = tiny.model, tiny.compute
+  boxed = moe.init(jax.random.key(0), cfg, compute)
   x = jax.random.normal(jax.random.key(1), (2 * N_GPUS, 64, cfg.dim))
 
   def loss(p, x):
-    y, stats = moe.apply(p, x, cfg)
+    y, stats = moe.apply(p, x, cfg, compute)
     return jnp.sum(jnp.sin(y)) + stats["aux_loss"], (y, stats["load"])
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # expert=8 makes every MoE all-to-all cross the process boundary; fp32 keeps the comparison tight.
 # Unshuffled, unpacked data: process p reads examples p, p+2, ..., so each step's global batch holds the same
 # examples as one process's (in another row order, which the losses do not see).
-ARGS = ["configs/tiny.yaml", "mesh.data=1", "mesh.expert=8", "model.dtype=float32", "train.batch_size=8",
+ARGS = ["configs/tiny.yaml", "mesh.data=1", "mesh.expert=8", "compute.dtype=float32", "train.batch_size=8",
         "data.shuffle=false", "data.pack=false"]
 STEPS = 3
 

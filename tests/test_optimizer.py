@@ -43,7 +43,7 @@ def test_adamw_step_on_zero_grads_shrinks_matrices_only(preset):
   lr, wd = 0.1, 0.5
   cfg = config.load(ROOT / "configs" / preset, [f"optim.lr={lr}", f"optim.weight_decay={wd}", "optim.warmup_steps=0",
                                                 "optim.grad_clip=1e9"])
-  params = model.init(cfg.model, jax.random.key(0))
+  params = model.init(cfg.model, cfg.compute, jax.random.key(0))
   params = jax.tree.map(lambda p: p + 1.0, params)  # norm gains, biases and router biases all nonzero
   tx = train.make_optimizer(cfg.optim, cfg.model)
   step = jax.jit(lambda p: jax.tree.map(jnp.add, p, tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]))

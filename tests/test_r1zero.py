@@ -60,8 +60,8 @@ def test_mtp_drafts_are_accepted_and_exact(run):
   greedy = dataclasses.replace(cfg.sampler, temperature=0.0)
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(run_dir / "grpo", cfg, mesh)
-    plain = sampler.generate(params, prompts, cfg.model, greedy, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    spec = sampler.generate(params, prompts, cfg.model, dataclasses.replace(greedy, speculative=True),
+    plain = sampler.generate(params, prompts, cfg.model, cfg.compute, greedy, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    spec = sampler.generate(params, prompts, cfg.model, cfg.compute, dataclasses.replace(greedy, speculative=True),
                             eos_id=tok.eos_id, pad_id=tok.pad_id)
   assert sampler.completions(spec) == sampler.completions(plain)
   accepted = np.asarray(spec.accepted_drafts).sum()

@@ -137,7 +137,7 @@ def numpy_router_stats(scores_BxLxE, experts_BxLxK, mask_BxL, seg_BxL, E, K, alp
 
 
 def test_router_stats_count_real_tokens_per_packed_segment():
-  cfg = dataclasses.replace(V3_SMALL, aux_loss_alpha=0.01)
+  cfg, alpha = V3_SMALL, 0.01
   E, K, B, L = 16, 4, 3, 12
   rng = np.random.default_rng(3)
   scores = rng.uniform(size=(B, L, E))
@@ -148,7 +148,7 @@ def test_router_stats_count_real_tokens_per_packed_segment():
   mask = np.array([[1] * 7 + [0] * 5, [1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0], [0] * L])
   routing = moe.Routing(None, jnp.asarray(experts.reshape(B * L, K)), jnp.asarray(scores.reshape(B * L, E)))
   tokens = moe.Tokens(jnp.asarray(mask), jnp.asarray(seg))
-  aux_sum, n_seq = moe.sequence_aux_loss(routing, tokens, cfg)
+  aux_sum, n_seq = moe.sequence_aux_loss(routing, tokens, cfg, alpha)
   load = moe.expert_load(routing.experts_TxK, tokens.mask_BxL.reshape(-1), E)
   load_ref, aux_ref = numpy_router_stats(scores, experts, mask, seg, E, K, 0.01)
   assert n_seq == 4
@@ -156,6 +156,6 @@ def test_router_stats_count_real_tokens_per_packed_segment():
   np.testing.assert_allclose(aux_sum / n_seq, aux_ref, rtol=1e-5)
   # Without padding or packing it is the plain per-row formula, averaged over rows.
   dense = moe.Tokens.dense(B, L)
-  aux_sum, n_seq = moe.sequence_aux_loss(routing, dense, cfg)
+  aux_sum, n_seq = moe.sequence_aux_loss(routing, dense, cfg, alpha)
   _, aux_ref = numpy_router_stats(scores, experts, np.ones((B, L)), np.zeros((B, L)), E, K, 0.01)
   np.testing.assert_allclose(aux_sum / n_seq, aux_ref, rtol=1e-5)

@@ -16,7 +16,7 @@ from r1jax import config, model, sampler, sharding
 from r1jax.config import SamplerConfig
 from r1jax.nn import attention, block, mla
 
-_apply = jax.jit(model.apply, static_argnums=2)  # the training forward; op by op it takes ~10 s
+_apply = jax.jit(model.apply, static_argnums=(2, 3))  # the training forward; op by op it takes ~10 s
 
 EOS = 2
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, steps_per_call=5)
@@ -25,19 +25,20 @@ PROMPTS = [[1, 5, 9, 3, 7], [1, 4], [1, 8, 8, 6, 2, 11, 40, 3, 9]]  # lengths 5,
 
 def _cfg(path: str, *overrides):
   root = os.path.join(os.path.dirname(__file__), "..", "configs")
-  return config.load(os.path.join(root, path), ["model.dtype=float32", "model.init_std=0.2", *overrides]).model
+  run = config.load(os.path.join(root, path), ["compute.dtype=float32", "compute.init_std=0.2", *overrides])
+  return run.model, run.compute
 
 
 @pytest.fixture(scope="module")
 def mla_case():
-  cfg = _cfg("tiny.yaml")
-  return cfg, model.init(cfg, jax.random.key(1))
+  cfg, compute = _cfg("tiny.yaml")
+  return cfg, compute, model.init(cfg, compute, jax.random.key(1))
 
 
 @pytest.fixture(scope="module")
 def gqa_case():
-  cfg = _cfg("tiny_dense_student.yaml")
-  return cfg, model.init(cfg, jax.random.key(2))
+  cfg, compute = _cfg("tiny_dense_student.yaml")
+  return cfg, compute, model.init(cfg, compute, jax.random.key(2))
 
 
 def _completions(rollout):
@@ -46,34 +47,34 @@ def _completions(rollout):
 
 @pytest.mark.parametrize("case", ["mla_case", "gqa_case"])
 def test_greedy_with_cache_equals_full_forward_passes(case, request):
-  cfg, params = request.getfixturevalue(case)
-  ref = sampler.greedy_full_forward(params, PROMPTS, cfg, GREEDY.max_new_tokens, eos_id=-1)
-  out = sampler.generate(params, PROMPTS, cfg, GREEDY, eos_id=-1)
+  cfg, compute, params = request.getfixturevalue(case)
+  ref = sampler.greedy_full_forward(params, PROMPTS, cfg, compute, GREEDY.max_new_tokens, eos_id=-1)
+  out = sampler.generate(params, PROMPTS, cfg, compute, GREEDY, eos_id=-1)
   assert _completions(out) == ref
   assert np.asarray(out.truncated_B).all() and (np.asarray(out.completion_len_B) == GREEDY.max_new_tokens).all()
 
 
 def test_absorbed_mla_decode_equals_the_decompressed_path(mla_case):
   """Token-by-token absorbed decode over the latent cache == mla.apply on the whole sequence."""
-  cfg, params = mla_case
+  cfg, compute, params = mla_case
   p = jax.tree.map(lambda a: a[0], params["moe_layers"]["attn"])
   B, L = 2, 11
   x_BxLxD = jax.random.normal(jax.random.key(3), (B, L, cfg.dim))
   ref = mla.apply(p, x_BxLxD, *model.rope.cos_sin(jnp.broadcast_to(jnp.arange(L), (B, L)), cfg),
-                  attention.Mask(), cfg)
+                  attention.Mask(), cfg, compute)
   cache = mla.init_cache(cfg, B, L, jnp.float32)
   outs = []
   for t in range(L):
     ctx = model.decode_context(jnp.full((B,), t, jnp.int32), 1, cfg)
-    y, cache = mla.apply_cached(p, x_BxLxD[:, t:t + 1], ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg)
+    y, cache = mla.apply_cached(p, x_BxLxD[:, t:t + 1], ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg, compute)
     outs.append(y)
   # the absorbed form sums over the latent instead of the head dims: fp32 rounding, outputs of size ~5
   np.testing.assert_allclose(np.concatenate(outs, axis=1), ref, rtol=1e-5, atol=2e-5)
 
 
 def test_mla_cache_holds_the_latent_and_the_rope_key_only(mla_case):
-  cfg, _ = mla_case
-  cache = model.init_cache(cfg, 3, 20)
+  cfg, compute, _ = mla_case
+  cache = model.init_cache(cfg, compute, 3, 20)
   per_token_per_layer = sum(v.shape[-1] for v in cache["moe_layers"].values())
   assert per_token_per_layer == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 48
   assert {k: v.shape for k, v in cache["moe_layers"].items()} == {
@@ -85,11 +86,11 @@ def test_mla_cache_holds_the_latent_and_the_rope_key_only(mla_case):
 
 def test_logprobs_equal_the_training_forward(mla_case):
   """Sampled at temperature 1 without truncation: the returned log-probs are the model's."""
-  cfg, params = mla_case
+  cfg, compute, params = mla_case
   scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, steps_per_call=3)
-  out = sampler.generate(params, PROMPTS, cfg, scfg, eos_id=EOS, key=jax.random.key(7))
+  out = sampler.generate(params, PROMPTS, cfg, compute, scfg, eos_id=EOS, key=jax.random.key(7))
   tokens, mask = np.asarray(out.tokens_BxS), np.asarray(out.completion_mask_BxS)
-  logits = _apply(params, jnp.asarray(tokens), cfg).logits_BxLxV
+  logits = _apply(params, jnp.asarray(tokens), cfg, compute).logits_BxLxV
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
   B, S = tokens.shape
   ref = np.zeros((B, S))
@@ -115,32 +116,32 @@ def test_top_k_and_top_p_keep_exactly_the_expected_sets():
 
 
 def test_rows_stop_at_eos_independently(mla_case):
-  cfg, params = mla_case
-  free = sampler.greedy_full_forward(params, PROMPTS, cfg, GREEDY.max_new_tokens, eos_id=-1)
+  cfg, compute, params = mla_case
+  free = sampler.greedy_full_forward(params, PROMPTS, cfg, compute, GREEDY.max_new_tokens, eos_id=-1)
   eos = free[0][3]  # row 0 emits this at step 4; other rows stop at their first occurrence, if any
-  out = sampler.generate(params, PROMPTS, cfg, GREEDY, eos_id=eos)
+  out = sampler.generate(params, PROMPTS, cfg, compute, GREEDY, eos_id=eos)
   expected = [row[:row.index(eos) + 1] if eos in row else row for row in free]
   assert _completions(out) == expected
   assert np.asarray(out.truncated_B).tolist() == [eos not in row for row in free]
 
 
 def test_mtp_speculative_decoding_equals_greedy(mla_case):
-  cfg, params = mla_case
+  cfg, compute, params = mla_case
   spec = dataclasses.replace(GREEDY, speculative=True, max_new_tokens=15)
-  plain = sampler.generate(params, PROMPTS, cfg, dataclasses.replace(spec, speculative=False), eos_id=-1)
-  fast = sampler.generate(params, PROMPTS, cfg, spec, eos_id=-1)
+  plain = sampler.generate(params, PROMPTS, cfg, compute, dataclasses.replace(spec, speculative=False), eos_id=-1)
+  fast = sampler.generate(params, PROMPTS, cfg, compute, spec, eos_id=-1)
   assert _completions(fast) == _completions(plain)
   np.testing.assert_allclose(fast.logprobs_BxS, plain.logprobs_BxS, rtol=1e-4, atol=1e-5)
   assert int(fast.steps) <= int(plain.steps)
 
 
 def test_no_recompilation_for_new_prompts_of_the_same_shapes(mla_case):
-  cfg, params = mla_case
+  cfg, compute, params = mla_case
   scfg = dataclasses.replace(GREEDY, max_new_tokens=6)
-  sampler.generate(params, PROMPTS, cfg, scfg, eos_id=EOS)
+  sampler.generate(params, PROMPTS, cfg, compute, scfg, eos_id=EOS)
   sizes = sampler._prefill_jit._cache_size(), sampler._decode_chunk_jit._cache_size()
   other = [[1, 20, 21], [1, 9, 9, 9, 9, 9, 9], [1]]  # different lengths, same 16-token bucket and row count
-  sampler.generate(params, other, cfg, scfg, eos_id=EOS)
+  sampler.generate(params, other, cfg, compute, scfg, eos_id=EOS)
   assert (sampler._prefill_jit._cache_size(), sampler._decode_chunk_jit._cache_size()) == sizes
 
 
@@ -148,12 +149,12 @@ def test_no_recompilation_for_new_prompts_of_the_same_shapes(mla_case):
                                             ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]])
 def test_sharded_generation_equals_one_device(mla_case, mesh_overrides):
   """The training shardings on 8 fake devices; 3 prompts do not divide the batch axes (padded rows)."""
-  cfg, params = mla_case
-  mesh = sharding.make_mesh(config.apply_overrides(config.RunConfig(model=cfg), mesh_overrides).mesh)
-  ref = sampler.generate(params, PROMPTS, cfg, GREEDY, eos_id=-1)
+  cfg, compute, params = mla_case
+  mesh = sharding.make_mesh(config.apply_overrides(config.RunConfig(model=cfg, compute=compute), mesh_overrides).mesh)
+  ref = sampler.generate(params, PROMPTS, cfg, compute, GREEDY, eos_id=-1)
   with jax.set_mesh(mesh):
-    sharded = jax.device_put(params, model.param_shardings(cfg, mesh))
-    out = sampler.generate(sharded, PROMPTS, cfg, GREEDY, eos_id=-1)
+    sharded = jax.device_put(params, model.param_shardings(cfg, compute, mesh))
+    out = sampler.generate(sharded, PROMPTS, cfg, compute, GREEDY, eos_id=-1)
   assert _completions(out) == _completions(ref)
   for name in ref.experts:
     np.testing.assert_array_equal(sampler.to_host(out.experts[name]), ref.experts[name])
@@ -161,17 +162,17 @@ def test_sharded_generation_equals_one_device(mla_case, mesh_overrides):
 
 def test_recorded_experts_replay_the_sampler_routing(mla_case):
   """Every fed token's recorded experts equal what the training forward routes it to."""
-  cfg, params = mla_case
-  out = sampler.generate(params, PROMPTS, cfg, GREEDY, eos_id=-1)
-  fwd = _apply(params, out.tokens_BxS, cfg).router["moe_layers"]["experts"]
+  cfg, compute, params = mla_case
+  out = sampler.generate(params, PROMPTS, cfg, compute, GREEDY, eos_id=-1)
+  fwd = _apply(params, out.tokens_BxS, cfg, compute).router["moe_layers"]["experts"]
   fed = np.asarray(out.experts["moe_layers"]) >= 0
   assert fed.any()
   np.testing.assert_array_equal(np.asarray(out.experts["moe_layers"])[fed], np.asarray(fwd)[fed])
   # replaying the record (-1: never fed, routed freely) reproduces the forward's routing; other ids are obeyed
   routes = out.experts["moe_layers"]
-  replayed = _apply(params, out.tokens_BxS, cfg, routes={"moe_layers": routes}).router["moe_layers"]
+  replayed = _apply(params, out.tokens_BxS, cfg, compute, routes={"moe_layers": routes}).router["moe_layers"]
   np.testing.assert_array_equal(replayed["experts"], fwd)
   shifted = jnp.where(routes >= 0, (routes + 1) % cfg.n_routed_experts, -1)
-  forced = _apply(params, out.tokens_BxS, cfg, routes={"moe_layers": shifted}).router["moe_layers"]
+  forced = _apply(params, out.tokens_BxS, cfg, compute, routes={"moe_layers": shifted}).router["moe_layers"]
   np.testing.assert_array_equal(np.asarray(forced["experts"])[fed], np.asarray(shifted)[fed])
   assert block.cache_names(cfg) is mla.CACHE_NAMES

@@ -55,10 +55,10 @@ def test_spec_maps_logical_names_and_skips_taken_axes():
 
 
 def test_671b_params_get_the_intended_specs_abstractly():
-  cfg = config.load(V3).model
+  cfg = config.load(V3)
   mesh = sharding.abstract_mesh({"data": 1, "fsdp": 8, "expert": 32, "tensor": 1})
-  boxed = _by_path(model.abstract(cfg), layers.is_param)  # ShapeDtypeStructs only: nothing allocated
-  shardings = _by_path(model.param_shardings(cfg, mesh))
+  boxed = _by_path(model.abstract(cfg.model, cfg.compute), layers.is_param)  # ShapeDtypeStructs: nothing allocated
+  shardings = _by_path(model.param_shardings(cfg.model, cfg.compute, mesh))
   for name, want in GOLDEN_671B.items():
     assert shardings[name].spec == want, name
   w = boxed["moe_layers/ffn/experts/w_gate"].value
@@ -85,15 +85,15 @@ def test_tensor_axis_must_divide_heads_vocab_and_mlp_width(tiny, field, value):
   cfg = dataclasses.replace(tiny.model, **{field: value})
   mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
   with pytest.raises(ConfigError, match=rf"^mesh.tensor=4: the tensor axis must divide model.{field}={value}$"):
-    sharding.validate_mesh(cfg, mesh)
-  sharding.validate_mesh(tiny.model, mesh)  # 4 heads, vocab 512, inter_dim 256 all split 4 ways
+    sharding.validate_mesh(cfg, tiny.compute, mesh)
+  sharding.validate_mesh(tiny.model, tiny.compute, mesh)  # 4 heads, vocab 512, inter_dim 256 all split 4 ways
 
 
 def test_tensor_axis_must_divide_kv_heads_of_gqa():
-  cfg = config.load(ROOT / "configs/tiny_dense_student.yaml").model  # 4 query heads, 2 kv heads
+  run = config.load(ROOT / "configs/tiny_dense_student.yaml")  # 4 query heads, 2 kv heads
   with pytest.raises(ConfigError, match=r"^mesh.tensor=4: the tensor axis must divide model.n_kv_heads=2$"):
-    sharding.validate_mesh(cfg, sharding.make_mesh(MeshConfig(data=2, tensor=4)))
-  sharding.validate_mesh(cfg, sharding.make_mesh(MeshConfig(data=4, tensor=2)))
+    sharding.validate_mesh(run.model, run.compute, sharding.make_mesh(MeshConfig(data=2, tensor=4)))
+  sharding.validate_mesh(run.model, run.compute, sharding.make_mesh(MeshConfig(data=4, tensor=2)))
 
 
 def test_memory_report_equals_the_real_per_device_bytes(tiny, capsys):
@@ -128,12 +128,12 @@ def test_memory_report_counts_the_fp8_expert_tiles():
   from r1jax.nn import moe
 
   sizes = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
-  cfg = config.load(TINY, ["model.fp8.enabled=true", "model.fp8.block=16"])
+  cfg = config.load(TINY, ["compute.fp8.enabled=true", "compute.fp8.block=16"])
   assert memory.expert_tile_bytes(config.load(TINY), sizes) == 0
   mesh = sharding.make_mesh(MeshConfig(**sizes))
   with jax.set_mesh(mesh):
-    params = model.init(cfg.model, jax.random.key(0), mesh)
-    tiles = jax.jit(lambda p: moe.with_expert_tiles(p, cfg.model)["experts"]["fp8_tiles"])(params["moe_layers"]["ffn"])
+    params = model.init(cfg.model, cfg.compute, jax.random.key(0), mesh)
+    tiles = jax.jit(lambda p: moe.with_expert_tiles(p, cfg.compute)["experts"]["fp8_tiles"])(params["moe_layers"]["ffn"])
   dev0 = jax.devices()[0]
   on_dev0 = sum(s.data.nbytes for x in jax.tree.leaves(tiles) for s in x.addressable_shards if s.device == dev0)
   assert memory.expert_tile_bytes(cfg, sizes) == on_dev0 > 0
@@ -151,7 +151,7 @@ def test_lower_reports_xla_memory_when_the_devices_exist(capsys):
 
 def test_lower_671b_on_an_abstract_mesh(capsys):
   """256 devices are not here: the step still lowers from ShapeDtypeStructs, and says why it cannot compile."""
-  assert cli.main(["info", V3, "model.capacity_factor=1.25", "--mesh", "data=1,fsdp=8,expert=32", "--batch", "256",
+  assert cli.main(["info", V3, "compute.capacity_factor=1.25", "--mesh", "data=1,fsdp=8,expert=32", "--batch", "256",
                    "--link-gbps", "400", "--lower", "--json"]) == 0
   r = json.loads(capsys.readouterr().out)["mesh"]
   assert r["lower"]["lowered"] and r["lower"]["memory_analysis"] is None

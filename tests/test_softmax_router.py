@@ -13,7 +13,7 @@ from r1jax.interop import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 V2 = ["model.score_func=softmax", "model.norm_topk_prob=false", "model.route_scale=1.0", "model.n_mtp=0",
-      "model.dtype=float32", "model.bias_update_speed=0.01"]
+      "compute.dtype=float32", "compute.bias_update_speed=0.01"]
 
 
 def _trained(overrides, steps=2):
@@ -33,8 +33,8 @@ def test_softmax_router_has_no_bias_and_a_trained_model_exports(tmp_path):
   assert not cfg.model.has_router_bias
   assert "bias" not in params["moe_layers"]["ffn"]["router"]
   assert not any("bias" in "/".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-  hf.export_hf(params, cfg.model, tmp_path / "v2", arch="DeepseekV2ForCausalLM")
-  back_cfg, back = hf.import_hf(tmp_path / "v2", overrides=["model.dtype=float32"])
+  hf.export_hf(params, cfg.model, cfg.compute, tmp_path / "v2", arch="DeepseekV2ForCausalLM")
+  back_cfg, back = hf.import_hf(tmp_path / "v2", overrides=["compute.dtype=float32"])
   assert back_cfg.model.score_func == "softmax" and not back_cfg.model.has_router_bias
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), params)
 
@@ -49,4 +49,4 @@ def test_explicit_router_bias_on_softmax_is_trained_by_load(tmp_path):
 def test_sigmoid_router_keeps_its_bias_by_default():
   cfg = config.load(ROOT / "configs/tiny.yaml")
   assert cfg.model.has_router_bias
-  assert "bias" in model.abstract(cfg.model)["moe_layers"]["ffn"]["router"]
+  assert "bias" in model.abstract(cfg.model, cfg.compute)["moe_layers"]["ffn"]["router"]

@@ -23,7 +23,7 @@ TINY = ROOT / "configs/tiny.yaml"
 
 
 def _cfg(*overrides):
-  return config.load(TINY, ["model.dtype=float32", *overrides])
+  return config.load(TINY, ["compute.dtype=float32", *overrides])
 
 
 def _flat(tree):

@@ -11,7 +11,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
 from r1jax.nn import moe, mtp
 
 
@@ -64,15 +63,16 @@ def mtp_masks(mask_BxL, segment_ids_BxL, n_mtp: int) -> list:
   return masks
 
 
-def mtp_loss(mtp_h_PxBxLxD, head_fn, targets_BxL, mask_BxL, segment_ids_BxL, cfg: ModelConfig, totals=None):
+def mtp_loss(mtp_h_PxBxLxD, head_fn, targets_BxL, mask_BxL, segment_ids_BxL, n_mtp: int, weight: float,
+             head_chunk: int, totals=None):
   """L_MTP = lambda / D * sum_k CE_k (V3 eq. 25) from each depth's normed state; `totals` are the per-depth
-  token counts of the whole step."""
+  token counts of the whole step; `weight` is lambda (compute.mtp_loss_weight)."""
   total = jnp.zeros((), jnp.float32)
-  for k, mask_k in enumerate(mtp_masks(mask_BxL, segment_ids_BxL, cfg.n_mtp), start=1):
+  for k, mask_k in enumerate(mtp_masks(mask_BxL, segment_ids_BxL, n_mtp), start=1):
     denom = None if totals is None else totals[k - 1]
-    logp_BxL, _ = head_logprobs(mtp_h_PxBxLxD[k - 1], head_fn, mtp.shift_left(targets_BxL, k), cfg.head_chunk)
+    logp_BxL, _ = head_logprobs(mtp_h_PxBxLxD[k - 1], head_fn, mtp.shift_left(targets_BxL, k), head_chunk)
     total = total + masked_nll(logp_BxL, mask_k, denom)[0]
-  return cfg.mtp_loss_weight * total / cfg.n_mtp
+  return weight * total / n_mtp
 
 
 def router_aux_loss(router: dict):

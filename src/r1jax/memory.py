@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from r1jax import sharding, train
-from r1jax.config import ModelConfig, RunConfig
+from r1jax.config import ComputeConfig, ModelConfig, RunConfig
 from r1jax.nn import expert_ffn, expert_parallel
 
 
@@ -39,9 +39,9 @@ def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
   """Per-device bytes of the MoE stack's routed-expert weights quantised ahead, held through a step
   (FP8Config.quantize_experts_once, moe.with_expert_tiles): e4m3 in both majors and fp32 block scales, each
   split like its weight; 0 where the experts are not quantised that way."""
-  m = cfg.model
-  fp8 = m.fp8.use("routed_experts")
-  if fp8 is None or not fp8.quantize_experts_once or not m.n_moe_layers or expert_ffn.gemm_impl(m) != "einsum":
+  fp8 = cfg.compute.fp8.use("routed_experts")
+  if (fp8 is None or not fp8.quantize_experts_once or not cfg.model.n_moe_layers
+      or expert_ffn.gemm_impl(cfg.compute) != "einsum"):
     return 0
   experts = train.abstract_state(cfg, sharding.abstract_mesh(sizes)).params["moe_layers"]["ffn"]["experts"]
   b = fp8.block
@@ -56,13 +56,14 @@ def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
 def fused_attention(cfg: RunConfig, backend: str) -> bool:
   """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
   unpacked rows (packed batches carry segment ids, which cuDNN is not given)."""
-  impl = cfg.model.attention_impl
+  impl = cfg.compute.attention_impl
   if backend == "tpu":
     return impl in ("auto", "splash")
   return backend == "gpu" and impl in ("auto", "cudnn") and not cfg.data.pack
 
 
-def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, fused: bool = True) -> int:
+def activation_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], batch: int, seq: int,
+                     fused: bool = True) -> int:
   """Per-device estimate of what the backward pass keeps, itemised per token and layer. Fused attention keeps
   its output and log-sum-exp only, so nothing grows with L^2; the XLA path (fused=False) adds fp32 scores
   and probabilities, [H, L] per token. remat "dots" keeps the outputs of the dense
@@ -70,7 +71,7 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
   being recomputed; "none" keeps every intermediate, the fp32 RMSNorm inputs and the expert buffers too.
   The head's logits live one chunk at a time (losses.head_logprobs)."""
   tokens = batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
-  t, b, f32 = sizes["tensor"], jnp.dtype(cfg.dtype).itemsize, 4
+  t, b, f32 = sizes["tensor"], jnp.dtype(compute.dtype).itemsize, 4
   D, H, E, K = cfg.dim, cfg.n_heads, cfg.n_routed_experts, cfg.n_activated_experts
   if cfg.attention == "gqa":
     proj = (H + 2 * cfg.n_kv_heads) * cfg.head_dim / t + D  # q, k, v, o
@@ -85,17 +86,17 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
     attn_rest += 2 * H / t * seq * f32
   shared = 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t
   dense_dots, moe_dots = (proj + 3 * cfg.inter_dim / t) * b, (proj + shared) * b + E * f32  # + router scores
-  if cfg.fp8.enabled and cfg.remat == "dots":  # a kept FP8 GEMM keeps its e4m3 input and scales too (fp8.py)
-    q8 = 1 + f32 / cfg.fp8.block
+  if compute.fp8.enabled and compute.remat == "dots":  # a kept FP8 GEMM keeps its e4m3 input and scales too (fp8.py)
+    q8 = 1 + f32 / compute.fp8.block
     if cfg.attention == "mla":  # x once for wq_a and wkv_a (twice without q_lora), the latents, o's input
       attn_in = (D + cfg.q_lora_rank if cfg.q_lora_rank else 2 * D) + cfg.kv_lora_rank + H * cfg.v_head_dim / t
     else:  # x for each of q, k, v, and o's input
       attn_in = 3 * D + H * cfg.head_dim / t
-    attn_in = attn_in if cfg.fp8.use("attention") else 0
+    attn_in = attn_in if compute.fp8.use("attention") else 0
     mlp_in = lambda use, inter: (D + inter / t) if use else 0  # noqa: E731  (gate/up share one quantised x)
-    dense_dots += q8 * (attn_in + mlp_in(cfg.fp8.use("dense_mlp"), cfg.inter_dim))
-    moe_dots += q8 * (attn_in + cfg.n_shared_experts * mlp_in(cfg.fp8.use("shared_experts"), cfg.moe_inter_dim))
-  C = expert_parallel.capacity(max(1, int(tokens)), cfg)
+    dense_dots += q8 * (attn_in + mlp_in(compute.fp8.use("dense_mlp"), cfg.inter_dim))
+    moe_dots += q8 * (attn_in + cfg.n_shared_experts * mlp_in(compute.fp8.use("shared_experts"), cfg.moe_inter_dim))
+  C = expert_parallel.capacity(max(1, int(tokens)), cfg, compute.capacity_factor)
   rows = C * E / max(tokens, 1)  # padded expert rows per token
   # dispatched rows, gate/up/silu/product, expert outputs; gathered outputs per slot in bf16 and fp32
   experts = rows * (2 * D + 4 * cfg.moe_inter_dim / t) * b + K * D * (b + f32)
@@ -103,18 +104,19 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: i
   moe = moe_dots + attn_rest + experts + cfg.n_shared_experts * 2 * cfg.moe_inter_dim / t * b
   n_moe = cfg.n_moe_layers + cfg.n_mtp
   layer_inputs = (cfg.n_layers + cfg.n_mtp) * D * b
-  chunk = seq if cfg.head_chunk <= 0 else min(cfg.head_chunk, seq)
+  chunk = seq if compute.head_chunk <= 0 else min(compute.head_chunk, seq)
   logits = 2 * cfg.vocab_size / t * f32 * chunk / seq  # one chunk's logits and softmax at a time
-  if cfg.remat == "none":
+  if compute.remat == "none":
     per_token = cfg.n_dense_layers * dense + n_moe * moe + layer_inputs
-  elif cfg.remat == "dots":
+  elif compute.remat == "dots":
     per_token = cfg.n_dense_layers * dense_dots + n_moe * moe_dots + layer_inputs + max(dense, moe)
   else:
     per_token = layer_inputs + max(dense, moe)
   return int(tokens * (per_token + logits))
 
 
-def all_to_all(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, link_GBps: float) -> dict:
+def all_to_all(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], batch: int, seq: int,
+               link_GBps: float) -> dict:
   """Bytes one device sends to other devices per MoE layer per step, and the time at `link_GBps`.
 
   A step has a dispatch and a combine forward and their transposes backward (and the forward again
@@ -122,10 +124,10 @@ def all_to_all(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, li
   """
   n_ep = sizes["expert"]
   tokens = batch * seq // math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
-  C = expert_parallel.capacity(tokens, cfg)
-  b = jnp.dtype(cfg.dtype).itemsize
+  C = expert_parallel.capacity(tokens, cfg, compute.capacity_factor)
+  b = jnp.dtype(compute.dtype).itemsize
   leaves = (n_ep - 1) / n_ep
-  n_ops = 4 if cfg.remat == "none" else 6
+  n_ops = 4 if compute.remat == "none" else 6
   per_op = cfg.n_routed_experts * C * cfg.dim * b * leaves
   routed = tokens * cfg.n_activated_experts * cfg.dim * b * leaves  # what a ragged (unpadded) exchange moves
   per_layer = n_ops * per_op
@@ -143,17 +145,17 @@ def all_to_all(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq: int, li
 def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBps: float) -> dict:
   """The `r1jax info --mesh` numbers for one device of the mesh."""
   mesh = sharding.abstract_mesh(sizes)
-  sharding.validate_mesh(cfg.model, mesh, batch)
+  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch)
   mem = state_bytes(cfg, sizes)
   if tiles := expert_tile_bytes(cfg, sizes):
     mem["fp8_expert_tiles"] = tiles
   fused = fused_attention(cfg, jax.default_backend())
-  mem["activations_estimate"] = activation_bytes(cfg.model, sizes, batch, seq, fused)
+  mem["activations_estimate"] = activation_bytes(cfg.model, cfg.compute, sizes, batch, seq, fused)
   mem["total"] = sum(mem.values())
   out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
          "bytes_per_device": mem, "fused_attention": fused}
   if cfg.model.n_moe_layers or cfg.model.n_mtp:
-    out["all_to_all"] = all_to_all(cfg.model, sizes, batch, seq, link_GBps)
+    out["all_to_all"] = all_to_all(cfg.model, cfg.compute, sizes, batch, seq, link_GBps)
   return out
 
 
@@ -161,7 +163,7 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
   """Lower the jitted train step on an abstract mesh from ShapeDtypeStructs (nothing is allocated);
   compile it and read XLA's memory analysis when this backend has enough devices for the mesh."""
   mesh = sharding.abstract_mesh(sizes)
-  sharding.validate_mesh(cfg.model, mesh, batch)
+  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch)
   state = train.abstract_state(cfg, mesh)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   batch_sds = {"tokens": tokens, "targets": tokens, "loss_mask": tokens}

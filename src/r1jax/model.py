@@ -17,7 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.config import ComputeConfig, ConfigError, ModelConfig
 from r1jax.nn import attention, block, fp8, layers, moe, mtp, rope
 from r1jax.sharding import constrain
 
@@ -33,44 +33,45 @@ class Output(NamedTuple):
   mtp_hidden_PxBxLxD: jax.Array | None  # each MTP depth's state after its norm: what its head logits read
 
 
-def init_boxed(cfg: ModelConfig, key) -> dict:
+def init_boxed(cfg: ModelConfig, compute: ComputeConfig, key) -> dict:
   """Params wrapped in layers.Param (value + logical axis names)."""
   k_embed, k_dense, k_moe, k_head, k_mtp = jax.random.split(key, 5)
-  dt = jnp.dtype(cfg.param_dtype)
-  p = {"embed": layers.normal(k_embed, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg.init_std, dt)}
+  dt = jnp.dtype(compute.param_dtype)
+  p = {"embed": layers.normal(k_embed, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), compute.init_std, dt)}
   if cfg.n_dense_layers:
-    p["dense_layers"] = layers.stacked(functools.partial(block.init, cfg=cfg, is_moe=False), k_dense,
-                                       cfg.n_dense_layers)
+    p["dense_layers"] = layers.stacked(functools.partial(block.init, cfg=cfg, compute=compute, is_moe=False),
+                                       k_dense, cfg.n_dense_layers)
   if cfg.n_moe_layers:
-    p["moe_layers"] = layers.stacked(functools.partial(block.init, cfg=cfg, is_moe=True), k_moe,
-                                     cfg.n_moe_layers)
+    p["moe_layers"] = layers.stacked(functools.partial(block.init, cfg=cfg, compute=compute, is_moe=True),
+                                     k_moe, cfg.n_moe_layers)
   p["final_norm"] = layers.ones((cfg.dim,), ("norm",), dt)
   if not cfg.tie_embeddings:
-    p["head"] = layers.normal(k_head, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dt)
+    p["head"] = layers.normal(k_head, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), compute.init_std, dt)
   if cfg.n_mtp:
-    p["mtp"] = layers.stacked(functools.partial(mtp.init, cfg=cfg), k_mtp, cfg.n_mtp)
+    p["mtp"] = layers.stacked(functools.partial(mtp.init, cfg=cfg, compute=compute), k_mtp, cfg.n_mtp)
   return p
 
 
-def abstract(cfg: ModelConfig) -> dict:
-  """Boxed params as ShapeDtypeStructs: shapes, dtypes and logical names with no allocation."""
-  return jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.key(0))
+def abstract(cfg: ModelConfig, compute: ComputeConfig = ComputeConfig()) -> dict:
+  """Boxed params as ShapeDtypeStructs: shapes, dtypes and logical names with no allocation (shapes and names
+  are the architecture's alone; dtypes are compute.param_dtype)."""
+  return jax.eval_shape(functools.partial(init_boxed, cfg, compute), jax.random.key(0))
 
 
-def param_shardings(cfg: ModelConfig, mesh) -> dict:
-  return layers.shardings(abstract(cfg), mesh)
+def param_shardings(cfg: ModelConfig, compute: ComputeConfig, mesh) -> dict:
+  return layers.shardings(abstract(cfg, compute), mesh)
 
 
-def init(cfg: ModelConfig, key, mesh=None) -> dict:
+def init(cfg: ModelConfig, compute: ComputeConfig, key, mesh=None) -> dict:
   """Materialise params directly in their shardings on `mesh` (no host-side full copy)."""
-  fn = lambda k: layers.unbox(init_boxed(cfg, k))  # noqa: E731
+  fn = lambda k: layers.unbox(init_boxed(cfg, compute, k))  # noqa: E731
   if mesh is None:
     return jax.jit(fn)(key)
-  return jax.jit(fn, out_shardings=param_shardings(cfg, mesh))(key)
+  return jax.jit(fn, out_shardings=param_shardings(cfg, compute, mesh))(key)
 
 
-def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, segment_ids_BxL=None,
-          token_mask_BxL=None, routes: dict | None = None, logits: bool = True) -> Output:
+def apply(params: dict, tokens_BxL, cfg: ModelConfig, compute: ComputeConfig, *, positions_BxL=None,
+          segment_ids_BxL=None, token_mask_BxL=None, routes: dict | None = None, logits: bool = True) -> Output:
   """Forward pass. `positions`/`segment_ids` describe packed sequences (default: one sequence per row);
   `token_mask` marks real tokens (default: all), the only ones router statistics count. `routes` replays
   routing: {"moe_layers": [N, B, L, K], "mtp": [n_mtp, B, L, K]} expert ids, e.g. a previous
@@ -78,7 +79,7 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   returns the normed states only (losses.head_logprobs runs the head on them chunk by chunk)."""
   chex.assert_rank(tokens_BxL, 2)
   chex.assert_type(tokens_BxL, int)
-  check_fp8_params(params, cfg)
+  check_fp8_params(params, compute)
   B, L = tokens_BxL.shape
   if positions_BxL is None:
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -91,25 +92,26 @@ def apply(params: dict, tokens_BxL, cfg: ModelConfig, *, positions_BxL=None, seg
   routes = routes or {}
   tokens_BxL = constrain(tokens_BxL, "batch", "seq")
   ctx = block.Context(*rope.cos_sin(positions_BxL, cfg), mask, moe.Tokens(token_mask_BxL, segment_ids_BxL))
-  embed_fn, head = _embed_fn(params, cfg), head_fn(params, cfg)
+  embed_fn, head = _embed_fn(params, compute), head_fn(params, cfg)
   x_BxLxD = embed_fn(tokens_BxL)
   router = {}
   if cfg.n_dense_layers:
-    x_BxLxD, _ = block.scan(params["dense_layers"], x_BxLxD, ctx, cfg, is_moe=False)
+    x_BxLxD, _ = block.scan(params["dense_layers"], x_BxLxD, ctx, cfg, compute, is_moe=False)
   if cfg.n_moe_layers:
-    x_BxLxD, router["moe_layers"] = block.scan(params["moe_layers"], x_BxLxD, ctx, cfg, is_moe=True,
+    x_BxLxD, router["moe_layers"] = block.scan(params["moe_layers"], x_BxLxD, ctx, cfg, compute, is_moe=True,
                                                replay_NxBxLxK=routes.get("moe_layers"))
   h_BxLxD = layers.rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
   mtp_h = None
   if cfg.n_mtp:  # MTP reads the normed state, as engines serving DeepSeek's MTP weights do (mtp.py)
-    mtp_h, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, ctx, cfg, routes.get("mtp"))
+    mtp_h, router["mtp"] = mtp.apply(params["mtp"], h_BxLxD, tokens_BxL, embed_fn, ctx, cfg, compute,
+                                        routes.get("mtp"))
   if not logits:
     return Output(None, None, router, h_BxLxD, mtp_h)
   return Output(head(h_BxLxD), None if mtp_h is None else head(mtp_h), router, h_BxLxD, mtp_h)
 
 
-def _embed_fn(params: dict, cfg: ModelConfig):
-  return lambda tokens: layers.embed(params["embed"], tokens, jnp.dtype(cfg.dtype))
+def _embed_fn(params: dict, compute: ComputeConfig):
+  return lambda tokens: layers.embed(params["embed"], tokens, jnp.dtype(compute.dtype))
 
 
 def head_fn(params: dict, cfg: ModelConfig):
@@ -132,7 +134,7 @@ class DecodeOutput(NamedTuple):
 _STACKS = ("dense_layers", "moe_layers")
 
 
-def init_cache(cfg: ModelConfig, B: int, S: int) -> dict:
+def init_cache(cfg: ModelConfig, compute: ComputeConfig, B: int, S: int) -> dict:
   """Zero KV caches of S slots for B rows, one stacked cache per stack of blocks (and the MTP blocks),
   in the compute dtype, laid out by logical names (rows over the batch axes)."""
   counts = {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers, "mtp": cfg.n_mtp}
@@ -140,7 +142,7 @@ def init_cache(cfg: ModelConfig, B: int, S: int) -> dict:
   cache = {}
   for stack, n in counts.items():
     if n:
-      one = block.init_cache(cfg, B, S, jnp.dtype(cfg.dtype))
+      one = block.init_cache(cfg, B, S, jnp.dtype(compute.dtype))
       cache[stack] = {k: constrain(jnp.broadcast_to(v, (n, *v.shape)), "layers", *names[k]) for k, v in one.items()}
   return cache
 
@@ -154,19 +156,20 @@ def decode_context(write_B, T: int, cfg: ModelConfig, token_mask_BxT=None) -> bl
   return block.Context(*rope.cos_sin(positions_BxT, cfg), attention.Mask(q_start_B=write_B), tokens, write_B)
 
 
-def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, token_mask_BxT=None) -> DecodeOutput:
+def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, compute: ComputeConfig,
+           token_mask_BxT=None) -> DecodeOutput:
   """Run T new tokens per row at cache slots write_B + [0, T) (prefill: the prompt at 0; decode: one token),
   extending the caches. Row b sees its slots <= its own position, so slots beyond a row's length may hold
   anything: they are overwritten before they become visible. `token_mask` marks rows' real tokens (router
   statistics and expert capacity count only those)."""
   chex.assert_rank(tokens_BxT, 2)
-  check_fp8_params(params, cfg)
+  check_fp8_params(params, compute)
   ctx = decode_context(write_B, tokens_BxT.shape[1], cfg, token_mask_BxT)
-  x_BxTxD = _embed_fn(params, cfg)(constrain(tokens_BxT, "batch", "seq"))
+  x_BxTxD = _embed_fn(params, compute)(constrain(tokens_BxT, "batch", "seq"))
   router, new_cache = {}, dict(cache)
   for stack in _STACKS:
     if stack in params:
-      x_BxTxD, stats, new_cache[stack] = block.scan_cached(params[stack], x_BxTxD, cache[stack], ctx, cfg,
+      x_BxTxD, stats, new_cache[stack] = block.scan_cached(params[stack], x_BxTxD, cache[stack], ctx, cfg, compute,
                                                            is_moe=stack == "moe_layers")
       if stats is not None:
         router[stack] = stats
@@ -174,11 +177,12 @@ def decode(params: dict, cache: dict, tokens_BxT, write_B, cfg: ModelConfig, tok
   return DecodeOutput(head_fn(params, cfg)(h_BxTxD), h_BxTxD, router, new_cache)
 
 
-def mtp_draft(params: dict, cache: dict, h_BxTxD, next_tokens_BxT, write_B, cfg: ModelConfig):
+def mtp_draft(params: dict, cache: dict, h_BxTxD, next_tokens_BxT, write_B, cfg: ModelConfig,
+              compute: ComputeConfig):
   """The first MTP module as a one-token draft model (nn.mtp.draft); returns (logits_BxTxV, cache)."""
   ctx = decode_context(write_B, h_BxTxD.shape[1], cfg)
-  logits, mtp_cache = mtp.draft(params["mtp"], h_BxTxD, next_tokens_BxT, cache["mtp"], _embed_fn(params, cfg),
-                                head_fn(params, cfg), ctx, cfg)
+  logits, mtp_cache = mtp.draft(params["mtp"], h_BxTxD, next_tokens_BxT, cache["mtp"],
+                                _embed_fn(params, compute), head_fn(params, cfg), ctx, cfg, compute)
   return logits, {**cache, "mtp": mtp_cache}
 
 
@@ -205,11 +209,11 @@ def _set(tree: dict, path, value) -> dict:
   return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
-def update_router_bias(params: dict, router: dict, cfg: ModelConfig) -> dict:
+def update_router_bias(params: dict, router: dict, speed: float) -> dict:
   """Apply the aux-loss-free bias update (moe.update_bias) to every MoE layer from its observed load."""
   for name, path in _router_bias_paths(params):
     if name in router:  # a forward without MTP (RL) observes no MTP load
-      params = _set(params, path, moe.update_bias(_get(params, path), router[name]["load"], cfg.bias_update_speed))
+      params = _set(params, path, moe.update_bias(_get(params, path), router[name]["load"], speed))
   return params
 
 
@@ -257,14 +261,14 @@ def fp8_part(path) -> str | None:
   return part if part in ("attention", "dense_mlp", "routed_experts", "shared_experts") else None
 
 
-def check_fp8_params(params: dict, cfg: ModelConfig):
+def check_fp8_params(params: dict, compute: ComputeConfig):
   """keep_fp8 weights (QuantizedWeight) run only in FP8 GEMMs: a one-line error naming the first one whose part
-  model.fp8 leaves in high precision."""
+  compute.fp8 leaves in high precision."""
   for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=fp8.weights.is_quantized)[0]:
     part = fp8_part(path)
-    if fp8.weights.is_quantized(x) and (part is None or cfg.fp8.use(part) is None):
-      fix = f"set model.fp8.enabled=true and model.fp8.{part}=true" if part else "import it without keep_fp8"
-      raise ConfigError(f"parameter {'/'.join(map(str, _keys(path)))} is a keep_fp8 e4m3 weight but model.fp8 runs "
+    if fp8.weights.is_quantized(x) and (part is None or compute.fp8.use(part) is None):
+      fix = f"set compute.fp8.enabled=true and compute.fp8.{part}=true" if part else "import it without keep_fp8"
+      raise ConfigError(f"parameter {'/'.join(map(str, _keys(path)))} is a keep_fp8 e4m3 weight but compute.fp8 runs "
                         f"its matmul in high precision: {fix}")
 
 

@@ -7,7 +7,7 @@ sampled tokens, the completion mask, and every fed token's experts (routing repl
 Rows are right-padded: row b's prompt fills cache slots [0, n_b), its completion follows, and slot i holds
 position i. `greedy_full_forward` (full forward passes, no cache) is the reference tests compare against.
 
-With model.fp8 on, decode steps run the same FP8 projections as training (weights quantised per step), but the
+With compute.fp8 on, decode steps run the same FP8 projections as training (weights quantised per step), but the
 absorbed MLA decode multiplies by wkv_b in the compute dtype, where training's decompression runs it in FP8:
 the learner recomputes log-probs, and GRPO's truncated importance sampling covers the gap."""
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import model, sharding
-from r1jax.config import ConfigError, ModelConfig, SamplerConfig
+from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
 
 PROMPT_BUCKET = 16  # prompt buffers are padded to a multiple of this, so prompt lengths share compilations
 
@@ -113,14 +113,14 @@ def _put_experts(experts: dict, slot_B, router: dict, t: int, active_B):
   return out
 
 
-def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg: ModelConfig,
+def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg: ModelConfig, compute: ComputeConfig,
              scfg: SamplerConfig) -> _State:
   """Run the prompts through the model at slots [0, P) and draw each row's first token."""
   B, P = tokens_BxP.shape
-  cache = model.init_cache(cfg, B, S)
+  cache = model.init_cache(cfg, compute, B, S)
   real_BxP = jnp.arange(P)[None] < prompt_len_B[:, None]
   zeros_B = jnp.zeros(B, jnp.int32)
-  out = model.decode(params, cache, tokens_BxP, zeros_B, cfg, real_BxP)
+  out = model.decode(params, cache, tokens_BxP, zeros_B, cfg, compute, real_BxP)
   last_B = prompt_len_B - 1
   key, k_draw = jax.random.split(key)
   first_B, logp_B = sample(out.logits_BxTxV[_rows(B), last_B], k_draw, scfg)
@@ -134,17 +134,17 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg:
   draft_B, cache = zeros_B, out.cache
   if scfg.speculative:  # MTP over the prompt (fills its cache), drafting the token after the first one
     next_BxP = jnp.concatenate([tokens_BxP[:, 1:], tokens_BxP[:, :1]], axis=1).at[_rows(B), last_B].set(first_B)
-    draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg)
+    draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg, compute)
     draft_B = jnp.argmax(draft_logits[_rows(B), last_B], axis=-1).astype(jnp.int32)
   done_B = (first_B == eos_id) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
   return _State(cache, tokens_BxS, logprobs_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
                 jnp.ones(B, jnp.int32), zeros_B, key, jnp.zeros((), jnp.int32))
 
 
-def _step(params, st: _State, eos_id, cfg: ModelConfig, scfg: SamplerConfig) -> _State:
+def _step(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
   """Feed each active row's last token, draw the next one."""
   active_B = ~st.done_B
-  out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, active_B[:, None])
+  out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, compute, active_B[:, None])
   key, k_draw = jax.random.split(st.key)
   new_B, logp_B = sample(out.logits_BxTxV[:, 0], k_draw, scfg)
   slot_B = st.length_B + 1
@@ -158,12 +158,13 @@ def _step(params, st: _State, eos_id, cfg: ModelConfig, scfg: SamplerConfig) -> 
       n_new_B=n_new_B, key=key, step=st.step + 1)
 
 
-def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, scfg: SamplerConfig) -> _State:
+def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig,
+                      scfg: SamplerConfig) -> _State:
   """Greedy with an MTP draft (V3 report §5.4.3): feed [next, draft] at slots [n, n+1]; the main model's
   argmax a after `next` is always kept, and its argmax b after the draft too when draft == a. Equals plain
   greedy decoding token for token; garbage left at slot n+1 by a rejected draft is overwritten next step."""
   active_B = ~st.done_B
-  out = model.decode(params, st.cache, jnp.stack([st.next_B, st.draft_B], 1), st.length_B, cfg,
+  out = model.decode(params, st.cache, jnp.stack([st.next_B, st.draft_B], 1), st.length_B, cfg, compute,
                      jnp.stack([active_B, active_B], 1))
   logp_Bx2xV = jax.nn.log_softmax(out.logits_BxTxV, axis=-1)
   ab_Bx2 = jnp.argmax(out.logits_BxTxV, axis=-1).astype(jnp.int32)
@@ -176,7 +177,7 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, scfg: Sample
   tokens, logprobs = _put(tokens, st.length_B + 2, b_B, accept_B), _put(logprobs, st.length_B + 2, lp_Bx2[:, 1], accept_B)
   experts = _put_experts(st.experts, st.length_B, out.router, 0, active_B)
   experts = _put_experts(experts, st.length_B + 1, out.router, 1, accept_B)
-  draft_logits, cache = model.mtp_draft(params, out.cache, out.hidden_BxTxD, ab_Bx2, st.length_B, cfg)
+  draft_logits, cache = model.mtp_draft(params, out.cache, out.hidden_BxTxD, ab_Bx2, st.length_B, cfg, compute)
   drafts_Bx2 = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
   n_new_B = st.n_new_B + active_B + accept_B
   last_B = jnp.where(accept_B, b_B, a_B)
@@ -188,17 +189,17 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, scfg: Sample
       accepted_B=st.accepted_B + accept_B, step=st.step + 1)
 
 
-def _decode_chunk(params, st: _State, eos_id, cfg: ModelConfig, scfg: SamplerConfig) -> _State:
+def _decode_chunk(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
   """Up to scfg.steps_per_call decode steps, stopping early once every row is done."""
   step_fn = _speculative_step if scfg.speculative else _step
   stop_at = st.step + scfg.steps_per_call
   return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~s.done_B.all(),
-                            lambda s: step_fn(params, s, eos_id, cfg, scfg), st)
+                            lambda s: step_fn(params, s, eos_id, cfg, compute, scfg), st)
 
 
 # Compiled once per (shapes, configs); the decode state is donated, so its cache is updated in place.
-_prefill_jit = jax.jit(_prefill, static_argnames=("S", "cfg", "scfg"))
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("cfg", "scfg"), donate_argnums=1)
+_prefill_jit = jax.jit(_prefill, static_argnames=("S", "cfg", "compute", "scfg"))
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("cfg", "compute", "scfg"), donate_argnums=1)
 
 
 def _mesh_of(params):
@@ -222,14 +223,14 @@ def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int
   return buf, lengths, S
 
 
-def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, scfg: SamplerConfig, *, eos_id: int,
-             pad_id: int = 0, key=None, on_chunk: Callable[[int], None] | None = None) -> Rollout:
+def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
+             eos_id: int, pad_id: int = 0, key=None, on_chunk: Callable[[int], None] | None = None) -> Rollout:
   """Sample a completion for every prompt (lists of token ids). On a mesh (taken from the params'
   shardings) rows are split over the batch axes, and the batch is padded to a multiple of them with
   dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between compiled chunks."""
   if scfg.speculative and not cfg.n_mtp:
     raise ConfigError("sampler.speculative=true needs an MTP module (model.n_mtp >= 1)")
-  cfg = dataclasses.replace(cfg, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config
+  compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config
   mesh = _mesh_of(params)
   multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   n_rows = max(1, math.ceil(len(prompts) / multiple)) * multiple
@@ -242,14 +243,14 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, scfg: Sam
   else:
     tokens, lengths_dev, live_dev = jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(live)
   eos = jnp.int32(eos_id)
-  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_id=eos, cfg=cfg, scfg=scfg)
+  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_id=eos, cfg=cfg, compute=compute, scfg=scfg)
   while True:
     done = bool(jax.device_get(st.done_B.all()))  # a sum of one bool per row: replicated, any process
     if on_chunk is not None:
       on_chunk(int(jax.device_get(st.n_new_B.sum())))
     if done:
       break
-    st = _decode_chunk_jit(params, st, eos, cfg=cfg, scfg=scfg)
+    st = _decode_chunk_jit(params, st, eos, cfg=cfg, compute=compute, scfg=scfg)
   n, prompt_len_B = len(prompts), lengths_dev
   slots_BxS = jnp.arange(S)[None]
   completion_BxS = (slots_BxS >= prompt_len_B[:, None]) & (slots_BxS < prompt_len_B[:, None] + st.n_new_B[:, None])
@@ -274,16 +275,16 @@ def completions(rollout: Rollout) -> list[list[int]]:
   return [tokens[b, start[b]:start[b] + n[b]].tolist() for b in range(tokens.shape[0])]
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _full_forward_argmax(params, tokens_BxL, last_B, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "compute"))
+def _full_forward_argmax(params, tokens_BxL, last_B, cfg: ModelConfig, compute: ComputeConfig):
   L = tokens_BxL.shape[1]
   mask_BxL = (jnp.arange(L)[None] <= last_B[:, None]).astype(jnp.int32)
-  logits = model.apply(params, tokens_BxL, cfg, token_mask_BxL=mask_BxL).logits_BxLxV
+  logits = model.apply(params, tokens_BxL, cfg, compute, token_mask_BxL=mask_BxL).logits_BxLxV
   return jnp.argmax(jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0], axis=-1)
 
 
-def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig, max_new_tokens: int,
-                        eos_id: int, pad_id: int = 0) -> list[list[int]]:
+def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig,
+                        max_new_tokens: int, eos_id: int, pad_id: int = 0) -> list[list[int]]:
   """Each prompt's greedy continuation (up to and including EOS, at most max_new_tokens ids), recomputing
   the whole sequence for every token: the reference for the cached sampler."""
   lengths = np.array([len(p) for p in prompts])
@@ -298,7 +299,7 @@ def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig
   done = np.zeros(len(prompts), bool)
   out = [[] for _ in prompts]
   for t in range(max_new_tokens):
-    ids = np.asarray(_full_forward_argmax(params, jnp.asarray(buf), jnp.asarray(lengths - 1 + t), cfg))
+    ids = np.asarray(_full_forward_argmax(params, jnp.asarray(buf), jnp.asarray(lengths - 1 + t), cfg, compute))
     for i in np.flatnonzero(~done):
       buf[i, lengths[i] + t] = ids[i]
       out[i].append(int(ids[i]))

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from r1jax.config import ConfigError, MeshConfig, ModelConfig
+from r1jax.config import ComputeConfig, ConfigError, MeshConfig, ModelConfig
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -118,7 +118,7 @@ def batch_size_multiple(mesh) -> int:
   return _size(mesh, "batch")
 
 
-def validate_mesh(cfg: ModelConfig, mesh, batch_size: int | None = None):
+def validate_mesh(cfg: ModelConfig, compute: ComputeConfig, mesh, batch_size: int | None = None):
   """Model-vs-mesh checks that must fail with one line before anything is traced or compiled."""
   n_tensor = mesh.shape["tensor"]
   split = [("n_heads", cfg.n_heads, "heads"), ("vocab_size", cfg.vocab_size, "vocab")]
@@ -136,10 +136,10 @@ def validate_mesh(cfg: ModelConfig, mesh, batch_size: int | None = None):
                         f"{cfg.n_routed_experts}")
     if cfg.moe_inter_dim % n_mlp:
       raise ConfigError(f"mesh.tensor={n_mlp}: the tensor axis must divide model.moe_inter_dim={cfg.moe_inter_dim}")
-    local_f, block = cfg.moe_inter_dim // n_mlp, cfg.fp8.block
-    if cfg.fp8.use("routed_experts") and local_f % block:  # each device's expert GEMMs tile their own columns
+    local_f, block = cfg.moe_inter_dim // n_mlp, compute.fp8.block
+    if compute.fp8.use("routed_experts") and local_f % block:  # each device's expert GEMMs tile their own columns
       raise ConfigError(f"mesh.tensor={n_mlp}: model.moe_inter_dim={cfg.moe_inter_dim} split over it leaves "
-                        f"{local_f} columns per device, not whole model.fp8.block={block} blocks")
+                        f"{local_f} columns per device, not whole compute.fp8.block={block} blocks")
   if batch_size is not None and batch_size % batch_size_multiple(mesh):
     raise ConfigError(f"train.batch_size={batch_size}: must be a multiple of {batch_size_multiple(mesh)}, the "
                       "devices that shard the batch (data*fsdp*expert)")

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from r1jax import losses, model, sharding
-from r1jax.config import ModelConfig, OptimConfig, RunConfig
+from r1jax.config import ComputeConfig, ModelConfig, OptimConfig, RunConfig
 from r1jax.nn import fp8, layers
 
 
@@ -26,7 +26,8 @@ class TrainState:
   rng: jax.Array  # uint32 key data (checkpointable); wrap with jax.random.wrap_key_data
   bad_steps: jax.Array  # non-finite steps in a row (the update was not applied)
   skipped_steps: jax.Array  # non-finite steps in all
-  cfg: ModelConfig = flax.struct.field(pytree_node=False)
+  cfg: ModelConfig = flax.struct.field(pytree_node=False)  # the architecture
+  compute: ComputeConfig = flax.struct.field(pytree_node=False)  # how the step computes it
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   grad_accum: int = flax.struct.field(pytree_node=False, default=1)  # micro-batches per step
 
@@ -58,8 +59,8 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sharding
 def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   """Params and optimizer state created directly in their shardings (optimizer state follows params)."""
   if mesh is not None:
-    sharding.validate_mesh(cfg.model, mesh)  # one-line ConfigError before anything compiles
-  params = model.init(cfg.model, key, mesh)
+    sharding.validate_mesh(cfg.model, cfg.compute, mesh)  # one-line ConfigError before anything compiles
+  params = model.init(cfg.model, cfg.compute, key, mesh)
   tx = make_optimizer(cfg.optim, cfg.model)
   # GSPMD does not carry the params' shardings to fresh zeros: without out_shardings Adam's moments
   # would be replicated on every device.
@@ -68,13 +69,13 @@ def init_state(cfg: RunConfig, key, mesh) -> TrainState:
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
   rng = jax.random.key_data(jax.random.fold_in(key, 1))
-  return TrainState(zero(), params, opt_state, rng, zero(), zero(), cfg.model, tx, cfg.train.grad_accum)
+  return TrainState(zero(), params, opt_state, rng, zero(), zero(), cfg.model, cfg.compute, tx, cfg.train.grad_accum)
 
 
 
 def abstract_state(cfg: RunConfig, mesh):
   """The TrainState as ShapeDtypeStructs carrying their NamedShardings on `mesh` (abstract or concrete)."""
-  boxed = model.abstract(cfg.model)
+  boxed = model.abstract(cfg.model, cfg.compute)
   specs = jax.tree.map(lambda p: sharding.spec(*p.names), boxed, is_leaf=layers.is_param)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
   params = jax.tree.map(lambda p, s: sds(p.value, s), boxed, specs, is_leaf=layers.is_param)
@@ -83,7 +84,7 @@ def abstract_state(cfg: RunConfig, mesh):
   opt_state = jax.tree.map(sds, opt_state, optimizer_shardings(tx, params, specs, P()))
   step = sds(jax.ShapeDtypeStruct((), jnp.int32), P())
   rng = sds(jax.ShapeDtypeStruct((2,), jnp.uint32), P())
-  return TrainState(step, params, opt_state, rng, step, step, cfg.model, tx, cfg.train.grad_accum)
+  return TrainState(step, params, opt_state, rng, step, step, cfg.model, cfg.compute, tx, cfg.train.grad_accum)
 
 def loss_totals(batch: dict, cfg: ModelConfig) -> dict:
   """Units each loss averages over, for the whole batch: passed to loss_fn of each micro-batch so that
@@ -98,23 +99,24 @@ def loss_totals(batch: dict, cfg: ModelConfig) -> dict:
   return totals
 
 
-def loss_fn(params: dict, batch: dict, cfg: ModelConfig, totals: dict | None = None):
+def loss_fn(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, totals: dict | None = None):
   """Next-token CE + MTP loss + sequence-wise balance loss; returns (loss, (metrics, router stats)).
 
   With `totals` (loss_totals of a larger batch) each term is this batch's share of that batch's mean.
   """
   segment_ids = batch.get("segment_ids")
-  out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch.get("positions"),
+  out = model.apply(params, batch["tokens"], cfg, compute, positions_BxL=batch.get("positions"),
                     segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"), logits=False)
   totals = totals or {}
   head = model.head_fn(params, cfg)
-  logp_BxL, _ = losses.head_logprobs(out.hidden_BxLxD, head, batch["targets"], cfg.head_chunk)
+  logp_BxL, _ = losses.head_logprobs(out.hidden_BxLxD, head, batch["targets"], compute.head_chunk)
   ce, n_tokens = losses.masked_nll(logp_BxL, batch["loss_mask"], totals.get("tokens"))
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
     seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
     metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_PxBxLxD, head, batch["targets"], batch["loss_mask"], seg,
-                                          cfg, totals.get("mtp_tokens"))
+                                          cfg.n_mtp, compute.mtp_loss_weight, compute.head_chunk,
+                                          totals.get("mtp_tokens"))
     loss = loss + metrics["mtp_loss"]
   if out.router:
     aux = losses.router_aux_loss(out.router)
@@ -128,7 +130,7 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig, totals: dict | None = N
   return loss, (metrics, out.router)
 
 
-def accumulated_grads(params: dict, batch: dict, cfg: ModelConfig, n_micro: int):
+def accumulated_grads(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, n_micro: int):
   """Gradients of loss_fn over `n_micro` micro-batches (rows split in order), run one after another with
   lax.scan so activations are held for one micro-batch only. Equals one large batch up to fp32 rounding.
 
@@ -137,13 +139,13 @@ def accumulated_grads(params: dict, batch: dict, cfg: ModelConfig, n_micro: int)
   totals = loss_totals(batch, cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if n_micro == 1:
-    (_, (metrics, router)), grads = grad_fn(params, batch, cfg, totals)
+    (_, (metrics, router)), grads = grad_fn(params, batch, cfg, compute, totals)
     return (metrics, router), grads
   micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
 
   def body(acc, mb):
     mb = jax.tree.map(lambda x: sharding.constrain(x, "batch", *([None] * (x.ndim - 1))), mb)
-    (_, (metrics, router)), grads = grad_fn(params, mb, cfg, totals)
+    (_, (metrics, router)), grads = grad_fn(params, mb, cfg, compute, totals)
     stats = {k: {"load": s["load"], "dropped_pairs": s["dropped_pairs"], "aux_loss": s["aux_loss"]}
              for k, s in router.items()}
     out = (metrics, stats, grads)
@@ -172,7 +174,7 @@ def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if router:
-    params = model.update_router_bias(params, router, state.cfg)
+    params = model.update_router_bias(params, router, state.compute.bias_update_speed)
     metrics.update(load_metrics(router))
   metrics["grad_norm"] = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -186,7 +188,7 @@ def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict)
 
 def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   """One supervised step: gradients (accumulated over micro-batches), then apply_gradients."""
-  (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.grad_accum)
+  (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.compute, state.grad_accum)
   state, metrics = apply_gradients(state, grads, router, metrics)
   return state.replace(step=state.step + 1), metrics
 

@@ -22,7 +22,7 @@ from r1jax.config import RunConfig
 @dataclasses.dataclass
 class Arm:
   """A configuration's train step, compiled once; runs from any state of the same shapes (the state's static
-  model config and optimizer are swapped for this arm's, its arrays are untouched)."""
+  model and compute configs and optimizer are swapped for this arm's, its arrays are untouched)."""
   cfg: RunConfig
   tx: Any
   step: Any
@@ -30,7 +30,7 @@ class Arm:
   xla_temp_gib: float | None
 
   def bind(self, state: train.TrainState) -> train.TrainState:
-    return state.replace(cfg=self.cfg.model, tx=self.tx)
+    return state.replace(cfg=self.cfg.model, compute=self.cfg.compute, tx=self.tx)
 
   def __call__(self, state, batch):
     return self.step(self.bind(state), batch)
@@ -38,7 +38,7 @@ class Arm:
 
 def compile_arm(cfg: RunConfig, state: train.TrainState, batch: dict, mesh) -> Arm:
   tx = train.make_optimizer(cfg.optim, cfg.model)  # one object per arm: it is part of the state's treedef
-  bound = state.replace(cfg=cfg.model, tx=tx)
+  bound = state.replace(cfg=cfg.model, compute=cfg.compute, tx=tx)
   t0 = time.perf_counter()
   step = train.jit_sft_step(bound, batch, mesh).lower(bound, batch).compile()
   analysis = step.memory_analysis()

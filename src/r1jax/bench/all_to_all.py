@@ -18,10 +18,10 @@ def bench_all_to_all(cfg: RunConfig, mesh, repeats: int = 20, link_probe_bytes: 
   from a large all-to-all; and memory.all_to_all's prediction of bytes and time at that rate."""
   sizes = {a: int(mesh.shape[a]) for a in sharding.AXES}
   B, L = cfg.train.batch_size, cfg.train.seq_len
-  predicted = memory.all_to_all(cfg.model, sizes, B, L, link_GBps=1.0)  # bytes; time rescaled below
+  predicted = memory.all_to_all(cfg.model, cfg.compute, sizes, B, L, link_GBps=1.0)  # bytes; time rescaled below
   n_ep = sizes["expert"]
   E, D = cfg.model.n_routed_experts, cfg.model.dim
-  dt = jnp.dtype(cfg.model.dtype)
+  dt = jnp.dtype(cfg.compute.dtype)
   all_axes = tuple(a for a in sharding.AXES if sizes[a] > 1) or None
   exp_axes = ep.Axes.from_rules().exp
 

@@ -1,5 +1,5 @@
 """`r1jax bench fp8`: FP8 against bf16, the GEMMs and quantisers alone (fp8_gemms.py) and the train step with
-model.fp8 off and on (ab.py): speed timed interleaved on one state, loss curves over seeds."""
+compute.fp8 off and on (ab.py): speed timed interleaved on one state, loss curves over seeds."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True, seeds: int = 
               arms: dict[str, list[str]] | None = None) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_gemms.bench_gemms, GPU only: TFLOP/s, ratio to
   bf16, error vs fp32) and the quantisations (fp8_gemms.bench_quantize: XLA vs the one-pass kernel), unless
-  `gemms` is off; then the train step with model.fp8 off and on (train_ab): the speed timed interleaved on one
+  `gemms` is off; then the train step with compute.fp8 off and on (train_ab): the speed timed interleaved on one
   state with GPU clock and power, and `steps`-step loss curves (>= 100 for the issue's 1% bar) from `seeds`
   inits (from `first_seed` on, so calls can pool seeds) on fresh learnable batches, each ending in the mean of
   its last 10 steps, next to two controls on the first seed: FP8 off at lr x 1.001, and FP8 off repeated (the
@@ -30,13 +30,13 @@ def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True, seeds: int = 
   if out["platform"] == "gpu" and gemms:  # 4096 x 7168 x 18432 GEMMs: not for a CPU
     out["gemms"] = fp8_gemms.bench_gemms()
     out["quantize"] = fp8_gemms.bench_quantize()
-  on = dataclasses.replace(cfg.model.fp8, enabled=True)
+  on = dataclasses.replace(cfg.compute.fp8, enabled=True)
   try:
-    dataclasses.replace(cfg.model, fp8=on).validate()
+    dataclasses.replace(cfg.compute, fp8=on).validate_for(cfg.model)
   except ConfigError:  # some attention input dim is not whole blocks
     on = dataclasses.replace(on, attention=False)
-  cfgs = {"off": dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=dataclasses.replace(on, enabled=False))),
-          "on": dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=on)).validate()}
+  with_fp8 = lambda fp8_cfg: dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, fp8=fp8_cfg))  # noqa: E731
+  cfgs = {"off": with_fp8(dataclasses.replace(on, enabled=False)), "on": with_fp8(on).validate()}
   # The control: FP8 off with the learning rate nudged by 0.1%, a perturbation with no FP8 in it
   # (bench/results/cpu2_fp8_loss_calibration.json).
   cfgs["off_lr_x1.001"] = dataclasses.replace(cfgs["off"], optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * 1.001))

@@ -30,29 +30,30 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
   """Greedy generation of `new_tokens` per row (EOS never stops a row) from random prompts, with weights in
   the compute dtype. Reports tokens/s (median of `repeats` timed calls after a warm-up call that compiles),
   and the bound set by reading every weight once per decode step at the measured memory bandwidth."""
-  mcfg = dataclasses.replace(cfg.model, param_dtype=cfg.model.dtype)
+  mcfg, compute = cfg.model, dataclasses.replace(cfg.compute, param_dtype=cfg.compute.dtype)
   scfg = dataclasses.replace(cfg.sampler, max_new_tokens=new_tokens, temperature=0.0, speculative=speculative)
   mesh = sharding.make_mesh(cfg.mesh)
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, mcfg.vocab_size, (batch, prompt_len)).tolist()
   with jax.set_mesh(mesh):
-    params = model.init(mcfg, jax.random.key(0), mesh)
+    params = model.init(mcfg, compute, jax.random.key(0), mesh)
     t0 = time.perf_counter()
-    out = sampler.generate(params, prompts, mcfg, scfg, eos_id=-1)
+    out = sampler.generate(params, prompts, mcfg, compute, scfg, eos_id=-1)
     jax.block_until_ready(out.tokens_BxS)
     first_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
-      out = sampler.generate(params, prompts, mcfg, scfg, eos_id=-1)
+      out = sampler.generate(params, prompts, mcfg, compute, scfg, eos_id=-1)
       jax.block_until_ready(out.tokens_BxS)
       times.append(time.perf_counter() - t0)
     steps = int(out.steps)
-    prefill = sampler.generate(params, prompts, mcfg, dataclasses.replace(scfg, max_new_tokens=1), eos_id=-1)
+    prefill = sampler.generate(params, prompts, mcfg, compute, dataclasses.replace(scfg, max_new_tokens=1),
+                               eos_id=-1)
     jax.block_until_ready(prefill.tokens_BxS)
     t0 = time.perf_counter()
-    jax.block_until_ready(sampler.generate(params, prompts, mcfg, dataclasses.replace(scfg, max_new_tokens=1),
-                                           eos_id=-1).tokens_BxS)
+    jax.block_until_ready(sampler.generate(params, prompts, mcfg, compute,
+                                           dataclasses.replace(scfg, max_new_tokens=1), eos_id=-1).tokens_BxS)
     prefill_s = time.perf_counter() - t0
   seconds = statistics.median(times)
   weight_bytes = tree_bytes(params) - (tree_bytes(params["mtp"]) if "mtp" in params and not speculative else 0)

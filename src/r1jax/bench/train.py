@@ -58,14 +58,15 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   sizes = sharding.axis_sizes(cfg.mesh, jax.device_count())
   # XLA's temporaries hold the gradients and the FP8 expert tiles as well as the activations
   fused = platform == "tpu" or (platform == "gpu" and not packed)  # what nn/attention.py's auto picks here
-  estimate = (memory.activation_bytes(cfg.model, sizes, cfg.train.batch_size, cfg.train.seq_len, fused)
+  estimate = (memory.activation_bytes(cfg.model, cfg.compute, sizes, cfg.train.batch_size, cfg.train.seq_len,
+                                      fused)
               + memory.state_bytes(cfg, sizes)["grads"] + memory.expert_tile_bytes(cfg, sizes))
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
   return {
       "bench": "train", "platform": platform, "device_kind": jax.devices()[0].device_kind,
       "devices": jax.device_count(), "mesh": sizes, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
-      "packed_segments_per_row": packed, "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl,
-      "n_mtp": cfg.model.n_mtp, "param_dtype": cfg.model.param_dtype, "compile_s": compile_s,
+      "packed_segments_per_row": packed, "remat": cfg.compute.remat, "attention_impl": cfg.compute.attention_impl,
+      "n_mtp": cfg.model.n_mtp, "param_dtype": cfg.compute.param_dtype, "compile_s": compile_s,
       "step_s_median": seconds, "step_s_all": times, "tokens_per_s": tokens / seconds,
       "model_flops_per_token": flops["total"], "matmul_peak_tflops": None if math.isnan(peak) else peak,
       "mfu": None if math.isnan(peak) else flops["total"] * tokens / seconds / (peak * 1e12),

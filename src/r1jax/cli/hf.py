@@ -19,7 +19,7 @@ def import_command(model_dir: str, out: str, overrides=()) -> int:
   if Path(out).exists() and any(Path(out).iterdir()):
     return fail(f"{out} is not empty; choose a new checkpoint directory")
   try:
-    params = hf.load_params(model_dir, cfg.model, sharding.make_mesh(cfg.mesh))
+    params = hf.load_params(model_dir, cfg.model, cfg.compute, sharding.make_mesh(cfg.mesh))
   except CheckpointError as e:
     return fail(f"checkpoint error: {e}")
   path = checkpoint.save_params(out, params, cfg)
@@ -35,7 +35,7 @@ def export_command(ckpt: str, out: str, overrides=(), arch: str | None = None, d
   cfg = checkpoint.load_config(ckpt, overrides)
   params = checkpoint.load_params(ckpt, cfg, sharding.make_mesh(cfg.mesh))
   try:
-    hf.export_hf(params, cfg.model, out, arch=arch, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
+    hf.export_hf(params, cfg.model, cfg.compute, out, arch=arch, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
   except FileExistsError as e:
     return fail(str(e))
   print(f"exported {arch or hf_config.default_arch(cfg.model)} to {out}")

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("import-hf", help="Hugging Face model directory -> r1jax checkpoint")
   p.add_argument("dir")
   p.add_argument("out")
-  p.add_argument("overrides", nargs="*", help="section.field=value (e.g. model.param_dtype=bfloat16, mesh.fsdp=8)")
+  p.add_argument("overrides", nargs="*", help="section.field=value (e.g. compute.param_dtype=bfloat16, mesh.fsdp=8)")
   p.set_defaults(command_fn="hf:import_hf")
   p = sub.add_parser("export-hf", help="r1jax checkpoint -> Hugging Face model directory")
   p.add_argument("ckpt")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--arch", choices=["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2ForCausalLM",
                                     "LlamaForCausalLM"], help="default: the one the config describes")
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: model.param_dtype")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: compute.param_dtype")
   p.add_argument("--max-shard-gb", type=float, default=5.0)
   p.set_defaults(command_fn="hf:export_hf")
   args = parser.parse_args(argv)

@@ -76,7 +76,7 @@ def generate(args) -> int:
     with Progress(transient=True) as bar:
       task = bar.add_task("generating", total=budget)
       t0 = time.perf_counter()
-      out = sampler.generate(params, ids, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
+      out = sampler.generate(params, ids, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
                              key=jax.random.key(args.seed), on_chunk=lambda n: bar.update(task, completed=n))
       texts = sampler.completions(out)
       seconds = time.perf_counter() - t0

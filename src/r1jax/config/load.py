@@ -76,6 +76,12 @@ def _coerce(key: str, value, hint):
   return value
 
 
+# Keys that left the model section when the architecture was split from how a run computes it (Dec 2026).
+MOVED = {f"model.{name}": f"compute.{name}" for name in
+         ("dtype", "param_dtype", "init_std", "remat", "attention_impl", "capacity_factor", "expert_gemm", "head_chunk",
+          "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed", "fp8")}
+
+
 def _replace(obj, updates: dict, prefix: str):
   """dataclasses.replace with unknown-key and type checks, recursing into nested sections."""
   if not isinstance(updates, dict):
@@ -85,6 +91,8 @@ def _replace(obj, updates: dict, prefix: str):
   changes = {}
   for name, value in updates.items():
     key = f"{prefix}.{name}" if prefix else str(name)
+    if key in MOVED:
+      fail(key, value, f"moved to {MOVED[key]} (the model section is the architecture alone)")
     if name not in fields:
       fail(key, value, f"unknown key; known: {sorted(fields)}")
     current = getattr(obj, name)

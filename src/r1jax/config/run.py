@@ -7,6 +7,7 @@ import dataclasses
 from typing import Literal, NamedTuple
 
 from r1jax.config.errors import fail
+from r1jax.config.compute import ComputeConfig
 from r1jax.config.model import ModelConfig
 
 
@@ -171,12 +172,12 @@ class GRPOConfig:
   rewards: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.1))
   prompts_per_step: int = 8
   group_size: int = 8  # completions per prompt
-  advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+  advantage: str = "grpo"  # rl.grpo.ADVANTAGES: grpo, dr_grpo, rloo, or one registered by name
   adv_eps: float = 1e-6  # GRPO: (r - mean) / (std + eps)
   zero_variance: Literal["count", "filter"] = "count"  # filter: DAPO dynamic sampling, resample to fill
   max_resample_rounds: int = 3
-  loss: Literal["token", "sequence"] = "token"  # token: GRPO/DAPO clipped ratio; sequence: GSPO
-  aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+  loss: str = "token"  # rl.grpo.RATIO_LOSSES: token (GRPO/DAPO clipped ratio), sequence (GSPO), or registered
+  aggregation: str = "token_mean"  # rl.grpo.AGGREGATIONS: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm
   clip_low: float = 0.2
   clip_high: float = 0.28  # DAPO clip-higher
   kl_beta: float = 0.0  # k3 KL to the frozen reference; 0 skips the reference forward
@@ -241,7 +242,8 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  model: ModelConfig = ModelConfig()
+  model: ModelConfig = ModelConfig()  # the architecture: a checkpoint rebuilds the network from this alone
+  compute: ComputeConfig = ComputeConfig()  # how this run computes and trains it
   mesh: MeshConfig = MeshConfig()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
@@ -254,6 +256,7 @@ class RunConfig:
   def validate(self):
     for f in dataclasses.fields(self):
       getattr(self, f.name).validate(f.name)
+    self.compute.validate_for(self.model)
     if self.train.seq_len > self.model.max_seq_len:
       fail("train.seq_len", self.train.seq_len, f"exceeds model.max_seq_len={self.model.max_seq_len}")
     return self

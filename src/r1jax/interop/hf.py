@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax import config as config_lib
 from r1jax import model, sharding
-from r1jax.config import ConfigError, MeshConfig, ModelConfig, RunConfig
+from r1jax.config import ComputeConfig, ConfigError, MeshConfig, ModelConfig, RunConfig
 from r1jax.interop import hf_config, hf_weights
 from r1jax.interop.hf_weights import CheckpointError
 from r1jax.interop.safetensors_io import Checkpoint, ShardWriter
@@ -54,7 +54,7 @@ def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
   DeepSeek's MTP layers (after num_hidden_layers) are imported when present; transformers drops them on save,
   so when absent the model gets n_mtp=0 and a log line says so. `model.n_mtp=0` skips present ones.
   """
-  fields, info = hf_config.from_hf(raw_config(model_dir))
+  fields, compute, info = hf_config.from_hf(raw_config(model_dir))
   if info.n_mtp:
     first = f"model.layers.{fields['n_layers']}."
     if any(name.startswith(first) for name in Checkpoint(model_dir).keys()):
@@ -62,43 +62,44 @@ def read_config(model_dir: str | Path, overrides=()) -> RunConfig:
     else:
       log.warning("config.json declares %d MTP layer(s) but the checkpoint has no %s* tensors (transformers "
                   "drops MTP when saving): importing without MTP (model.n_mtp=0)", info.n_mtp, first)
-  return config_lib.apply_overrides(RunConfig(model=ModelConfig(**fields)), overrides)
+  return config_lib.apply_overrides(RunConfig(model=ModelConfig(**fields), compute=ComputeConfig(**compute)), overrides)
 
 
 def _single_device_mesh():
   return sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, mesh=None, keep_fp8: bool = False) -> dict:
+def load_params(model_dir: str | Path, cfg: ModelConfig, compute: ComputeConfig, mesh=None,
+                keep_fp8: bool = False) -> dict:
   """Parameters of `cfg` from the checkpoint, each array assembled straight into its target sharding.
 
   Every device reads only its own slice (tensor by tensor from memory-mapped shards, FP8 dequantised on the
   fly), so host memory stays near one HF tensor plus the slices being placed. `keep_fp8` (inference only)
-  keeps the e4m3 weights of the matmuls model.fp8 runs in FP8 as fp8.weights.QuantizedWeight.
+  keeps the e4m3 weights of the matmuls compute.fp8 runs in FP8 as fp8.weights.QuantizedWeight.
   """
   model_dir = Path(model_dir)
-  info = hf_config.from_hf(raw_config(model_dir), quiet=True)[1]  # read_config already noted the mapping
-  if keep_fp8 and not cfg.fp8.enabled:
-    raise ConfigError("keep_fp8 needs model.fp8.enabled=true (kept e4m3 weights run only in FP8 GEMMs): set it, "
-                      "or import without keep_fp8 to dequantise to model.param_dtype")
+  info = hf_config.from_hf(raw_config(model_dir), quiet=True)[2]  # read_config already noted the mapping
+  if keep_fp8 and not compute.fp8.enabled:
+    raise ConfigError("keep_fp8 needs compute.fp8.enabled=true (kept e4m3 weights run only in FP8 GEMMs): set it, "
+                      "or import without keep_fp8 to dequantise to compute.param_dtype")
   ckpt = Checkpoint(model_dir)
-  abstract = model.abstract(cfg)
+  abstract = model.abstract(cfg, compute)
   leaves = hf_weights.plan(cfg, abstract, info)
   not_read = hf_weights.check(ckpt, leaves, cfg, info)
-  kept = _kept_fp8(ckpt, leaves, cfg, info) if keep_fp8 else [False] * len(leaves)
+  kept = _kept_fp8(ckpt, leaves, compute, info) if keep_fp8 else [False] * len(leaves)
   if info.fp8_block and not keep_fp8:
-    log.info("dequantising FP8 weights (%dx%d blocks) to %s", *info.fp8_block, cfg.param_dtype)
+    log.info("dequantising FP8 weights (%dx%d blocks) to %s", *info.fp8_block, compute.param_dtype)
   mesh = mesh if mesh is not None else _single_device_mesh()
   boxed = jax.tree.leaves(abstract, is_leaf=layers.is_param)
-  arrays = [_place(ckpt, leaf, p, keep, cfg.fp8.block, mesh, info) for leaf, p, keep in zip(leaves, boxed, kept)]
+  arrays = [_place(ckpt, leaf, p, keep, compute.fp8.block, mesh, info) for leaf, p, keep in zip(leaves, boxed, kept)]
   params = jax.tree.unflatten(jax.tree.structure(abstract, is_leaf=layers.is_param), arrays)
   if "lm_head.weight" in not_read:
     _check_tied_head(ckpt, info)
   return params
 
 
-def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], cfg: ModelConfig, info) -> list[bool]:
-  """Which leaves keep_fp8 keeps: FP8 in the checkpoint, FP8 in model.fp8, tiles that are r1jax's tiles. The
+def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], compute: ComputeConfig, info) -> list[bool]:
+  """Which leaves keep_fp8 keeps: FP8 in the checkpoint, FP8 in compute.fp8, tiles that are r1jax's tiles. The
   others are dequantised, listed in one log line."""
   kept, dequantised = [], []
   for leaf in leaves:
@@ -106,8 +107,8 @@ def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], cfg: ModelConfig, info) -> li
       kept.append(False)
       continue
     part = model.fp8_part(leaf.path)
-    why = ("it stays high precision" if part is None else f"model.fp8.{part} is off" if not cfg.fp8.use(part)
-           else hf_weights.fp8_misfit(leaf, info, cfg.fp8.block))
+    why = ("it stays high precision" if part is None else f"compute.fp8.{part} is off" if not compute.fp8.use(part)
+           else hf_weights.fp8_misfit(leaf, info, compute.fp8.block))
     kept.append(why is None)
     if why:
       dequantised.append(f"{'/'.join(leaf.path)} ({why})")
@@ -115,7 +116,7 @@ def _kept_fp8(ckpt, leaves: list[hf_weights.Leaf], cfg: ModelConfig, info) -> li
     raise ConfigError("keep_fp8: the checkpoint holds no FP8 weights; import without keep_fp8")
   if not any(kept):
     reasons = sorted({d[d.index(" (") + 2:-1] for d in dequantised})
-    raise ConfigError(f"keep_fp8: no FP8 weight fits model.fp8, nothing would be kept: {'; '.join(reasons)}")
+    raise ConfigError(f"keep_fp8: no FP8 weight fits compute.fp8, nothing would be kept: {'; '.join(reasons)}")
   else:
     log.info("keep_fp8: keeping %d weights as e4m3 with %dx%d block scales", sum(kept), *info.fp8_block)
   if dequantised:
@@ -148,7 +149,7 @@ def _check_tied_head(ckpt, info):
 def import_hf(model_dir: str | Path, mesh=None, overrides=(), keep_fp8: bool = False) -> tuple[RunConfig, dict]:
   """(config, params) of an HF model directory; params placed on `mesh` (default: one device)."""
   cfg = read_config(model_dir, overrides)
-  return cfg, load_params(model_dir, cfg.model, mesh, keep_fp8)
+  return cfg, load_params(model_dir, cfg.model, cfg.compute, mesh, keep_fp8)
 
 
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -245,11 +246,11 @@ def _hf_tensors(params: dict, cfg: ModelConfig, arch: str, dtype: np.dtype):
       yield f"model.layers.{layer}.{name}", t
 
 
-def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | None = None,
+def export_hf(params: dict, cfg: ModelConfig, compute: ComputeConfig, out_dir: str | Path, arch: str | None = None,
               dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
   """Write config.json, safetensors shards and their index for `arch` (default: the one `cfg` describes).
 
-  `dtype` ("float32"/"bfloat16", default: cfg.param_dtype) applies to all weights but the router (float32).
+  `dtype` ("float32"/"bfloat16", default: compute.param_dtype) applies to all weights but the router (float32).
   Host memory stays near one HF tensor plus the shard being filled; in multi-process runs every process must
   call this, and process 0 writes.
   """
@@ -257,11 +258,11 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, arch: str | N
     raise ConfigError(f"export_hf: parameter {kept} is a keep_fp8 e4m3 weight; export params imported without "
                       "keep_fp8")
   arch = arch or hf_config.default_arch(cfg)
-  dtype = dtype or cfg.param_dtype
+  dtype = dtype or compute.param_dtype
   if dtype not in _DTYPES:
     raise ConfigError(f"dtype {dtype!r}: supported: {list(_DTYPES)}")
   out_dir = Path(out_dir)
-  hf_cfg = hf_config.to_hf(cfg, arch, dtype)  # raises before anything is written
+  hf_cfg = hf_config.to_hf(cfg, compute, arch, dtype)  # raises before anything is written
   if out_dir.exists() and any(out_dir.glob("*.safetensors")):
     raise FileExistsError(f"{out_dir} already holds safetensors files; choose a new directory")
   writer = ShardWriter(out_dir, max_shard_bytes) if jax.process_index() == 0 else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from r1jax.config import ConfigError, ModelConfig
+from r1jax.config import ComputeConfig, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _common(f: _Fields) -> dict:
   return {"vocab_size": f.get("vocab_size"), "dim": f.get("hidden_size"), "inter_dim": f.get("intermediate_size"),
           "n_layers": f.get("num_hidden_layers"), "n_heads": f.get("num_attention_heads"),
           "norm_eps": float(f.get("rms_norm_eps")), "tie_embeddings": bool(f.get("tie_word_embeddings")),
-          "max_seq_len": f.get("max_position_embeddings"), "init_std": float(f.get("initializer_range"))}
+          "max_seq_len": f.get("max_position_embeddings")}
 
 
 def _mla(f: _Fields, arch: str) -> tuple[dict, dict]:
@@ -162,10 +162,6 @@ def _mla(f: _Fields, arch: str) -> tuple[dict, dict]:
             "n_shared_experts": f.get("n_shared_experts"), "n_activated_experts": f.get("num_experts_per_tok"),
             "moe_inter_dim": f.get("moe_intermediate_size"), "route_scale": float(f.get("routed_scaling_factor")),
             "n_mtp": 0}  # hf.read_config enables the declared MTP layers when the checkpoint has them
-  # Kept as published: DeepSeek's MoEGate trains with it as the seq_aux alpha (V2-Lite's 0.001 is the V2
-  # paper's expert-level alpha_1); absent, r1jax's default (V3 report §4.2) stays.
-  if "aux_loss_alpha" in f.raw:
-    fields["aux_loss_alpha"] = float(f.get("aux_loss_alpha"))
   if arch == V3:
     f.expect("scoring_func", ("sigmoid",), "transformers' DeepseekV3 always scores experts with a sigmoid")
     f.expect("topk_method", ("noaux_tc",), "DeepseekV3 routes with noaux_tc (bias-corrected, group-limited)")
@@ -223,14 +219,21 @@ _SHARED_DEFAULTS = {"initializer_range": 0.02, "tie_word_embeddings": False, "at
                     "seq_aux": True}
 
 
-def from_hf(raw: dict, *, quiet: bool = False) -> tuple[dict, HFInfo]:
-  """(ModelConfig field values, layout info) from a parsed config.json; raises ConfigError naming a field.
+def from_hf(raw: dict, *, quiet: bool = False) -> tuple[dict, dict, HFInfo]:
+  """(ModelConfig field values, ComputeConfig field values, layout info) from a parsed config.json; raises
+  ConfigError naming a field. The compute fields are how the published model was trained: initializer_range,
+  and the MoE balance loss weight.
 
   `quiet` skips INFO notes on the mapping, for callers that only need the layout (hf.load_params).
   """
   arch = architecture(raw)
   f = _Fields(raw, {**_SHARED_DEFAULTS, **_DEFAULTS[arch]})
   fields = {**_common(f), **_rope(f, arch)}
+  compute = {"init_std": float(f.get("initializer_range"))}
+  # Kept as published: DeepSeek's MoEGate trains with it as the seq_aux alpha (V2-Lite's 0.001 is the V2
+  # paper's expert-level alpha_1); absent, r1jax's default (V3 report §4.2) stays.
+  if arch in MLA_ARCHS and "aux_loss_alpha" in raw:
+    compute["aux_loss_alpha"] = float(f.get("aux_loss_alpha"))
   info = {}
   if arch in MLA_ARCHS:
     attn, info = _mla(f, arch)
@@ -251,8 +254,8 @@ def from_hf(raw: dict, *, quiet: bool = False) -> tuple[dict, HFInfo]:
     raise ConfigError(f"config.json maps to an invalid r1jax config: {e}") from None
   if arch == V3 and "aux_loss_alpha" in raw and not quiet:
     log.info("aux_loss_alpha=%g from config.json (the V3 report §4.2 trained with 1e-4; override with "
-             "model.aux_loss_alpha=1e-4)", fields["aux_loss_alpha"])
-  return fields, HFInfo(arch=arch, **info)
+             "compute.aux_loss_alpha=1e-4)", compute["aux_loss_alpha"])
+  return fields, compute, HFInfo(arch=arch, **info)
 
 
 def _fp8_block(quant: dict) -> tuple[int, int]:
@@ -286,7 +289,7 @@ def _rope_to_hf(cfg: ModelConfig, arch: str) -> dict | None:
   return rope
 
 
-def to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
+def to_hf(cfg: ModelConfig, compute: ComputeConfig, arch: str, dtype: str) -> dict:
   """config.json for `arch` in the published (transformers v4) style that v5 also reads."""
   def need(ok: bool, key: str, reason: str):
     if not ok:
@@ -299,7 +302,7 @@ def to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
          "num_attention_heads": cfg.n_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
          "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len,
          "rope_theta": cfg.rope_theta, "rope_scaling": _rope_to_hf(cfg, arch), "attention_dropout": 0.0,
-         "initializer_range": cfg.init_std, "torch_dtype": dtype, "use_cache": True}
+         "initializer_range": compute.init_std, "torch_dtype": dtype, "use_cache": True}
   if arch in GQA_ARCHS:
     need(cfg.attention == "gqa", "attention", "dense students use grouped-query attention")
     need(cfg.n_dense_layers == cfg.n_layers, "n_dense_layers", "no MoE layers")
@@ -315,7 +318,7 @@ def to_hf(cfg: ModelConfig, arch: str, dtype: str) -> dict:
              n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
              num_experts_per_tok=cfg.n_activated_experts, moe_intermediate_size=cfg.moe_inter_dim,
              routed_scaling_factor=cfg.route_scale, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
-             norm_topk_prob=cfg.norm_topk_prob, attention_bias=False, aux_loss_alpha=cfg.aux_loss_alpha,
+             norm_topk_prob=cfg.norm_topk_prob, attention_bias=False, aux_loss_alpha=compute.aux_loss_alpha,
              seq_aux=True)
   if arch == V3:
     need(cfg.score_func == "sigmoid", "score_func", "DeepseekV3 scores experts with a sigmoid")

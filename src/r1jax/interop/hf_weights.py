@@ -285,7 +285,7 @@ def fp8_misfit(leaf: Leaf, info: HFInfo, block: int) -> str | None:
   if info.fp8_block is None:
     return "config.json has no quantization_config"
   if info.fp8_block != (block, block):
-    return f"checkpoint blocks {info.fp8_block[0]}x{info.fp8_block[1]} differ from model.fp8.block={block}"
+    return f"checkpoint blocks {info.fp8_block[0]}x{info.fp8_block[1]} differ from compute.fp8.block={block}"
   if not leaf.matrix or leaf.piece_shape[0] % block:  # a partial last block of output columns is kept
     return f"input dim {leaf.piece_shape[0] if leaf.matrix else list(leaf.piece_shape)} is not whole {block}-blocks"
   cols = leaf.rope_cols

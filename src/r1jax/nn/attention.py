@@ -1,6 +1,6 @@
 """Scaled dot-product attention for MLA and GQA: causal, within packed segments, or over a KV cache.
 
-Implementations (ModelConfig.attention_impl): "xla" is the reference (fp32 scores, an explicit mask; CPU);
+Implementations (ComputeConfig.attention_impl): "xla" is the reference (fp32 scores, an explicit mask; CPU);
 "cudnn" is cuDNN's fused flash attention on NVIDIA GPUs for causal rows (one sequence per row; right padding
 needs no segment ids: a causal real token never sees the padding after it); "splash" is Pallas splash attention
 on TPU (segment ids natively). Neither materialises a [B, L, L] mask. "auto" picks the fastest one that
@@ -56,7 +56,7 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = F
   over a cache is always xla (the choice is for training)."""
   candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",), "xla": ()}.get(impl)
   if candidates is None:
-    raise ConfigError(f"model.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
+    raise ConfigError(f"compute.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
   if impl == "xla" or decoding:
     return "xla"
   reasons = []
@@ -67,7 +67,7 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = F
     reasons.append(f"{name}: {reason}")
   if impl == "auto":
     return "xla"
-  raise ConfigError(f"model.attention_impl={impl!r} cannot run this attention ({'; '.join(reasons)}); "
+  raise ConfigError(f"compute.attention_impl={impl!r} cannot run this attention ({'; '.join(reasons)}); "
                     "use auto or xla")
 
 

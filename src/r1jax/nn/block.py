@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import ComputeConfig, ModelConfig
 from r1jax.nn import attention, fp8, gqa, layers, mla, moe
 from r1jax.sharding import constrain
 
@@ -28,42 +28,44 @@ def _attention(cfg: ModelConfig):
   return gqa if cfg.attention == "gqa" else mla
 
 
-def init(key, cfg: ModelConfig, is_moe: bool) -> dict:
+def init(key, cfg: ModelConfig, compute: ComputeConfig, is_moe: bool) -> dict:
   k_attn, k_ffn = jax.random.split(key)
-  dt = jnp.dtype(cfg.param_dtype)
+  dt = jnp.dtype(compute.param_dtype)
   if is_moe:
-    ffn = moe.init(k_ffn, cfg)
+    ffn = moe.init(k_ffn, cfg, compute)
   else:
-    ffn = layers.init_mlp(k_ffn, cfg.dim, cfg.inter_dim, cfg.init_std, dt)
+    ffn = layers.init_mlp(k_ffn, cfg.dim, cfg.inter_dim, compute.init_std, dt)
   return {
       "attn_norm": layers.ones((cfg.dim,), ("norm",), dt),
-      "attn": _attention(cfg).init(k_attn, cfg),
+      "attn": _attention(cfg).init(k_attn, cfg, compute),
       "ffn_norm": layers.ones((cfg.dim,), ("norm",), dt),
       "ffn": ffn,
   }
 
 
-def _ffn(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK):
+def _ffn(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, compute: ComputeConfig, is_moe: bool, replay_BxLxK):
   h = layers.rms_norm(x_BxLxD, p["ffn_norm"], cfg.norm_eps)
   if is_moe:
-    y, stats = moe.apply(p["ffn"], h, cfg, ctx.tokens, replay_BxLxK)
+    y, stats = moe.apply(p["ffn"], h, cfg, compute, ctx.tokens, replay_BxLxK)
   else:
-    y, stats = layers.mlp(p["ffn"], h, cfg.fp8.use("dense_mlp")), None
+    y, stats = layers.mlp(p["ffn"], h, compute.fp8.use("dense_mlp")), None
   return constrain(x_BxLxD + y, "batch", "seq", "act_embed"), stats
 
 
-def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_BxLxK=None):
+def apply(p: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, compute: ComputeConfig, is_moe: bool, replay_BxLxK=None):
   """Returns (x_BxLxD, router stats or None); `replay_BxLxK` fixes an MoE block's experts (routing replay)."""
   h = layers.rms_norm(x_BxLxD, p["attn_norm"], cfg.norm_eps)
-  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cfg)
-  return _ffn(p, constrain(x_BxLxD, "batch", "seq", "act_embed"), ctx, cfg, is_moe, replay_BxLxK)
+  x_BxLxD = x_BxLxD + _attention(cfg).apply(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cfg, compute)
+  return _ffn(p, constrain(x_BxLxD, "batch", "seq", "act_embed"), ctx, cfg, compute, is_moe, replay_BxLxK)
 
 
-def apply_cached(p: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, is_moe: bool):
+def apply_cached(p: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, compute: ComputeConfig,
+                 is_moe: bool):
   """Decoding: attention reads and extends this block's KV cache. Returns (x_BxTxD, stats, cache)."""
   h = layers.rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-  a, cache = _attention(cfg).apply_cached(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg)
-  x_BxTxD, stats = _ffn(p, constrain(x_BxTxD + a, "batch", "seq", "act_embed"), ctx, cfg, is_moe, None)
+  a, cache = _attention(cfg).apply_cached(p["attn"], h, ctx.cos, ctx.sin, ctx.mask, cache, ctx.write_B, cfg,
+                                          compute)
+  x_BxTxD, stats = _ffn(p, constrain(x_BxTxD + a, "batch", "seq", "act_embed"), ctx, cfg, compute, is_moe, None)
   return x_BxTxD, stats, cache
 
 
@@ -85,28 +87,30 @@ _REMAT_POLICIES = {
 }
 
 
-def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, is_moe: bool, replay_NxBxLxK=None):
+def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, compute: ComputeConfig, is_moe: bool,
+         replay_NxBxLxK=None):
   """Run a stack of identical blocks (leading "layers" axis) with lax.scan; returns (x, stacked stats). An MoE
   stack's FP8 expert weights are quantised here, once for all layers (moe.with_expert_tiles), so that neither
   a layer's forward nor its rematerialisation quantises them."""
   if is_moe:
-    stack = {**stack, "ffn": moe.with_expert_tiles(stack["ffn"], cfg)}
+    stack = {**stack, "ffn": moe.with_expert_tiles(stack["ffn"], compute)}
 
   def body(x, layer):
     p, replay = layer
-    return apply(p, x, ctx, cfg, is_moe, replay)
+    return apply(p, x, ctx, cfg, compute, is_moe, replay)
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+  if compute.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[compute.remat])
   return jax.lax.scan(body, x_BxLxD, (stack, replay_NxBxLxK))
 
 
-def scan_cached(stack: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, is_moe: bool):
+def scan_cached(stack: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, compute: ComputeConfig,
+                is_moe: bool):
   """Decode through a stack of blocks and their stacked caches; returns (x, stacked stats, caches)."""
 
   def body(x, layer):
     p, c = layer
-    x, stats, c = apply_cached(p, x, c, ctx, cfg, is_moe)
+    x, stats, c = apply_cached(p, x, c, ctx, cfg, compute, is_moe)
     return x, (stats, c)
 
   x_BxTxD, (stats, cache) = jax.lax.scan(body, x_BxTxD, (stack, cache))

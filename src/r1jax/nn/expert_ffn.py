@@ -10,24 +10,24 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import ComputeConfig
 from r1jax.nn import fp8
 
 
 class ExpertFFN(NamedTuple):
   """`apply(experts, x_ExNxD, sent, valid_ExN) -> y_ExNxD` over this device's experts' received rows (valid_ExN
-  marks real ones); `send(x_TxD)`: rows [T, ...] (a tuple of arrays) each token (and the empty-slot row) sends besides x, arriving as
-  `sent` [E, N, ...] (FP8 dispatch sends e4m3 words and scales)."""
+  marks real ones); `send(x_TxD)`: rows [T, ...] (a tuple of arrays) each token (and the empty-slot row) sends
+  besides x, arriving as `sent` [E, N, ...] (FP8 dispatch sends e4m3 words and scales)."""
 
   apply: Callable
   send: Callable = lambda x_TxD: ()
 
 
-def gemm_impl(cfg: ModelConfig) -> str:
+def gemm_impl(compute: ComputeConfig) -> str:
   """The expert-GEMM choice: ragged_dot suits TPU; on one H100 it ran at 7 TFLOP/s against 647 for the
   padded einsum (measured, JAX 0.11.2), and ran out of memory at V2-Lite sizes."""
-  if cfg.expert_gemm != "auto":
-    return cfg.expert_gemm
+  if compute.expert_gemm != "auto":
+    return compute.expert_gemm
   return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
 
 
@@ -58,10 +58,10 @@ def compact(grouped_fn, x_ExNxD, valid_ExN):
   return jnp.where(valid_ExN.reshape(E * N, 1), y, 0).reshape(E, N, D)
 
 
-def choose(cfg: ModelConfig, experts: dict) -> ExpertFFN:
-  """The routed experts' FFN for this config and these (one layer's, this device's) expert weights."""
-  fp8_cfg = cfg.fp8.use("routed_experts")
-  if gemm_impl(cfg) == "ragged_dot":
+def choose(compute: ComputeConfig, experts: dict) -> ExpertFFN:
+  """The routed experts' FFN for these settings and these (one layer's, this device's) expert weights."""
+  fp8_cfg = compute.fp8.use("routed_experts")
+  if gemm_impl(compute) == "ragged_dot":
     one = grouped if fp8_cfg is None else functools.partial(fp8.experts.grouped, fp8_cfg=fp8_cfg)
     return ExpertFFN(lambda e, x, _, valid: compact(functools.partial(one, e), x, valid))
   if fp8_cfg is None:

@@ -25,14 +25,14 @@ class Plan(NamedTuple):
   dropped_pairs: jax.Array  # int32 number of real (token, slot) pairs that did not fit
 
 
-def capacity(n_tokens: int, cfg: ModelConfig) -> int:
+def capacity(n_tokens: int, cfg: ModelConfig, capacity_factor: float) -> int:
   """Rows per (source shard, expert): ceil(cf * T * K / E), at most T since a token picks an expert once.
 
   capacity_factor 0 gives T: dropless whatever the routing.
   """
-  if cfg.capacity_factor <= 0:
+  if capacity_factor <= 0:
     return n_tokens
-  balanced = cfg.capacity_factor * n_tokens * cfg.n_activated_experts / cfg.n_routed_experts
+  balanced = capacity_factor * n_tokens * cfg.n_activated_experts / cfg.n_routed_experts
   return max(1, min(n_tokens, math.ceil(balanced)))
 
 
@@ -73,7 +73,7 @@ def _dispatch(rows_Tp1, token_EC, E_loc: int, exp_axes: tuple[str, ...]):
 
 
 def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cfg: ModelConfig,
-                     exp_axes: tuple[str, ...], ffn):
+                     capacity_factor: float, exp_axes: tuple[str, ...], ffn):
   """One shard's routed-expert output (partial over the tensor axis when F is split) and its drop count.
 
   Runs inside shard_map with `exp_axes` the expert mesh axes, `experts` holding this device's E/n_ep
@@ -83,7 +83,7 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
   T, D = x_TxD.shape
   E = cfg.n_routed_experts
   n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
-  E_loc, C = E // n_ep, capacity(T, cfg)
+  E_loc, C = E // n_ep, capacity(T, cfg, capacity_factor)
   pl = plan(experts_TxK, E, C, valid_T)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])  # row T fills the empty slots
   x_ExNxD = _dispatch(x_pad, pl.token_EC, E_loc, exp_axes)

@@ -81,7 +81,7 @@ def dense(x, w, fp8_cfg: FP8Config | None = None):
   QuantizedWeight) runs the forward GEMM from its stored e4m3 values (nn/fp8/weights.py)."""
   if fp8.weights.is_quantized(w):
     if fp8_cfg is None:
-      raise ValueError(f"layers.dense: a keep_fp8 e4m3 weight {list(w.shape)} reached a matmul that model.fp8 runs "
+      raise ValueError(f"layers.dense: a keep_fp8 e4m3 weight {list(w.shape)} reached a matmul that compute.fp8 runs "
                        "in high precision: enable FP8 for its part or import without keep_fp8")
     return fp8.weights.dot(x, w, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
   if fp8_cfg is not None:
@@ -113,7 +113,8 @@ def mlp(p: dict, x_NxD, fp8_cfg: FP8Config | None = None):
   (dense_many), fp8.swiglu_mlp: the SwiGLU fused into the down GEMM's input quantisation."""
   ws = [p["w_gate"], p["w_up"], p["w_down"]]
   F = ws[0].shape[-1]
-  if fp8_cfg is not None and not any(map(fp8.weights.is_quantized, ws)) and fp8.joins_columns(F, F, block=fp8_cfg.block):
+  kept = any(map(fp8.weights.is_quantized, ws))
+  if fp8_cfg is not None and not kept and fp8.joins_columns(F, F, block=fp8_cfg.block):
     return fp8.swiglu_mlp(x_NxD, *ws, block=fp8_cfg.block, impl=fp8_cfg.impl, pow2=fp8_cfg.pow2_scales)
   gate, up = dense_many(x_NxD, ws[:2], fp8_cfg)
   return dense(jax.nn.silu(gate) * up, ws[2], fp8_cfg)

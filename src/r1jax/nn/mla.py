@@ -6,13 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import ComputeConfig, ModelConfig
 from r1jax.nn import attention, fp8, layers, rope
 from r1jax.sharding import constrain
 
 
-def init(key, cfg: ModelConfig) -> dict:
-  dt, std, H = jnp.dtype(cfg.param_dtype), cfg.init_std, cfg.n_heads
+def init(key, cfg: ModelConfig, compute: ComputeConfig) -> dict:
+  dt, std, H = jnp.dtype(compute.param_dtype), compute.init_std, cfg.n_heads
   k = iter(jax.random.split(key, 5))
   p = {}
   if cfg.q_lora_rank:
@@ -30,12 +30,12 @@ def init(key, cfg: ModelConfig) -> dict:
   return p
 
 
-def _project(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
+def _project(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig, compute: ComputeConfig):
   """Per-head queries (q_nope [B, L, H, Dn], roped q_pe [B, L, H, Dr]) and what MLA caches per token (the
   normalised kv latent [B, L, R], the roped shared key [B, L, Dr]). x's two projections, wq_a and wkv_a, go
   through layers.dense_many (in FP8: one quantisation of x)."""
   B, L, _ = x_BxLxD.shape
-  fp8_cfg = cfg.fp8.use("attention")
+  fp8_cfg = compute.fp8.use("attention")
   if cfg.q_lora_rank:
     cq_BxLxRq, kv_a = layers.dense_many(x_BxLxD, [p["wq_a"], p["wkv_a"]], fp8_cfg)
     q = layers.dense(layers.rms_norm(cq_BxLxRq, p["q_norm"], cfg.norm_eps), p["wq_b"], fp8_cfg)
@@ -48,21 +48,21 @@ def _project(p: dict, x_BxLxD, cos, sin, cfg: ModelConfig):
   return q_BxLxHxDqk[..., :Dn], rope.apply(q_BxLxHxDqk[..., Dn:], cos, sin), ckv_BxLxR, k_pe_BxLxDr
 
 
-def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig):
+def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig, compute: ComputeConfig):
   """Training/prefill path: decompress per-head keys and values from the latent; every head's key is its
   own no-RoPE part followed by the shared RoPE key."""
   B, L, _ = x_BxLxD.shape
   H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-  q_nope, q_pe, ckv_BxLxR, k_pe_BxLxDr = _project(p, x_BxLxD, cos, sin, cfg)
-  kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"], cfg.fp8.use("attention")).reshape(B, L, H, Dn + Dv)
+  q_nope, q_pe, ckv_BxLxR, k_pe_BxLxDr = _project(p, x_BxLxD, cos, sin, cfg, compute)
+  kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"], compute.fp8.use("attention")).reshape(B, L, H, Dn + Dv)
   kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
   k_pe_BxLxHxDr = jnp.broadcast_to(k_pe_BxLxDr[:, :, None], (B, L, H, cfg.qk_rope_head_dim))
   q_BxLxHxDqk = jnp.concatenate([q_nope, q_pe], -1)
   k_BxLxHxDqk = jnp.concatenate([kv_BxLxHx[..., :Dn], k_pe_BxLxHxDr], -1)
   o_BxLxHxDv = attention.attend(q_BxLxHxDqk, k_BxLxHxDqk, kv_BxLxHx[..., Dn:], mask, scale=rope.softmax_scale(cfg),
-                                impl=cfg.attention_impl)
+                                impl=compute.attention_impl)
   o_BxLxHxDv = constrain(o_BxLxHxDv, "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"], cfg.fp8.use("attention"))
+  return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"], compute.fp8.use("attention"))
 
 
 def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
@@ -74,14 +74,15 @@ def init_cache(cfg: ModelConfig, B: int, S: int, dtype) -> dict:
 CACHE_NAMES = {"latent": ("batch", None, None)}  # logical axes of each cache entry
 
 
-def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, write_B, cfg: ModelConfig):
+def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, write_B, cfg: ModelConfig,
+                 compute: ComputeConfig):
   """Decode path: write this step's latents at slots write_B + [0, T), attend over the whole cache in the
   absorbed form (V2 paper §2.1.2; DeepSeek's attn_impl="absorb"): W_UK is folded into the query and W_UV
   applied after attention, so keys and values are never decompressed. That is multi-query attention with
   the cached latent as the one key (R + Dr wide) and its first R values as the value. Returns (y, cache)."""
   B, T, _ = x_BxTxD.shape
   H, Dn, Dv, R = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  q_nope, q_pe, ckv_BxTxR, k_pe_BxTxDr = _project(p, x_BxTxD, cos, sin, cfg)
+  q_nope, q_pe, ckv_BxTxR, k_pe_BxTxDr = _project(p, x_BxTxD, cos, sin, cfg, compute)
   latent_BxSxRr = layers.write_rows(cache["latent"], jnp.concatenate([ckv_BxTxR, k_pe_BxTxDr], -1), write_B)
   wkv_b_RxHxDnv = fp8.weights.cast(p["wkv_b"], x_BxTxD.dtype).reshape(R, H, Dn + Dv)  # high precision (keep_fp8 too)
   w_uk_RxHxDn, w_uv_RxHxDv = wkv_b_RxHxDnv[..., :Dn], wkv_b_RxHxDnv[..., Dn:]
@@ -89,6 +90,7 @@ def apply_cached(p: dict, x_BxTxD, cos, sin, mask: attention.Mask, cache: dict, 
   q_BxTxHxRr = jnp.concatenate([q_lat_BxTxHxR, q_pe], -1)
   kv_BxSx1xRr = latent_BxSxRr[:, :, None]
   o_lat_BxTxHxR = attention.attend(q_BxTxHxRr, kv_BxSx1xRr, kv_BxSx1xRr[..., :R], mask, scale=rope.softmax_scale(cfg),
-                                   impl=cfg.attention_impl)
+                                   impl=compute.attention_impl)
   o_BxTxHxDv = constrain(jnp.einsum("bthr,rhd->bthd", o_lat_BxTxHxR, w_uv_RxHxDv), "batch", "seq", "act_heads", None)
-  return layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"], cfg.fp8.use("attention")), {"latent": latent_BxSxRr}
+  y_BxTxD = layers.dense(o_BxTxHxDv.reshape(B, T, H * Dv), p["wo"], compute.fp8.use("attention"))
+  return y_BxTxD, {"latent": latent_BxSxRr}

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import sharding
-from r1jax.config import ModelConfig
+from r1jax.config import ComputeConfig, ModelConfig
 from r1jax.nn import expert_ffn, fp8, layers
 from r1jax.nn import expert_parallel as ep
 
@@ -36,8 +36,8 @@ class Tokens(NamedTuple):
     return cls(jnp.ones((B, L), jnp.int32), jnp.zeros((B, L), jnp.int32))
 
 
-def init(key, cfg: ModelConfig) -> dict:
-  dt, std, E = jnp.dtype(cfg.param_dtype), cfg.init_std, cfg.n_routed_experts
+def init(key, cfg: ModelConfig, compute: ComputeConfig) -> dict:
+  dt, std, E = jnp.dtype(compute.param_dtype), compute.init_std, cfg.n_routed_experts
   k_router, k_shared, k_gate, k_up, k_down = jax.random.split(key, 5)
   F = cfg.moe_inter_dim
   router = {"w": layers.normal(k_router, (cfg.dim, E), ("embed", None), std, jnp.float32)}
@@ -115,7 +115,7 @@ def sequence_ids(tokens: Tokens):
   return (jnp.cumsum(starts_BxL, axis=1) - 1 + L * jnp.arange(B)[:, None]).reshape(B * L)
 
 
-def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig):
+def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig, alpha: float):
   """Sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20) of every sequence (a packed segment,
   real tokens only). Returns (sum over sequences, number of sequences), so shards can be combined exactly."""
   E, K = cfg.n_routed_experts, cfg.n_activated_experts
@@ -127,7 +127,7 @@ def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig):
   n_S = jax.ops.segment_sum(mask_T, seq_T, num_segments=T)
   f_SxE = jax.ops.segment_sum(chosen_TxE, seq_T, num_segments=T) * E / (K * jnp.maximum(n_S, 1.0))[:, None]
   p_SxE = jax.ops.segment_sum(probs_TxE, seq_T, num_segments=T) / jnp.maximum(n_S, 1.0)[:, None]
-  return cfg.aux_loss_alpha * (f_SxE * p_SxE).sum(), (n_S > 0).sum().astype(jnp.float32)
+  return alpha * (f_SxE * p_SxE).sum(), (n_S > 0).sum().astype(jnp.float32)
 
 
 def expert_load(experts_TxK, mask_T, n_experts: int):
@@ -137,7 +137,7 @@ def expert_load(experts_TxK, mask_T, n_experts: int):
 
 
 def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, replay_BxLxK, cfg: ModelConfig,
-                  axes: ep.Axes):
+                  compute: ComputeConfig, axes: ep.Axes):
   """One shard of the MoE (inside shard_map, or all of it on one device): route its tokens, dispatch,
   combine. Stats are reduced over the batch axes so every replica sees the global load and updates the
   same bias."""
@@ -146,13 +146,13 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
   replay_TxK = None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1)
   routing = route(router, x_TxD, cfg, replay_TxK)
-  if expert_ffn.gemm_impl(cfg) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of
+  if expert_ffn.gemm_impl(compute) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of
     # this shard and layer are dequantised here, and it re-creates their e4m3 values (the padded form reads them)
-    experts = fp8.weights.dequantize_tree(experts, jnp.dtype(cfg.param_dtype))
+    experts = fp8.weights.dequantize_tree(experts, jnp.dtype(compute.param_dtype))
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
-                                       axes.exp, expert_ffn.choose(cfg, experts))
+                                       compute.capacity_factor, axes.exp, expert_ffn.choose(compute, experts))
   y_TxD = ep.sum_over(y_TxD, axes.exp_mlp)  # the expert FFN width may be split over tensor: add the parts
-  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
+  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg, compute.aux_loss_alpha)
   stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), axes.batch),
            "aux_loss": ep.sum_over(aux_sum, axes.batch) / jnp.maximum(ep.sum_over(n_seq, axes.batch), 1.0),
            "dropped_pairs": ep.sum_over(dropped, axes.batch),
@@ -165,18 +165,19 @@ def _pad_rows(x, n: int):
   return jnp.pad(x, [(0, n)] + [(0, 0)] * (x.ndim - 1)) if n else x
 
 
-def with_expert_tiles(p: dict, cfg: ModelConfig) -> dict:
+def with_expert_tiles(p: dict, compute: ComputeConfig) -> dict:
   """An MoE layer's params (any leading stack axes) with its routed experts' FP8 weights quantised ahead into
   p["experts"]["fp8_tiles"] (fp8.experts.stack_tiles), where FP8Config.quantize_experts_once asks and the
   padded FP8 expert GEMMs from master weights will read them; p unchanged otherwise."""
-  fp8_cfg, experts = cfg.fp8.use("routed_experts"), p["experts"]
-  if (fp8_cfg is None or not fp8_cfg.quantize_experts_once or expert_ffn.gemm_impl(cfg) != "einsum"
+  fp8_cfg, experts = compute.fp8.use("routed_experts"), p["experts"]
+  if (fp8_cfg is None or not fp8_cfg.quantize_experts_once or expert_ffn.gemm_impl(compute) != "einsum"
       or any(map(fp8.weights.is_quantized, experts.values()))):
     return p
   return {**p, "experts": {**experts, "fp8_tiles": fp8.experts.stack_tiles(experts, fp8_cfg)}}
 
 
-def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
+def apply(p: dict, x_BxLxD, cfg: ModelConfig, compute: ComputeConfig, tokens: Tokens | None = None,
+          replay_BxLxK=None):
   """Returns (y_BxLxD, stats): per-expert load (real (token, slot) pairs), the balance loss, dropped pairs
   and each token's experts [B, L, K]. `replay_BxLxK` routes every token to given experts (routing replay).
 
@@ -191,22 +192,25 @@ def apply(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, repl
     args += (replay_BxLxK,)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    y_BxLxD, stats = _routed_shard(*args[:5], replay_BxLxK, cfg, ep.Axes())
+    y_BxLxD, stats = _routed_shard(*args[:5], replay_BxLxK, cfg, compute, ep.Axes())
   else:
     pad = -B % sharding.batch_size_multiple(mesh)
     args = args[:2] + tuple(_pad_rows(a, pad) for a in args[2:])
     tiles = {"fp8_tiles": fp8.experts.tile_specs(ep.spec)} if "fp8_tiles" in p["experts"] else None
     in_specs, out_specs = ep.specs(p["router"], replay, tiles)
-    shard_fn = lambda r, e, x, m, s, *rep: _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg,  # noqa: E731
-                                                         ep.Axes.from_rules())
+
+    def shard_fn(r, e, x, m, s, *rep):
+      return _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg, compute, ep.Axes.from_rules())
+
     y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
     y_BxLxD, stats["experts"] = y_BxLxD[:B], stats["experts"][:B]
   if "shared" in p:
-    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD, cfg.fp8.use("shared_experts"))
+    y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD, compute.fp8.use("shared_experts"))
   return y_BxLxD, stats
 
 
-def dropless_reference(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None = None, replay_BxLxK=None):
+def dropless_reference(p: dict, x_BxLxD, cfg: ModelConfig, compute: ComputeConfig, tokens: Tokens | None = None,
+                       replay_BxLxK=None):
   """The same layer written independently: one sort of all (token, slot) pairs and ragged_dot, no capacity.
   For tests and notebooks; `apply` is what models run."""
   B, L, D = x_BxLxD.shape
@@ -216,7 +220,7 @@ def dropless_reference(p: dict, x_BxLxD, cfg: ModelConfig, tokens: Tokens | None
   y_BxLxD = routed_experts(p["experts"], x_TxD, routing, cfg).reshape(B, L, D)
   if "shared" in p:
     y_BxLxD = y_BxLxD + layers.mlp(p["shared"], x_BxLxD)
-  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg)
+  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg, compute.aux_loss_alpha)
   return y_BxLxD, {"load": expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts),
                    "aux_loss": aux_sum / jnp.maximum(n_seq, 1.0), "dropped_pairs": jnp.zeros((), jnp.int32),
                    "replay_differs": replay_differs(routing, mask_T),

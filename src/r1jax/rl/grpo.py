@@ -17,13 +17,47 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import losses, model, train
-from r1jax.config import GRPOConfig, ModelConfig
+from r1jax.config import ComputeConfig, GRPOConfig, ModelConfig
 
 # Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
 # backward pass); exp(20) ~ 5e8 is far outside any clip range, so the clamp never changes a clipped loss.
 _MAX_LOG_RATIO = 20.0
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _registrar(registry: dict, what: str):
+  """A decorator factory adding a function to `registry` under a name (replacing any earlier one)."""
+  def register(name: str):
+    if not isinstance(name, str) or not name or any(c in name for c in ":, "):
+      raise ValueError(f"{what} name {name!r} must be non-empty, without ':', ',' or spaces")
+
+    def add(fn):
+      registry[name] = fn
+      return fn
+    return add
+  return register
+
+
+# The variants by name, as grpo.advantage / grpo.loss / grpo.aggregation choose them; register_* adds one
+# (a researcher's own estimator, loss or reduction) that the config then names like a built-in.
+ADVANTAGES: dict = {}  # name -> fn(r_PxG, centred_PxG, eps) -> adv_PxG
+RATIO_LOSSES: dict = {}  # name -> fn(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low, clip_high) -> RatioLoss
+AGGREGATIONS: dict = {}  # name -> fn(sum_B, n_B, norm_len, total) -> scalar loss
+register_advantage = _registrar(ADVANTAGES, "advantage")
+register_ratio_loss = _registrar(RATIO_LOSSES, "ratio loss")
+register_aggregation = _registrar(AGGREGATIONS, "aggregation")
+
+
+def _lookup(registry: dict, key: str, name: str):
+  if name not in registry:
+    raise ValueError(f"grpo.{key}={name!r}: expected one of {', '.join(registry)}")
+  return registry[name]
+
+
+def check(cfg: GRPOConfig):
+  """One-line errors for variant names no registry holds (run before anything compiles)."""
+  for key, registry in (("advantage", ADVANTAGES), ("loss", RATIO_LOSSES), ("aggregation", AGGREGATIONS)):
+    _lookup(registry, key, getattr(cfg, key))
 
 
 def _float(x):
@@ -44,24 +78,34 @@ def _log_ratio(logp_BxL, old_logp_BxL, mask_BxL):
 # Advantages
 
 
-def advantages(rewards_PxG, kind: str = "grpo", eps: float = 1e-6):
-  """Group-relative advantages and the zero-variance flag per group; adv is exactly 0 in a flagged group.
+@register_advantage("grpo")
+def _grpo_advantage(r_PxG, centred_PxG, eps):
+  """(r - mean) / (std + eps), population std (ddof=0) over the G completions (DeepSeekMath §4.1.2)."""
+  return centred_PxG / (r_PxG.std(axis=-1, keepdims=True) + eps)
 
-  grpo: (r - mean) / (std + eps), population std (ddof=0) over the G completions (DeepSeekMath §4.1.2).
-  dr_grpo: r - mean, no std division (Dr.GRPO, arXiv 2503.20783).
-  rloo: r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean) (leave-one-out baseline).
-  """
-  r_PxG = _float(rewards_PxG)
+
+@register_advantage("dr_grpo")
+def _dr_grpo_advantage(r_PxG, centred_PxG, eps):
+  """r - mean, no std division (Dr.GRPO, arXiv 2503.20783)."""
+  return centred_PxG
+
+
+@register_advantage("rloo")
+def _rloo_advantage(r_PxG, centred_PxG, eps):
+  """r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean) (leave-one-out baseline)."""
   G = r_PxG.shape[-1]
+  return centred_PxG * (G / (G - 1))
+
+
+def advantages(rewards_PxG, kind: str = "grpo", eps: float = 1e-6):
+  """Group-relative advantages by the ADVANTAGES entry `kind`, and the zero-variance flag per group; adv is
+  exactly 0 in a flagged group."""
+  estimator = ADVANTAGES.get(kind)
+  if estimator is None:
+    raise ValueError(f"advantage kind {kind!r}: expected one of {', '.join(ADVANTAGES)}")
+  r_PxG = _float(rewards_PxG)
   centred_PxG = r_PxG - r_PxG.mean(axis=-1, keepdims=True)
-  if kind == "grpo":
-    adv_PxG = centred_PxG / (r_PxG.std(axis=-1, keepdims=True) + eps)
-  elif kind == "dr_grpo":
-    adv_PxG = centred_PxG
-  elif kind == "rloo":
-    adv_PxG = centred_PxG * (G / (G - 1))
-  else:
-    raise ValueError(f"advantage kind {kind!r}: expected one of grpo, dr_grpo, rloo")
+  adv_PxG = estimator(r_PxG, centred_PxG, eps)
   # Rounding in the mean can leave r - mean a few ulps off 0; such groups carry no signal, so force 0.
   zero_var_P = jnp.all(r_PxG == r_PxG[:, :1], axis=-1)
   return jnp.where(zero_var_P[:, None], 0.0, adv_PxG), zero_var_P
@@ -98,6 +142,7 @@ def _clipped_objective(ratio_BxL, adv_B, mask_BxL, clip_low, clip_high) -> Ratio
   return RatioLoss(loss_BxL, ratio_BxL, low_BxL, high_BxL)
 
 
+@register_ratio_loss("token")
 def token_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float, clip_high: float) -> RatioLoss:
   """Per-token clipped surrogate with ratio_t = exp(logp_t - old_logp_t) (DeepSeekMath eq. 3; DAPO §3.1
   clip-higher); the loss is the negated objective."""
@@ -106,6 +151,7 @@ def token_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float, c
   return _clipped_objective(ratio_BxL, adv_B, mask_BxL, clip_low, clip_high)
 
 
+@register_ratio_loss("sequence")
 def sequence_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float,
                         clip_high: float) -> RatioLoss:
   """GSPO (arXiv 2507.18071 §4.2), written per token as GSPO-token (§4.4) with A_i,t = A_i.
@@ -126,33 +172,44 @@ def sequence_ratio_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, clip_low: float
   return _clipped_objective(s_BxL, adv_B, mask_BxL, clip_low, clip_high)
 
 
-def aggregate(loss_BxL, mask_BxL, kind: str, norm_len: int | None = None, total=None):
-  """Reduce a per-token loss to a scalar.
+def _seq_mean(per_seq_B, n_B, total):
+  """Mean over sequences (rows with at least one token), or over `total` of them."""
+  n_seqs = (n_B > 0).sum().astype(per_seq_B.dtype) if total is None else total
+  return per_seq_B.sum() / jnp.maximum(n_seqs, 1.0)
 
-  token_mean: sum over all tokens / number of tokens (DAPO §3.3).
-  seq_mean_token_mean: mean over sequences of each sequence's token mean (DeepSeekMath eq. 3).
-  seq_mean_token_sum_norm: mean over sequences of token sum / norm_len, norm_len the generation budget
-    (Dr.GRPO, arXiv 2503.20783: a constant in place of |o_i|).
-  Sequences are rows with at least one token. `total` replaces the count (tokens for token_mean, sequences
-  otherwise) when this batch is a micro-batch of a larger step, so micro-batch losses add up to the step's.
-  """
+
+@register_aggregation("token_mean")
+def _token_mean(sum_B, n_B, norm_len, total):
+  """Sum over all tokens / number of tokens (DAPO §3.3)."""
+  return sum_B.sum() / jnp.maximum(n_B.sum() if total is None else total, 1.0)
+
+
+@register_aggregation("seq_mean_token_mean")
+def _seq_mean_token_mean(sum_B, n_B, norm_len, total):
+  """Mean over sequences of each sequence's token mean (DeepSeekMath eq. 3)."""
+  return _seq_mean(sum_B / jnp.maximum(n_B, 1.0), n_B, total)
+
+
+@register_aggregation("seq_mean_token_sum_norm")
+def _seq_mean_token_sum_norm(sum_B, n_B, norm_len, total):
+  """Mean over sequences of token sum / norm_len, norm_len the generation budget (Dr.GRPO, arXiv 2503.20783:
+  a constant in place of |o_i|)."""
+  if norm_len is None or norm_len <= 0:
+    raise ValueError(f"aggregation seq_mean_token_sum_norm needs norm_len > 0 (the generation budget), "
+                     f"got {norm_len}")
+  return _seq_mean(sum_B / norm_len, n_B, total)
+
+
+def aggregate(loss_BxL, mask_BxL, kind: str, norm_len: int | None = None, total=None):
+  """Reduce a per-token loss to a scalar by the AGGREGATIONS entry `kind`. Sequences are rows with at least one
+  token. `total` replaces the count (tokens for token_mean, sequences otherwise) when this batch is a
+  micro-batch of a larger step, so micro-batch losses add up to the step's."""
+  reduce = AGGREGATIONS.get(kind)
+  if reduce is None:
+    raise ValueError(f"aggregation {kind!r}: expected one of {', '.join(AGGREGATIONS)}")
   m_BxL = mask_BxL > 0
   loss_BxL = jnp.where(m_BxL, _float(loss_BxL), 0.0)
-  n_B = m_BxL.sum(axis=-1).astype(loss_BxL.dtype)
-  sum_B = loss_BxL.sum(axis=-1)
-  if kind == "token_mean":
-    return sum_B.sum() / jnp.maximum(n_B.sum() if total is None else total, 1.0)
-  if kind == "seq_mean_token_mean":
-    per_seq_B = sum_B / jnp.maximum(n_B, 1.0)
-  elif kind == "seq_mean_token_sum_norm":
-    if norm_len is None or norm_len <= 0:
-      raise ValueError(f"aggregation seq_mean_token_sum_norm needs norm_len > 0 (the generation budget), "
-                       f"got {norm_len}")
-    per_seq_B = sum_B / norm_len
-  else:
-    raise ValueError(f"aggregation {kind!r}: expected one of {', '.join(AGGREGATIONS)}")
-  n_seqs = (n_B > 0).sum().astype(loss_BxL.dtype) if total is None else total
-  return per_seq_B.sum() / jnp.maximum(n_seqs, 1.0)
+  return reduce(loss_BxL.sum(axis=-1), m_BxL.sum(axis=-1).astype(loss_BxL.dtype), norm_len, total)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,10 +254,7 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
   m_BxL = mask_BxL > 0
   logp_BxL = _masked(logp_BxL, m_BxL)
   old_logp_BxL = _masked(old_logp_BxL, m_BxL)
-  ratio_loss = {"token": token_ratio_loss, "sequence": sequence_ratio_loss}.get(cfg.loss)
-  if ratio_loss is None:
-    raise ValueError(f"grpo.loss {cfg.loss!r}: expected token or sequence")
-  out = ratio_loss(logp_BxL, old_logp_BxL, adv_B, m_BxL, cfg.clip_low, cfg.clip_high)
+  out = _lookup(RATIO_LOSSES, "loss", cfg.loss)(logp_BxL, old_logp_BxL, adv_B, m_BxL, cfg.clip_low, cfg.clip_high)
   loss_BxL = out.loss_BxL
   if tis_BxL is not None:
     loss_BxL = loss_BxL * _masked(jax.lax.stop_gradient(tis_BxL), m_BxL, fill=1.0)
@@ -234,15 +288,16 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
 # and optionally routes [B, N, L, K] (the sampler's experts per MoE layer, for routing replay) and ref_logp
 # (for the KL term).
 
-def learner_logp(params: dict, batch: dict, cfg: ModelConfig, temperature: float, replay: bool):
+def learner_logp(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, temperature: float,
+                 replay: bool):
   """Per-target log-probs and entropies under softmax(logits / temperature), the distribution the sampler
   drew from (before top-k/top-p, whose gap truncated importance sampling corrects), and router stats."""
   routes = {"moe_layers": jnp.moveaxis(batch["routes"], 1, 0)} if replay and "routes" in batch else None
-  out = model.apply(params, batch["tokens"], cfg, positions_BxL=batch["positions"],
+  out = model.apply(params, batch["tokens"], cfg, compute, positions_BxL=batch["positions"],
                     segment_ids_BxL=batch.get("segment_ids"), token_mask_BxL=batch["token_mask"], routes=routes,
                     logits=False)
   logp_BxL, entropy_BxL = losses.head_logprobs(out.hidden_BxLxD, model.head_fn(params, cfg), batch["targets"],
-                                               cfg.head_chunk, temperature or 1.0, entropy=True)
+                                               compute.head_chunk, temperature or 1.0, entropy=True)
   return logp_BxL, entropy_BxL, out.router
 
 
@@ -259,10 +314,11 @@ def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_
   token_mean = lambda x: jnp.where(mask_BxL > 0, x, 0.0).sum() / n_real  # noqa: E731
   fixed_old = None
   if gcfg.mu > 1:  # stored old log-probs for every inner iteration
-    fixed_old = jax.lax.stop_gradient(learner_logp(state.params, batch, cfg, temperature, gcfg.routing_replay)[0])
+    fixed_old = jax.lax.stop_gradient(learner_logp(state.params, batch, cfg, state.compute, temperature,
+                                                      gcfg.routing_replay)[0])
 
   def loss_fn(params):
-    logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, temperature, gcfg.routing_replay)
+    logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, state.compute, temperature, gcfg.routing_replay)
     old_BxL = jax.lax.stop_gradient(logp_BxL) if fixed_old is None else fixed_old
     tis_BxL = tis_weights(old_BxL, batch["sampler_logp"], gcfg.tis_cap, mask_BxL) if gcfg.tis_cap > 0 else None
     loss, metrics = policy_loss(logp_BxL, old_BxL, batch["advantages"], mask_BxL, gcfg, norm_len=norm_len,

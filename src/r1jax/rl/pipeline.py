@@ -32,12 +32,13 @@ def grpo_config(cfg: RunConfig) -> RunConfig:
 
 
 def _check_grpo(cfg: RunConfig):
-  """One-line errors before any stage trains: unknown reward names, and greedy sampling (every completion
+  """One-line errors before any stage trains: unknown reward or GRPO variant names, and greedy sampling (every completion
   of a group would be the same, so every advantage 0)."""
   from r1jax.rl import rewards
 
   try:
     rewards.parse(cfg.grpo.rewards)
+    grpo.check(cfg.grpo)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if cfg.sampler.temperature == 0:
@@ -54,7 +55,8 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
   """Log-probs of the frozen reference (the starting checkpoint) for the k3 KL term."""
   model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
   ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the train state's params are donated
-  fn = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.sampler.temperature, cfg.grpo.routing_replay)[0])
+  fn = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.compute, cfg.sampler.temperature,
+                                              cfg.grpo.routing_replay)[0])
   return lambda batch: fn(ref_params, batch)
 
 
@@ -144,8 +146,8 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(model_dir, cfg, mesh)
-    out = sampler.generate(params, prompts, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           key=jax.random.key(cfg.train.seed + 2))
+    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + 2))
   completions = sampler.completions(out)
   texts = [tok.decode([t for t in ids if t != tok.eos_id]) for ids in completions]
   finished = [bool(ids) and ids[-1] == tok.eos_id for ids in completions]
@@ -206,8 +208,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
       _sft_stage(cfg, stage_dir, str(rejection_data), p.sft_steps, start, resume)
     elif stage == "distill":
       student = config_lib.load(p.student, [f"mesh.{k}={v}" for k, v in dataclasses.asdict(cfg.mesh).items()])
-      _sft_stage(dataclasses.replace(cfg, model=student.model), stage_dir, str(rejection_data), p.distill_steps,
-                 None, resume)
+      student_cfg = dataclasses.replace(cfg, model=student.model, compute=student.compute)
+      _sft_stage(student_cfg, stage_dir, str(rejection_data), p.distill_steps, None, resume)
     elif stage == "rejection":
       stage_dir.mkdir(parents=True, exist_ok=True)
       if not rejection_data.exists():

@@ -109,8 +109,8 @@ class RolloutSource:
   def _sample(self, params, examples, key) -> tuple[sampler.Rollout, list[str], dict, np.ndarray]:
     G = self.cfg.grpo.group_size
     prompts = [p for p in _encode(self.tok, examples) for _ in range(G)]  # prompt-major rows p*G + g
-    out = sampler.generate(params, prompts, self.cfg.model, self.cfg.sampler, eos_id=self.tok.eos_id,
-                           pad_id=self.tok.pad_id, key=key)
+    out = sampler.generate(params, prompts, self.cfg.model, self.cfg.compute, self.cfg.sampler,
+                           eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, key=key)
     ids = sampler.completions(out)
     texts = [self.tok.decode([i for i in c if i != self.tok.eos_id]) for c in ids]
     truncated = sampler.to_host(out.truncated_B)
@@ -189,7 +189,8 @@ def evaluate(params, cfg: RunConfig, n: int, k: int = 1, split: str = "eval", se
   examples = task_examples(cfg, split, n)
   spec = "accuracy:1.0,format:1.0"
   greedy = dataclasses.replace(cfg.sampler, temperature=0.0, speculative=False)
-  out = sampler.generate(params, _encode(tok, examples), cfg.model, greedy, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  out = sampler.generate(params, _encode(tok, examples), cfg.model, cfg.compute, greedy, eos_id=tok.eos_id,
+                         pad_id=tok.pad_id)
   texts = [tok.decode([i for i in c if i != tok.eos_id]) for c in sampler.completions(out)]
   scores = [rewards.score(ex, t, None, spec) for ex, t in zip(examples, texts)]
   result = {"n": n, "accuracy": float(np.mean([s["accuracy"] for s in scores])),
@@ -197,8 +198,8 @@ def evaluate(params, cfg: RunConfig, n: int, k: int = 1, split: str = "eval", se
             "completion_len_mean": float(np.mean(sampler.to_host(out.completion_len_B)))}
   if k > 1:
     prompts = [p for p in _encode(tok, examples) for _ in range(k)]
-    out = sampler.generate(params, prompts, cfg.model, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           key=jax.random.key(seed))
+    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, key=jax.random.key(seed))
     correct = np.array([rewards.score(examples[i // k], tok.decode([t for t in c if t != tok.eos_id]), None,
                                       "accuracy:1.0")["accuracy"] for i, c in enumerate(sampler.completions(out))])
     result[f"pass@{k}"] = float(correct.reshape(n, k).max(1).mean())
