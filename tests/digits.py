@@ -3,6 +3,7 @@ vocab (>= 128) holds them."""
 
 import numpy as np
 
+from r1jax.batch import Batch
 from r1jax.tasks import digit_answer
 
 PAD, BOS, EOS = 0, 1, 2
@@ -13,8 +14,8 @@ DIGIT0 = ord("0")
 def digit_batch(rng: np.random.Generator, task: str, batch_size: int, seq_len: int) -> dict:
   """Rows `BOS d1..dn = a1..an EOS PAD..`; the loss covers the answer and EOS only.
 
-  Returns int32 arrays tokens/targets/loss_mask/token_mask of shape [batch_size, seq_len] (targets = tokens
-  shifted; token_mask marks the row's real tokens, so padding is left out of router statistics).
+  Returns a Batch of int32 [batch_size, seq_len] tokens, targets (tokens shifted), loss mask and token mask (the
+  row's real tokens, so padding is left out of router statistics).
   """
   n = (seq_len - 2) // 2  # BOS + n digits + SEP + n answer digits + EOS = seq_len + 1 tokens at most
   if n < 1:
@@ -29,4 +30,4 @@ def digit_batch(rng: np.random.Generator, task: str, batch_size: int, seq_len: i
     rows[b, :len(row)] = row
     real[b, :len(row)] = 1
     mask[b, n + 2:len(row)] = 1  # positions holding answer tokens and EOS
-  return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": mask[:, 1:], "token_mask": real[:, :-1]}
+  return Batch(rows[:, :-1], rows[:, 1:], mask[:, 1:], token_mask_BxL=real[:, :-1])

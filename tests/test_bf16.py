@@ -38,14 +38,14 @@ def case(tiny):
 
 
 def _forward(params, batch, cfg, compute, routes=None):
-  return jax.jit(lambda p, t, r: model.apply(p, t, cfg, compute, token_mask_BxL=batch["token_mask"], routes=r))(
-      params, batch["tokens"], routes)
+  return jax.jit(lambda p, t, r: model.apply(p, t, cfg, compute, token_mask_BxL=batch.token_mask_BxL, routes=r))(
+      params, batch.tokens_BxL, routes)
 
 
 def _loss_and_grads(params, batch, cfg, compute, routes):
   def loss(p):
-    out = model.apply(p, batch["tokens"], cfg, compute, token_mask_BxL=batch["token_mask"], routes=routes)
-    return losses.cross_entropy(out.logits_BxLxV, batch["targets"], batch["loss_mask"])[0]
+    out = model.apply(p, batch.tokens_BxL, cfg, compute, token_mask_BxL=batch.token_mask_BxL, routes=routes)
+    return losses.cross_entropy(out.logits_BxLxV, batch.targets_BxL, batch.loss_mask_BxL)[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from r1jax import cli, config, data, losses, model, sharding, tokenizer, train
+from r1jax.batch import SHORT_NAMES, Batch
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")
 BYTES = tokenizer.ByteTokenizer()
@@ -188,12 +189,13 @@ def test_resume_gives_identical_batches(tmp_path, pack):
         np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_global_batch_shards_over_batch_axes():
+def test_assemble_shards_over_batch_axes():
   cfg = _cfg("train.batch_size=8", "data.task_digits=3")
   mesh = sharding.make_mesh(config.MeshConfig(data=2, fsdp=2, expert=2))
   local = next(data.make_iterator(cfg))
-  glob = data.global_batch(local, mesh)
-  for key, x in glob.items():
+  glob = data.assemble(local, mesh)
+  for key, x in local.items():
+    x = getattr(glob, SHORT_NAMES[key])
     assert x.shape == (8, 32) and x.dtype == np.int32
     assert x.sharding.spec == P(("data", "fsdp", "expert"), None)
     assert {s.data.shape for s in x.addressable_shards} == {(1, 32)}
@@ -239,8 +241,8 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path):
 
   params = model.init(cfg.model, cfg.compute, jax.random.key(0))
   grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnums=(2, 3))
-  (loss_p, (metrics_p, _)), grads_p = grad_fn(params, packed, cfg.model, cfg.compute)
-  (loss_u, (metrics_u, _)), grads_u = grad_fn(params, unpacked, cfg.model, cfg.compute)
+  (loss_p, (metrics_p, _)), grads_p = grad_fn(params, Batch.of(packed), cfg.model, cfg.compute)
+  (loss_u, (metrics_u, _)), grads_u = grad_fn(params, Batch.of(unpacked), cfg.model, cfg.compute)
   # fp32 with "highest" matmuls: the layouts differ only in summation order over rows and padding (measured:
   # equal loss, grads within 3e-8 of magnitudes up to 0.5), so fp32 rounding bounds: rtol 1e-5, atol 1e-6.
   np.testing.assert_allclose(metrics_p["ce"], metrics_u["ce"], rtol=1e-5)

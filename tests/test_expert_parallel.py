@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from r1jax import model, sharding, train
+from r1jax.batch import Batch
 from r1jax.config import MeshConfig
 from r1jax.nn import expert_parallel as ep
 from r1jax.nn import layers, moe
@@ -206,9 +207,8 @@ def run_cfg(tiny):
 
 @pytest.fixture(scope="module")
 def model_case(run_cfg):
-  batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, run_cfg.model.vocab_size)}
-  batch["targets"] = jnp.roll(batch["tokens"], -1, axis=1)
-  batch["loss_mask"] = jnp.ones_like(batch["tokens"])
+  tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, run_cfg.model.vocab_size)
+  batch = Batch(tokens, jnp.roll(tokens, -1, axis=1), jnp.ones_like(tokens))
   params = model.init(run_cfg.model, run_cfg.compute, jax.random.key(0))
   return params, batch, _model_grad(params, batch, run_cfg)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from r1jax.batch import Batch
 from r1jax.nn import fp8
 from r1jax.nn.fp8.kernels import mosaic_gpu
 from r1jax.nn.fp8.kernels.mosaic_gpu import Tiles
@@ -205,7 +206,7 @@ def test_model_gradients_as_close_to_fp32_as_xla_on_hopper(tiny):
 
   B, L = 8, 64
   tokens = progressions(np.random.default_rng(0), B, L + 1, tiny.model.vocab_size)
-  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, L), np.int32)}
+  batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones((B, L), np.int32))
 
   def grads(impl, enabled=True):
     cfg = dataclasses.replace(tiny, compute=dataclasses.replace(

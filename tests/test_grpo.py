@@ -49,18 +49,21 @@ def _step_fn(cfg):
 
 def test_learner_batch_lines_up_with_the_rollout(case):
   cfg, mesh, state, batch, info = case
-  host = {k: np.asarray(v) for k, v in batch.items()}
-  B, L = host["tokens"].shape
-  assert B == 8 and L == cfg.train.seq_len and host["routes"].shape[:3] == (B, cfg.model.n_moe_layers, L)
+  host = jax.tree.map(np.asarray, batch)
+  B, L = host.tokens_BxL.shape
+  assert B == 8 and L == cfg.train.seq_len and host.routes_BxNxLxK.shape[:3] == (B, cfg.model.n_moe_layers, L)
+  assert host.segment_ids_BxL is None and host.ref_logp_BxL is None  # one sequence per row; no KL term here
   for b in range(B):
-    loss_pos = np.flatnonzero(host["loss_mask"][b])
+    loss_pos = np.flatnonzero(host.loss_mask_BxL[b])
     assert loss_pos.size and (np.diff(loss_pos) == 1).all()  # one contiguous completion
     first = loss_pos[0]  # predicting the first completion token from the last prompt token
-    np.testing.assert_array_equal(host["targets"][b, first:first + loss_pos.size - 1],
-                                  host["tokens"][b, first + 1:first + loss_pos.size])
-    assert host["token_mask"][b, :loss_pos[-1] + 1].all() and not host["token_mask"][b, loss_pos[-1] + 1:].any()
-    assert (host["sampler_logp"][b, loss_pos] < 0).all() and (host["sampler_logp"][b][host["loss_mask"][b] == 0] == 0).all()
-  adv = host["advantages"].reshape(2, 4)
+    np.testing.assert_array_equal(host.targets_BxL[b, first:first + loss_pos.size - 1],
+                                  host.tokens_BxL[b, first + 1:first + loss_pos.size])
+    real = host.token_mask_BxL[b]
+    assert real[:loss_pos[-1] + 1].all() and not real[loss_pos[-1] + 1:].any()
+    logp = host.sampler_logp_BxL[b]
+    assert (logp[loss_pos] < 0).all() and (logp[host.loss_mask_BxL[b] == 0] == 0).all()
+  adv = host.advantages_B.reshape(2, 4)
   np.testing.assert_allclose(adv.mean(1), 0, atol=1e-5)  # group-relative
   assert {"reward_mean", "reward_accuracy", "reward_format", "completion_len_mean", "rollout_s"} <= set(info)
 
@@ -73,12 +76,12 @@ def test_replayed_routes_and_the_on_policy_ratio(case, step8):
   with jax.set_mesh(mesh):
     logp, _, router = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.compute, 1.0, True))(
         state.params, batch)
-  routes = np.moveaxis(np.asarray(batch["routes"]), 1, 0)
+  routes = np.moveaxis(np.asarray(batch.routes_BxNxLxK), 1, 0)
   used = np.asarray(router["moe_layers"]["experts"])
   fed = routes >= 0
   np.testing.assert_array_equal(used[fed], routes[fed])
-  mask = np.asarray(batch["loss_mask"]) > 0
-  np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(batch["sampler_logp"])[mask], atol=2e-4)
+  mask = np.asarray(batch.loss_mask_BxL) > 0
+  np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(batch.sampler_logp_BxL)[mask], atol=2e-4)
   with jax.set_mesh(mesh):
     new_state, m = step8(jax.tree.map(jnp.copy, state), batch)
   assert float(m["ratio_mean"]) == 1.0 and float(m["clip_frac"]) == 0.0
@@ -88,7 +91,7 @@ def test_replayed_routes_and_the_on_policy_ratio(case, step8):
 
 def test_zero_advantages_give_zero_gradients(case, step8):
   cfg, mesh, state, batch, _ = case
-  zero = {**batch, "advantages": jnp.zeros_like(batch["advantages"])}
+  zero = batch._replace(advantages_B=jnp.zeros_like(batch.advantages_B))
   with jax.set_mesh(mesh):
     _, m = step8(jax.tree.map(jnp.copy, state), zero)
   assert float(m["grad_norm"]) == 0.0 and float(m["policy_loss"]) == 0.0
@@ -96,9 +99,9 @@ def test_zero_advantages_give_zero_gradients(case, step8):
 
 def test_sharded_step_equals_one_device(case, step8):
   cfg, mesh, state, batch, _ = case
-  batch = {**batch, "advantages": jnp.asarray(np.linspace(-1, 1, 8), jnp.float32)}  # a gradient to compare
+  batch = batch._replace(advantages_B=jnp.asarray(np.linspace(-1, 1, 8), jnp.float32))  # a gradient to compare
   host_state = jax.device_get(state)
-  host_batch = {k: np.asarray(v) for k, v in batch.items()}
+  host_batch = jax.tree.map(np.asarray, batch)
   with jax.set_mesh(mesh):
     sharded, m8 = step8(jax.tree.map(jnp.copy, state), batch)
   one = sharding.make_mesh(config.MeshConfig(data=1), devices=jax.devices()[:1])
@@ -114,7 +117,7 @@ def test_sharded_step_equals_one_device(case, step8):
 def test_mu_iterations_move_the_ratio_away_from_one(case):
   cfg, mesh, state, batch, _ = case
   cfg2 = _cfg("grpo.mu=3", "optim.lr=0.01", "optim.warmup_steps=0")
-  batch = {**batch, "advantages": jnp.asarray(np.linspace(-1, 1, 8), jnp.float32)}
+  batch = batch._replace(advantages_B=jnp.asarray(np.linspace(-1, 1, 8), jnp.float32))
   with jax.set_mesh(mesh):
     fresh = train.init_state(cfg2, jax.random.key(0), mesh)
     new_state, m = train.jit_step(_step_fn(cfg2), fresh, batch, mesh)(fresh, batch)
@@ -131,8 +134,7 @@ def test_rollout_source_resumes_exactly(case):
     b = rollouts.RolloutSource(cfg, mesh)
     b.set_state({"step": 1})
     again, _ = b.next_batch(state)
-  for k in second:
-    np.testing.assert_array_equal(np.asarray(second[k]), np.asarray(again[k]))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), second, again)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(case):
@@ -140,7 +142,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(case):
   cfg = _cfg("grpo.zero_variance=filter", "grpo.max_resample_rounds=2")
   with jax.set_mesh(mesh):
     batch, info = rollouts.RolloutSource(cfg, mesh).next_batch(state)
-  adv = np.asarray(batch["advantages"]).reshape(2, 4)
+  adv = np.asarray(batch.advantages_B).reshape(2, 4)
   informative = (np.ptp(adv, axis=1) > 0).sum()
   assert 1 <= info["resample_rounds"] <= 3
   # either every group carries signal, or all rounds were used and the rest were kept (counted)

@@ -11,6 +11,7 @@ import pytest
 from fp8_checkpoint import build
 
 from r1jax import model, sharding, train
+from r1jax.batch import Batch
 from r1jax.config import ConfigError, MeshConfig
 from r1jax.interop import hf, hf_config, hf_weights
 from r1jax.nn import fp8
@@ -148,7 +149,7 @@ def test_kept_params_are_for_inference_only(ckpt, imported):
   cfg, kept, _ = imported
   state = train.init_state(cfg, jax.random.key(0), None).replace(params=kept)
   tokens = jnp.zeros((2, 16), jnp.int32)
-  batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones_like(tokens)}
+  batch = Batch(tokens, tokens, jnp.ones_like(tokens))
   with pytest.raises(ConfigError, match="keep_fp8 e4m3 weight, which is for inference only: import without keep_fp8"):
     jax.jit(train.sft_step)(state, batch)
   with pytest.raises(ConfigError, match="export_hf: parameter dense_layers/attn/wkv_a is a keep_fp8"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from r1jax import losses, model, train
+from r1jax.batch import Batch
 
 
 def _case(B=2, L=10, D=8, V=50, seed=0):
@@ -69,7 +70,7 @@ def test_train_loss_and_grads_do_not_depend_on_the_chunk(tiny):
   rng = np.random.default_rng(0)
   B, L = 2, 16
   tokens = rng.integers(3, cfg.vocab_size, size=(B, L)).astype(np.int32)
-  batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((B, L), np.int32)}
+  batch = Batch(tokens, np.roll(tokens, -1, 1), np.ones((B, L), np.int32))
   # jitted: op-by-op the tiny model's gradient takes about a minute on 2 cores
   grad = lambda c: jax.jit(jax.grad(lambda p: train.loss_fn(p, batch, cfg, c)[0]))(params)  # noqa: E731
   loss = lambda c: jax.jit(lambda p: train.loss_fn(p, batch, cfg, c)[0])(params)  # noqa: E731

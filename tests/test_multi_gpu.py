@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from r1jax import sharding, train
+from r1jax.batch import Batch
 from r1jax.config import MeshConfig
 from r1jax.nn import layers, moe
 
@@ -54,7 +55,7 @@ def test_train_steps_on_all_gpus_equal_one_gpu(tiny, name):
   rng = np.random.default_rng(0)
   B, L = 2 * N_GPUS, 32
   tokens = rng.integers(3, tiny.model.vocab_size, (3, B, L + 1)).astype(np.int32)
-  batches = [{"tokens": t[:, :-1], "targets": t[:, 1:], "loss_mask": np.ones((B, L), np.int32)} for t in tokens]
+  batches = [Batch(t[:, :-1], t[:, 1:], np.ones((B, L), np.int32)) for t in tokens]
 
   def run(mesh_cfg, devices):
     cfg = dataclasses.replace(tiny, mesh=mesh_cfg)

@@ -143,4 +143,4 @@ def test_errors():
 def test_digit_batch_unchanged():
   assert list(tasks.digit_answer("reverse", np.array([1, 2, 3]))) == [3, 2, 1]
   batch = digit_batch(np.random.default_rng(0), "sort", 2, 10)
-  assert batch["tokens"].shape == (2, 10) and batch["loss_mask"].sum() == 2 * 5
+  assert batch.tokens_BxL.shape == (2, 10) and batch.loss_mask_BxL.sum() == 2 * 5

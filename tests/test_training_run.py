@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from r1jax import checkpoint, cli, config, data, loop, sharding, train
+from r1jax.batch import Batch
 from r1jax.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_accumulating_micro_batches_equals_one_large_batch():
   assert local["token_mask"].min() == 0 and local["segment_ids"].max() >= 2  # padded and packed
   results = {}
   with jax.set_mesh(mesh):
-    batch = data.global_batch(local, mesh)
+    batch = data.assemble(local, mesh)
     for k in (1, 4):
       cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=k))
       state = train.init_state(cfg, jax.random.key(0), mesh)
@@ -61,20 +62,20 @@ def test_non_finite_step_is_skipped_and_counted():
     state = train.init_state(cfg, jax.random.key(0), mesh)
     step = jax.jit(train.sft_step)
     before = jax.device_get(state)
-    state, m = step(state, bad)
+    state, m = step(state, Batch.of(bad))
     assert not np.isfinite(m["loss"]) and m["bad_steps"] == 1 and m["skipped_steps"] == 1
     after = jax.device_get(state)
     for name, x in _flat(before.params).items():  # params, router biases and Adam state untouched
       np.testing.assert_array_equal(_flat(after.params)[name], x, err_msg=name)
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
     assert int(after.step) == 1
-    state, m = step(state, good)
+    state, m = step(state, Batch.of(good))
     assert np.isfinite(m["loss"]) and m["bad_steps"] == 0 and m["skipped_steps"] == 1
 
 
 def test_run_stops_after_max_bad_steps_with_last_good_checkpoint(tmp_path, monkeypatch):
   cfg = _cfg("train.steps=8", "train.max_bad_steps=2", "checkpoint.every=2", "checkpoint.async_save=false")
-  real = data.global_batch
+  real = data.assemble
   calls = []
 
   def poisoned(local, mesh):  # from the 4th batch on, every loss is inf
@@ -83,7 +84,7 @@ def test_run_stops_after_max_bad_steps_with_last_good_checkpoint(tmp_path, monke
       local = {**local, "loss_mask": local["loss_mask"] * np.float32(np.inf)}
     return real(local, mesh)
 
-  monkeypatch.setattr(data, "global_batch", poisoned)
+  monkeypatch.setattr(data, "assemble", poisoned)
   with pytest.raises(loop.TrainingStopped, match=r"step 5: .*non-finite 2 steps in a row.*last good checkpoint is 2"):
     loop.fit(cfg, tmp_path / "run")
   assert sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()) == [2]
@@ -141,7 +142,7 @@ def _train(cfg, mesh, steps, state=None, iterator=None):
     state = state or train.init_state(cfg, jax.random.key(0), mesh)
     losses = []
     for _ in range(steps):
-      batch = data.global_batch(next(iterator), mesh)
+      batch = data.assemble(next(iterator), mesh)
       state, m = train.jit_sft_step(state, batch, mesh)(state, batch)
       losses.append(float(m["loss"]))
   return state, iterator, losses

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from r1jax import sharding, tasks, tokenizer
+from r1jax.batch import Batch
 from r1jax.config import ConfigError, DataConfig, DataSource, RunConfig
 from r1jax.tasks import digit_answer
 
@@ -217,7 +218,7 @@ def make_iterator(cfg: RunConfig, *, process_index: int = 0, process_count: int 
   return iter(make_dataset(cfg, process_index=process_index, process_count=process_count, eval=eval))
 
 
-def global_batch(local: dict, mesh) -> dict:
-  """Each process's rows become its slice of global arrays split over the batch axes."""
+def assemble(local: dict, mesh) -> Batch:
+  """A Batch of global arrays split over the batch axes, each process's rows (an iterator's dict) its slice."""
   spec = NamedSharding(mesh, sharding.spec("batch", None))
-  return {k: jax.make_array_from_process_local_data(spec, x) for k, x in local.items()}
+  return Batch.of({k: jax.make_array_from_process_local_data(spec, x) for k, x in local.items()})

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from r1jax import checkpoint, data, metrics, sharding, train
+from r1jax.batch import Batch
 from r1jax.config import ConfigError, RunConfig
 
 
@@ -54,8 +55,8 @@ class SFTSource:
     self.iterator = data.make_iterator(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     self.mesh = mesh
 
-  def next_batch(self, state) -> tuple[dict, dict]:
-    return data.global_batch(next(self.iterator), self.mesh), {}
+  def next_batch(self, state) -> tuple[Batch, dict]:
+    return data.assemble(next(self.iterator), self.mesh), {}
 
   def get_state(self):
     return self.iterator.get_state()

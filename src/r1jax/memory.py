@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from r1jax import sharding, train
+from r1jax.batch import Batch
 from r1jax.config import ComputeConfig, ModelConfig, RunConfig
 from r1jax.nn import expert_ffn, expert_parallel
 
@@ -166,7 +167,7 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
   sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch)
   state = train.abstract_state(cfg, mesh)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  batch_sds = {"tokens": tokens, "targets": tokens, "loss_mask": tokens}
+  batch_sds = Batch(tokens, tokens, tokens)
   step = train.jit_sft_step(state, batch_sds, mesh)  # the step `r1jax sft` runs, as it is jitted there
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = step.trace(state, batch_sds).lower(lowering_platforms=(jax.default_backend(),))

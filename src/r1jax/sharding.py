@@ -145,8 +145,9 @@ def validate_mesh(cfg: ModelConfig, compute: ComputeConfig, mesh, batch_size: in
                       "devices that shard the batch (data*fsdp*expert)")
 
 
-def global_batch(batch: dict, mesh) -> dict:
-  """Host arrays (the same full batch on every process) -> global jax.Arrays split over "batch".
+def global_batch(batch, mesh):
+  """Host arrays (the same full batch on every process; a Batch or any pytree) -> global jax.Arrays split over
+  "batch".
 
   Multi-process jit needs global arrays; each process fills only its addressable shards.
   """
@@ -155,4 +156,4 @@ def global_batch(batch: dict, mesh) -> dict:
     s = named(mesh, ("batch",) + (None,) * (x.ndim - 1))
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
 
-  return {k: put(v) for k, v in batch.items()}
+  return jax.tree.map(put, batch)

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from r1jax import losses, model, sharding
+from r1jax.batch import Batch
 from r1jax.config import ComputeConfig, ModelConfig, OptimConfig, RunConfig
 from r1jax.nn import fp8, layers
 
@@ -86,43 +87,43 @@ def abstract_state(cfg: RunConfig, mesh):
   rng = sds(jax.ShapeDtypeStruct((2,), jnp.uint32), P())
   return TrainState(step, params, opt_state, rng, step, step, cfg.model, cfg.compute, tx, cfg.train.grad_accum)
 
-def loss_totals(batch: dict, cfg: ModelConfig) -> dict:
+def loss_totals(batch: Batch, cfg: ModelConfig) -> dict:
   """Units each loss averages over, for the whole batch: passed to loss_fn of each micro-batch so that
   accumulated micro-batch gradients equal the large batch's."""
-  tokens = batch["tokens"]
-  seg = batch.get("segment_ids", jnp.zeros_like(tokens))
-  token_mask = batch.get("token_mask", jnp.ones_like(tokens))
-  totals = {"tokens": batch["loss_mask"].astype(jnp.float32).sum(),
+  tokens = batch.tokens_BxL
+  seg = jnp.zeros_like(tokens) if batch.segment_ids_BxL is None else batch.segment_ids_BxL
+  token_mask = jnp.ones_like(tokens) if batch.token_mask_BxL is None else batch.token_mask_BxL
+  totals = {"tokens": batch.loss_mask_BxL.astype(jnp.float32).sum(),
             "sequences": losses.count_sequences(token_mask, seg)}
   if cfg.n_mtp:
-    totals["mtp_tokens"] = jnp.stack([m.sum() for m in losses.mtp_masks(batch["loss_mask"], seg, cfg.n_mtp)])
+    totals["mtp_tokens"] = jnp.stack([m.sum() for m in losses.mtp_masks(batch.loss_mask_BxL, seg, cfg.n_mtp)])
   return totals
 
 
-def loss_fn(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, totals: dict | None = None):
+def loss_fn(params: dict, batch: Batch, cfg: ModelConfig, compute: ComputeConfig, totals: dict | None = None):
   """Next-token CE + MTP loss + sequence-wise balance loss; returns (loss, (metrics, router stats)).
 
   With `totals` (loss_totals of a larger batch) each term is this batch's share of that batch's mean.
   """
-  segment_ids = batch.get("segment_ids")
-  out = model.apply(params, batch["tokens"], cfg, compute, positions_BxL=batch.get("positions"),
-                    segment_ids_BxL=segment_ids, token_mask_BxL=batch.get("token_mask"), logits=False)
+  segment_ids = batch.segment_ids_BxL
+  out = model.apply(params, batch.tokens_BxL, cfg, compute, positions_BxL=batch.positions_BxL,
+                    segment_ids_BxL=segment_ids, token_mask_BxL=batch.token_mask_BxL, logits=False)
   totals = totals or {}
   head = model.head_fn(params, cfg)
-  logp_BxL, _ = losses.head_logprobs(out.hidden_BxLxD, head, batch["targets"], compute.head_chunk)
-  ce, n_tokens = losses.masked_nll(logp_BxL, batch["loss_mask"], totals.get("tokens"))
+  logp_BxL, _ = losses.head_logprobs(out.hidden_BxLxD, head, batch.targets_BxL, compute.head_chunk)
+  ce, n_tokens = losses.masked_nll(logp_BxL, batch.loss_mask_BxL, totals.get("tokens"))
   loss, metrics = ce, {"ce": ce, "tokens": n_tokens}
   if cfg.n_mtp:
-    seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
-    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_PxBxLxD, head, batch["targets"], batch["loss_mask"], seg,
+    seg = jnp.zeros_like(batch.tokens_BxL) if segment_ids is None else segment_ids
+    metrics["mtp_loss"] = losses.mtp_loss(out.mtp_hidden_PxBxLxD, head, batch.targets_BxL, batch.loss_mask_BxL, seg,
                                           cfg.n_mtp, compute.mtp_loss_weight, compute.head_chunk,
                                           totals.get("mtp_tokens"))
     loss = loss + metrics["mtp_loss"]
   if out.router:
     aux = losses.router_aux_loss(out.router)
     if "sequences" in totals:
-      seg = jnp.zeros_like(batch["tokens"]) if segment_ids is None else segment_ids
-      token_mask = batch.get("token_mask", jnp.ones_like(batch["tokens"]))
+      seg = jnp.zeros_like(batch.tokens_BxL) if segment_ids is None else segment_ids
+      token_mask = jnp.ones_like(batch.tokens_BxL) if batch.token_mask_BxL is None else batch.token_mask_BxL
       aux = aux * losses.count_sequences(token_mask, seg) / jnp.maximum(totals["sequences"], 1.0)
     metrics["aux_loss"] = aux
     loss = loss + aux
@@ -130,7 +131,7 @@ def loss_fn(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig,
   return loss, (metrics, out.router)
 
 
-def accumulated_grads(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, n_micro: int):
+def accumulated_grads(params: dict, batch: Batch, cfg: ModelConfig, compute: ComputeConfig, n_micro: int):
   """Gradients of loss_fn over `n_micro` micro-batches (rows split in order), run one after another with
   lax.scan so activations are held for one micro-batch only. Equals one large batch up to fp32 rounding.
 
@@ -186,7 +187,7 @@ def apply_gradients(state: TrainState, grads: dict, router: dict, metrics: dict)
                        bad_steps=bad, skipped_steps=skipped), metrics
 
 
-def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+def sft_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
   """One supervised step: gradients (accumulated over micro-batches), then apply_gradients."""
   (metrics, router), grads = accumulated_grads(state.params, batch, state.cfg, state.compute, state.grad_accum)
   state, metrics = apply_gradients(state, grads, router, metrics)
@@ -197,12 +198,12 @@ def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def batch_shardings(batch: dict, mesh) -> dict:
+def batch_shardings(batch: Batch, mesh) -> Batch:
   """Every batch array is split over "batch" along its first axis and replicated along the others."""
-  return {k: sharding.named(mesh, ("batch",) + (None,) * (x.ndim - 1)) for k, x in batch.items()}
+  return jax.tree.map(lambda x: sharding.named(mesh, ("batch",) + (None,) * (x.ndim - 1)), batch)
 
 
-def jit_step(step_fn, state: TrainState, batch: dict, mesh):
+def jit_step(step_fn, state: TrainState, batch: Batch, mesh):
   """A pure (state, batch) -> (state, metrics) step compiled once: the state keeps its shardings and is
   donated; every batch array is split over "batch" (rows) and replicated along its other axes."""
   shardings = state_shardings(state)
@@ -210,5 +211,5 @@ def jit_step(step_fn, state: TrainState, batch: dict, mesh):
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-def jit_sft_step(state: TrainState, batch: dict, mesh):
+def jit_sft_step(state: TrainState, batch: Batch, mesh):
   return jit_step(sft_step, state, batch, mesh)

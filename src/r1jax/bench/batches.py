@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from r1jax.batch import Batch
 from r1jax.config import RunConfig
 
 
-def train_batch(cfg: RunConfig, packed: int = 0, tokens=None) -> dict:
+def train_batch(cfg: RunConfig, packed: int = 0, tokens=None) -> Batch:
   """Random tokens (or the given [B, L+1] `tokens`) of train.batch_size x train.seq_len; packed > 0 splits
   each row into that many segments."""
   B, L = cfg.train.batch_size, cfg.train.seq_len
   if tokens is None:
     tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (B, L + 1)).astype(np.int32)
-  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((B, L), np.int32)}
+  batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones((B, L), np.int32))
   if packed:
     seg_L = np.minimum(np.arange(L) * packed // L, packed - 1) + 1
-    batch["segment_ids"] = np.broadcast_to(seg_L, (B, L)).astype(np.int32)
     starts = np.searchsorted(seg_L, seg_L)  # first position of each position's segment
-    batch["positions"] = np.broadcast_to(np.arange(L) - starts, (B, L)).astype(np.int32)
-    batch["token_mask"] = np.ones((B, L), np.int32)
+    batch = batch._replace(segment_ids_BxL=np.broadcast_to(seg_L, (B, L)).astype(np.int32),
+                           positions_BxL=np.broadcast_to(np.arange(L) - starts, (B, L)).astype(np.int32),
+                           token_mask_BxL=np.ones((B, L), np.int32))
   return batch
 
 

@@ -35,8 +35,8 @@ def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
       state, metrics = step_jit(state, batch)
       jax.block_until_ready(metrics)
       t2 = time.perf_counter()
-      generated = float(np.asarray(batch["loss_mask"]).sum())
-      real = float(np.asarray(batch["token_mask"]).sum())
+      generated = float(np.asarray(batch.loss_mask_BxL).sum())
+      real = float(np.asarray(batch.token_mask_BxL).sum())
       rows.append({"rollout_s": t1 - t0, "learner_s": t2 - t1, "generated_tokens": generated, "real_tokens": real})
   timed = rows[1:] or rows
   med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import losses, model, train
+from r1jax.batch import Batch
 from r1jax.config import ComputeConfig, GRPOConfig, ModelConfig
 
 # Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
@@ -288,20 +289,21 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
 # and optionally routes [B, N, L, K] (the sampler's experts per MoE layer, for routing replay) and ref_logp
 # (for the KL term).
 
-def learner_logp(params: dict, batch: dict, cfg: ModelConfig, compute: ComputeConfig, temperature: float,
+def learner_logp(params: dict, batch: Batch, cfg: ModelConfig, compute: ComputeConfig, temperature: float,
                  replay: bool):
   """Per-target log-probs and entropies under softmax(logits / temperature), the distribution the sampler
   drew from (before top-k/top-p, whose gap truncated importance sampling corrects), and router stats."""
-  routes = {"moe_layers": jnp.moveaxis(batch["routes"], 1, 0)} if replay and "routes" in batch else None
-  out = model.apply(params, batch["tokens"], cfg, compute, positions_BxL=batch["positions"],
-                    segment_ids_BxL=batch.get("segment_ids"), token_mask_BxL=batch["token_mask"], routes=routes,
+  replayed = replay and batch.routes_BxNxLxK is not None
+  routes = {"moe_layers": jnp.moveaxis(batch.routes_BxNxLxK, 1, 0)} if replayed else None
+  out = model.apply(params, batch.tokens_BxL, cfg, compute, positions_BxL=batch.positions_BxL,
+                    segment_ids_BxL=batch.segment_ids_BxL, token_mask_BxL=batch.token_mask_BxL, routes=routes,
                     logits=False)
-  logp_BxL, entropy_BxL = losses.head_logprobs(out.hidden_BxLxD, model.head_fn(params, cfg), batch["targets"],
+  logp_BxL, entropy_BxL = losses.head_logprobs(out.hidden_BxLxD, model.head_fn(params, cfg), batch.targets_BxL,
                                                compute.head_chunk, temperature or 1.0, entropy=True)
   return logp_BxL, entropy_BxL, out.router
 
 
-def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_len: int):
+def grpo_step(state, batch: Batch, *, gcfg: GRPOConfig, temperature: float, norm_len: int):
   """mu optimiser updates on one batch of rollouts (pure; bind the keywords with functools.partial and jit
   with train.jit_step). The ratio's denominator is the learner's log-prob before the first update, so at
   mu = 1 the ratio is exactly 1 and the gradient is the plain policy gradient. The MTP module is not run
@@ -309,7 +311,7 @@ def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_
   the sequence-wise balance loss is logged but not optimised (with zero advantages Adam would rescale its
   tiny gradient into full-size updates that wreck the policy: seen in the tiny demo)."""
   cfg = dataclasses.replace(state.cfg, n_mtp=0)
-  mask_BxL = batch["loss_mask"]
+  mask_BxL = batch.loss_mask_BxL
   n_real = jnp.maximum(mask_BxL.sum(), 1)
   token_mean = lambda x: jnp.where(mask_BxL > 0, x, 0.0).sum() / n_real  # noqa: E731
   fixed_old = None
@@ -320,16 +322,16 @@ def grpo_step(state, batch: dict, *, gcfg: GRPOConfig, temperature: float, norm_
   def loss_fn(params):
     logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, state.compute, temperature, gcfg.routing_replay)
     old_BxL = jax.lax.stop_gradient(logp_BxL) if fixed_old is None else fixed_old
-    tis_BxL = tis_weights(old_BxL, batch["sampler_logp"], gcfg.tis_cap, mask_BxL) if gcfg.tis_cap > 0 else None
-    loss, metrics = policy_loss(logp_BxL, old_BxL, batch["advantages"], mask_BxL, gcfg, norm_len=norm_len,
-                                ref_logp_BxL=batch.get("ref_logp"), tis_BxL=tis_BxL)
+    tis_BxL = tis_weights(old_BxL, batch.sampler_logp_BxL, gcfg.tis_cap, mask_BxL) if gcfg.tis_cap > 0 else None
+    loss, metrics = policy_loss(logp_BxL, old_BxL, batch.advantages_B, mask_BxL, gcfg, norm_len=norm_len,
+                                ref_logp_BxL=batch.ref_logp_BxL, tis_BxL=tis_BxL)
     metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy_BxL))
-    metrics["sampler_learner_logp_gap"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp_BxL) - batch["sampler_logp"]))
+    metrics["sampler_learner_logp_gap"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp_BxL) - batch.sampler_logp_BxL))
     if router:  # logged, not optimised: when advantages vanish, Adam would blow this tiny term up to full steps
       metrics["aux_loss"] = jax.lax.stop_gradient(losses.router_aux_loss(router))
-    if router and "routes" in batch and gcfg.routing_replay:  # how far the learner's own routing has drifted
+    if router and batch.routes_BxNxLxK is not None and gcfg.routing_replay:  # how far the learner's own routing has drifted
       differs_N = router["moe_layers"]["replay_differs"]
-      metrics["replay_mismatch_frac"] = differs_N.sum() / (differs_N.shape[0] * jnp.maximum(batch["token_mask"].sum(), 1))
+      metrics["replay_mismatch_frac"] = differs_N.sum() / (differs_N.shape[0] * jnp.maximum(batch.token_mask_BxL.sum(), 1))
     metrics["loss"] = loss
     return loss, (metrics, router)
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from r1jax import data, sampler, sharding, tasks, tokenizer
+from r1jax.batch import Batch
 from r1jax.config import ConfigError, RunConfig
 from r1jax.rl import grpo, rewards
 
@@ -43,7 +44,7 @@ def score_completions(examples, texts: list[str], n_tokens, truncated, cfg: RunC
   return {k: np.array([r[k] for r in rows], np.float32) for k in rows[0]}
 
 
-def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
+def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> Batch:
   """Host arrays of the learner's layout from a rollout: inputs are slots [0, L), targets slots [1, L]."""
   tokens = sampler.to_host(rollout.tokens_BxS)
   B, S = tokens.shape
@@ -59,16 +60,16 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> dict:
   completion = pad(sampler.to_host(rollout.completion_mask_BxS), 0)
   logp = pad(sampler.to_host(rollout.logprobs_BxS), 0.0)
   real_BxL = (np.arange(L)[None] < (n_real - 1)[:, None]).astype(np.int32)  # the last token is never an input
-  batch = {"tokens": np.where(real_BxL, tokens[:, :L], pad_id).astype(np.int32),
-           "targets": tokens[:, 1:].astype(np.int32), "loss_mask": completion[:, 1:].astype(np.int32),
-           "token_mask": real_BxL,  # one right-padded sequence per row: no segment ids (nn/attention.py)
-           "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-           "sampler_logp": logp[:, 1:].astype(np.float32)}
+  routes = None
   if "moe_layers" in rollout.experts:
     routes = np.moveaxis(sampler.to_host(rollout.experts["moe_layers"]), 1, 0)  # [B, N, S, K]
     routes = np.pad(routes[:, :, :L], [(0, 0), (0, 0), (0, max(L - S, 0)), (0, 0)], constant_values=-1)
-    batch["routes"] = routes.astype(np.int32)
-  return batch
+    routes = routes.astype(np.int32)
+  return Batch(tokens_BxL=np.where(real_BxL, tokens[:, :L], pad_id).astype(np.int32),
+               targets_BxL=tokens[:, 1:].astype(np.int32), loss_mask_BxL=completion[:, 1:].astype(np.int32),
+               token_mask_BxL=real_BxL,  # one right-padded sequence per row: no segment ids (nn/attention.py)
+               positions_BxL=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+               sampler_logp_BxL=logp[:, 1:].astype(np.float32), routes_BxNxLxK=routes)
 
 
 class RolloutSource:
@@ -118,7 +119,7 @@ class RolloutSource:
                                truncated, self.cfg)
     return out, texts, scores, truncated
 
-  def next_batch(self, state) -> tuple[dict, dict]:
+  def next_batch(self, state) -> tuple[Batch, dict]:
     g, t0 = self.cfg.grpo, time.perf_counter()
     key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), self.step)
     kept, spare = [], []  # (rollout, texts, scores, truncated, examples, group index) per group
@@ -136,11 +137,11 @@ class RolloutSource:
     batch, info = self._assemble(groups, rounds_used=r + 1)
     info["rollout_s"] = time.perf_counter() - t0
     if self.ref_logp_fn is not None:
-      batch["ref_logp"] = self.ref_logp_fn(batch)
+      batch = batch._replace(ref_logp_BxL=self.ref_logp_fn(batch))
     self.step += 1
     return batch, info
 
-  def _assemble(self, groups, rounds_used: int) -> tuple[dict, dict]:
+  def _assemble(self, groups, rounds_used: int) -> tuple[Batch, dict]:
     g, G = self.cfg.grpo, self.cfg.grpo.group_size
     parts, texts, scores, examples, truncated, hosted = [], [], {}, [], [], {}
     for out, t, s, cut, exs, p in groups:
@@ -148,21 +149,21 @@ class RolloutSource:
       if id(out) not in hosted:  # one host copy per rollout, however many of its groups are kept
         hosted[id(out)] = learner_batch(out, self.cfg.train.seq_len, self.tok.pad_id)
       part = hosted[id(out)]
-      parts.append({k: v[rows] for k, v in part.items()})
+      parts.append(jax.tree.map(lambda v, rows=rows: v[rows], part))
       texts += t[rows]
       truncated.append(cut[rows])
       examples += [exs[p]] * G
       for k, v in s.items():
         scores.setdefault(k, []).append(v[rows])
-    host = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    lengths = host["loss_mask"].sum(1)
+    host = jax.tree.map(lambda *vs: np.concatenate(vs), *parts)
+    lengths = host.loss_mask_BxL.sum(1)
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     truncated = np.concatenate(truncated)
     if g.mask_truncated:  # completions cut by the budget leave the loss (their reward says nothing of the end)
-      host["loss_mask"] = host["loss_mask"] * ~truncated[:, None]
+      host = host._replace(loss_mask_BxL=host.loss_mask_BxL * ~truncated[:, None])
     total_PxG = scores["total"].reshape(-1, G)
     adv_PxG, zero_var_P = grpo.advantages(total_PxG, g.advantage, g.adv_eps)
-    host["advantages"] = np.asarray(adv_PxG, np.float32).reshape(-1)
+    host = host._replace(advantages_B=np.asarray(adv_PxG, np.float32).reshape(-1))
     info = {f"reward_{k}": float(v.mean()) for k, v in scores.items() if k not in ("total", "errors")}
     info.update(reward_mean=float(scores["total"].mean()), reward_std=float(scores["total"].std()),
                 reward_errors=float(scores["errors"].sum()),
