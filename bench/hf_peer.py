@@ -20,8 +20,9 @@ from r1jax.interop import hf_config
 
 
 def build(cfg_path: str, overrides, train: bool = False):
-  cfg = config.load(cfg_path, overrides).model
-  raw = hf_config.to_hf(cfg, "DeepseekV3ForCausalLM", "bfloat16")
+  run = config.load(cfg_path, overrides)
+  cfg = run.model
+  raw = hf_config.to_hf(cfg, run.compute, "DeepseekV3ForCausalLM", "bfloat16")
   hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in raw.items() if k != "model_type"})
   torch.set_default_dtype(torch.bfloat16)
   with torch.device("cuda"):

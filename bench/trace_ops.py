@@ -79,7 +79,7 @@ def main(args):
   out = {}
   for mode in modes:
     fp8 = dataclasses.replace(base.compute.fp8, enabled=mode == "on")
-    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, fp8=fp8)).validate()
+    cfg = dataclasses.replace(base, compute=dataclasses.replace(base.compute, fp8=fp8)).validate()
     kernels, gaps, hlo = profile(cfg)
     meta = hlo_meta(hlo)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:120]

@@ -132,3 +132,20 @@ def test_typed_values_parse_once_from_text_or_yaml(tmp_path):
 def test_typed_values_fail_in_one_line(override, fragment):
   with pytest.raises(config.ConfigError, match=fragment):
     config.load(TINY, [override])
+
+
+def test_run_directories_saved_before_the_compute_split_still_load(tmp_path):
+  """A config.yaml a run wrote before the split (compute settings in its model section, the reward spec and
+  stages as strings) loads as it meant; the same keys in a user's config are one-line errors naming the move."""
+  from r1jax import checkpoint
+
+  new = config.load(TINY, ["compute.dtype=float32", "compute.fp8.block=16", "compute.remat=dots"])
+  old = config.to_dict(new)
+  old["model"].update(old.pop("compute"))
+  old["grpo"]["rewards"] = "accuracy:1.0,format:0.1"
+  old["pipeline"]["stages"] = "base,r1zero,cold_start,rl,rejection,sft,final_rl,distill"
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "checkpoints" / "config.yaml").write_text(__import__("yaml").safe_dump(old))
+  assert checkpoint.load_config(tmp_path) == new
+  with pytest.raises(config.ConfigError, match="model.remat='dots': moved to compute.remat"):
+    config.load_dict({"model": {"remat": "dots"}}, "user.yaml")

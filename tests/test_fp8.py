@@ -16,14 +16,14 @@ SMALL = Tiles(bm=32, bn=64, num_warps=4, num_stages=2, group_m=2)  # interpreter
 
 
 def np_scale(amax, pow2=False):
-  """max(amax, 1e-4) / 448 as float32 multiplies by fl(1/448) (fp8.py says why); pow2 rounds it up to
+  """max(amax, 1e-4) / 448 as float32 multiplies by fl(1/448) (nn/fp8/quantize.py says why); pow2 rounds it up to
   2**ceil(log2(scale)), computed in float64."""
   s = np.maximum(amax, np.float32(1e-4)).astype(np.float32) * np.float32(1.0 / 448.0)
   return (2.0 ** np.ceil(np.log2(s.astype(np.float64)))).astype(np.float32) if pow2 else s
 
 
 def np_cast(x, scale):
-  """e4m3 of x times the float32 reciprocal of its scale (the recipe's division as fp8.py computes it)."""
+  """e4m3 of x times the float32 reciprocal of its scale (the recipe's division as nn/fp8/quantize.py computes it)."""
   return (x * (np.float32(1.0) / scale)).astype(F8)
 
 

@@ -177,7 +177,7 @@ def test_remat_changes_no_fp8_number(tiny):
   """A scanned stack of two MoE layers (shared experts: `dot`s whose outputs and e4m3 residuals remat "dots"
   saves; routed experts: vmapped, recomputed) has the same output and gradients under remat "dots" and "full"
   as without remat, up to XLA's fusion of the recomputation (fp32 ulps). Naming an e4m3 value that the forward
-  still reads made jax.checkpoint round it to NaN (fp8._forward's comment); this is the check."""
+  still reads made jax.checkpoint round it to NaN (fp8/dot.py forward's comment); this is the check."""
   from r1jax.nn import block
 
   cfg, compute = tiny.model, dataclasses.replace(tiny.compute, fp8=FP8)

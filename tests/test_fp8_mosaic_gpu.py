@@ -149,7 +149,7 @@ def test_saved_kernel_output_runs_once_in_a_scanned_remat_layer():
 @pytest.mark.skipif(mosaic_gpu.IMPORT_ERROR is not None, reason="no jax.experimental.pallas.mosaic_gpu")
 def test_kernel_inside_shard_map_lowers_with_per_device_types(monkeypatch):
   """As in the expert shard_map: rows split over 8 devices, the weight replicated. The custom_vjp's dx must
-  vary like x although plgpu.kernel drops its output's manual-axis type (kernel_util.varying_like)."""
+  vary like x although plgpu.kernel drops its output's manual-axis type (kernels/util.varying_like)."""
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 

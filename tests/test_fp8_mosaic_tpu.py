@@ -23,7 +23,7 @@ V3_SHAPES = [(4096, 7168, 2048), (8, 1536, 7168)]  # (M, K, N): a dense GEMM and
 
 
 def operands(M, K, N, seed=0):
-  """Quantised x [M, K] and w^T [N, K] with per-row block scales (fp8.py's weight layout). Rows and K
+  """Quantised x [M, K] and w^T [N, K] with per-row block scales (gemm.weight_nt's layout). Rows and K
   blocks span 1e-3..1e3 so that a scale applied to the wrong row or K block cannot go unnoticed."""
   rng = np.random.default_rng(seed)
   per_block_K = np.repeat(10.0 ** rng.uniform(-3, 3, K // 128), 128)

@@ -1,4 +1,4 @@
-"""The fused Pallas Triton FP8 quantiser: bitwise equal to fp8.py's XLA quantisation in every mode. On CPU the
+"""The fused Pallas Triton FP8 quantiser: bitwise equal to nn/fp8/quantize.py's XLA quantisation in every mode. On CPU the
 kernel runs in Pallas's interpreter, and the compiled path (the PTX reciprocal) is lowered to Triton IR for
 CUDA; on a GPU (`R1JAX_TEST_PLATFORMS=cuda pytest -m gpu`) it runs compiled at model shapes."""
 
@@ -140,7 +140,7 @@ def test_swiglu_equals_fp8(M, F, block, dtype, pow2):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_outlier_and_zero_tiles(pow2):
   """An all-zero tile takes the floor scale 1e-4 / 448 and quantises to zeros; one outlier sets its row's,
-  column's and tile's scale and flushes its neighbours toward zero, exactly as fp8.py does."""
+  column's and tile's scale and flushes its neighbours toward zero, exactly as quantize.py does."""
   x = _data((64, 64), jnp.float32, seed=3).at[:32, :32].set(0.0).at[40, 50].set(3e4)
   got = jax.jit(functools.partial(fq.quantize_act, block=32, pow2=pow2, cols=True, interpret=True))(x)
   for g, want in zip(got, _want_act(x, 32, pow2, True, True)):
@@ -224,7 +224,7 @@ def test_inside_shard_map_lowers_with_per_device_types():
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU (the compiled Triton kernel)")
 @pytest.mark.parametrize("pow2", [False, True])
 def test_compiled_equals_xla_on_gpu(pow2):
-  """Compiled at model shapes against fp8.py's jitted XLA quantisation on the same GPU: the dense activation
+  """Compiled at model shapes against quantize.py's jitted XLA quantisation on the same GPU: the dense activation
   (rows and transposed columns), its wgrad requantisation from e4m3, masked rows (4000), the padded expert
   activations vmapped, a weight in both majors, and experts' gate and up weights joined in place. Scales bitwise; e4m3 bytes bitwise with pow2 (x * 1/s is
   then exact). Without pow2, XLA's GPU code rounds x * (1/s) differently in up to ~4e-5 of the elements (7

@@ -1,1 +1,1 @@
-"""r1jax: DeepSeek-V3 / R1 in JAX. See README.md for the layout and the public API."""
+"""r1jax: DeepSeek-V3 / R1 in JAX. docs/architecture.md draws the package layout; docs/usage.md the public API."""

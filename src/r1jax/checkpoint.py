@@ -39,7 +39,10 @@ def write_config(directory: Path, cfg: RunConfig):
 
 
 def load_config(directory: str | Path, overrides=()) -> RunConfig:
-  return config_lib.load(checkpoint_dir(directory) / CONFIG, overrides)
+  """A run's saved config, then `overrides`; one saved before the model/compute split is read as it meant
+  (config.migrate), so older run directories resume, evaluate and export as before."""
+  path = checkpoint_dir(directory) / CONFIG
+  return config_lib.load_dict(config_lib.migrate(config_lib.read_yaml(path)), str(path), overrides)
 
 
 def gather_process_states(state: dict | None) -> list | None:

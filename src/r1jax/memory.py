@@ -87,7 +87,7 @@ def activation_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, 
     attn_rest += 2 * H / t * seq * f32
   shared = 3 * cfg.n_shared_experts * cfg.moe_inter_dim / t
   dense_dots, moe_dots = (proj + 3 * cfg.inter_dim / t) * b, (proj + shared) * b + E * f32  # + router scores
-  if compute.fp8.enabled and compute.remat == "dots":  # a kept FP8 GEMM keeps its e4m3 input and scales too (fp8.py)
+  if compute.fp8.enabled and compute.remat == "dots":  # a kept FP8 GEMM keeps its e4m3 input and scales (fp8/dot.py)
     q8 = 1 + f32 / compute.fp8.block
     if cfg.attention == "mla":  # x once for wq_a and wkv_a (twice without q_lora), the latents, o's input
       attn_in = (D + cfg.q_lora_rank if cfg.q_lora_rank else 2 * D) + cfg.kv_lora_rank + H * cfg.v_head_dim / t

@@ -36,7 +36,7 @@ class Arm:
     return self.step(self.bind(state), batch)
 
 
-def compile_arm(cfg: RunConfig, state: train.TrainState, batch: dict, mesh) -> Arm:
+def compile_arm(cfg: RunConfig, state: train.TrainState, batch, mesh) -> Arm:
   tx = train.make_optimizer(cfg.optim, cfg.model)  # one object per arm: it is part of the state's treedef
   bound = state.replace(cfg=cfg.model, compute=cfg.compute, tx=tx)
   t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def speed(arms: dict[str, Arm], state, batch, rounds: int = 6, per_round: int = 
 
 def loss_curve(arm: Arm, mesh, seed: int, steps: int) -> list[float]:
   """Cross-entropy per step of `steps` steps from the init of `seed` on fresh batches of arithmetic
-  progressions drawn from `seed` (bench.progressions: learnable, so the curve measures learning)."""
+  progressions drawn from `seed` (batches.progressions: learnable, so the curve measures learning)."""
   cfg = arm.cfg
   B, L, V = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
   rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ def bench_fp8(cfg: RunConfig, steps: int = 10, gemms: bool = True, seeds: int = 
               arms: dict[str, list[str]] | None = None) -> dict:
   """FP8 against bf16: the V3 671B GEMM shapes at 4096 tokens (fp8_gemms.bench_gemms, GPU only: TFLOP/s, ratio to
   bf16, error vs fp32) and the quantisations (fp8_gemms.bench_quantize: XLA vs the one-pass kernel), unless
-  `gemms` is off; then the train step with compute.fp8 off and on (train_ab): the speed timed interleaved on one
+  `gemms` is off; then the train step with compute.fp8 off and on (ab.py): the speed timed interleaved on one
   state with GPU clock and power, and `steps`-step loss curves (>= 100 for the issue's 1% bar) from `seeds`
   inits (from `first_seed` on, so calls can pool seeds) on fresh learnable batches, each ending in the mean of
   its last 10 steps, next to two controls on the first seed: FP8 off at lr x 1.001, and FP8 off repeated (the

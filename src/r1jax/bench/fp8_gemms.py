@@ -137,8 +137,8 @@ QUANT_WEIGHTS = ((2048, 2048), (7168, 18432))
 
 
 def bench_quantize(acts=QUANT_ACTS, weights=QUANT_WEIGHTS, repeats: int = 10, block: int = 128) -> list[dict]:
-  """The quantisations one FP8 GEMM's forward and backward need, by XLA (fp8.py's functions, as many fusions
-  as XLA makes) and by the one-pass Triton kernel (fp8_quantize_triton): x in 1 x 128 tiles; dy in 1 x 128
+  """The quantisations one FP8 GEMM's forward and backward need, by XLA (nn/fp8/quantize.py's functions, as many fusions
+  as XLA makes) and by the one-pass Triton kernel (kernels/quantize_triton.py): x in 1 x 128 tiles; dy in 1 x 128
   and transposed 128 x 1 tiles; the cached e4m3 x dequantised and requantised transposed (wgrad); a weight in
   128 x 128 tiles, both majors. ms, GB/s of the bytes the op must move (read once, write each output once),
   and whether the kernel's bytes equal XLA's."""

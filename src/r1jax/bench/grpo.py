@@ -11,13 +11,14 @@ import numpy as np
 
 from r1jax import sharding, train
 from r1jax.config import RunConfig
-from r1jax.rl import grpo, rollouts
+from r1jax.rl import grpo, pipeline, rollouts
 
 
 def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
   """GRPO steps of a fresh model (no checkpoints): the rollout (sampler + rewards + batch) and the learner
   (train.jit_step of rl.grpo.grpo_step) timed apart, as tokens/s: generated tokens per rollout second, and
   real (prompt + completion) tokens per learner second. The first step (compilation) is reported apart."""
+  pipeline.check_grpo(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   step_fn = functools.partial(grpo.grpo_step, gcfg=cfg.grpo, temperature=cfg.sampler.temperature,
                               norm_len=cfg.sampler.max_new_tokens)

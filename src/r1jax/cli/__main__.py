@@ -2,6 +2,6 @@
 
 import sys
 
-from r1jax.cli.main import main
+from r1jax.cli.parser import main
 
 sys.exit(main())

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 
-import jax
-
 from r1jax import config as config_lib
-from r1jax import cost, memory, model, sharding
 from r1jax.cli.common import parse_mesh
 from r1jax.config import RunConfig
+
+# jax and the model are imported after the config loads: a config error prints before jax starts.
 
 
 def mesh_report(cfg: RunConfig, mesh_text: str | None, batch: int | None, seq: int | None, link_GBps: float,
                lower_step: bool) -> dict:
   """`r1jax info --mesh ... [--lower]`: the mesh defaults to the config's, resolved on this host's devices."""
+  import jax
+
+  from r1jax import memory, sharding
+
   if mesh_text:
     sizes = parse_mesh(mesh_text)
   else:
@@ -52,6 +55,7 @@ def format_mesh_report(r: dict) -> str:
 
 def info(args) -> int:
   cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import cost, model
   counts = model.param_count(cfg.model)
   flops = cost.train_flops_per_token(counts, cfg.model, cfg.train.seq_len)
   report = {"config": args.config, "params": counts, "train_flops_per_token": flops}
@@ -80,6 +84,7 @@ def info(args) -> int:
 
 def cost_command(args) -> int:
   cfg = config_lib.load(args.config, args.overrides)
+  from r1jax import cost, model
   result = cost.report(model.param_count(cfg.model), cfg.model, cfg.train.seq_len, args.tokens, args.gpu,
                        args.precision, args.mfu, args.price, args.gpu_hours)
   if args.fleet:

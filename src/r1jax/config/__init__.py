@@ -4,11 +4,13 @@ and RunConfig. This face only hands names on."""
 
 from r1jax.config.compute import ComputeConfig, FP8Config
 from r1jax.config.errors import ConfigError
-from r1jax.config.load import MOVED, apply_overrides, load, parse_override, to_dict, weighted_names
+from r1jax.config.load import (MOVED, apply_overrides, load, load_dict, migrate, parse_override, read_yaml,
+                               to_dict, weighted_names)
 from r1jax.config.model import ModelConfig
 from r1jax.config.run import (CheckpointConfig, DataConfig, DataSource, GRPOConfig, MeshConfig, OptimConfig,
                               PipelineConfig, RunConfig, SamplerConfig, TrainConfig)
 
 __all__ = ["MOVED", "CheckpointConfig", "ComputeConfig", "ConfigError", "DataConfig", "DataSource", "FP8Config",
            "GRPOConfig", "MeshConfig", "ModelConfig", "OptimConfig", "PipelineConfig", "RunConfig", "SamplerConfig",
-           "TrainConfig", "apply_overrides", "load", "parse_override", "to_dict", "weighted_names"]
+           "TrainConfig", "apply_overrides", "load", "load_dict", "migrate", "parse_override", "read_yaml", "to_dict",
+           "weighted_names"]

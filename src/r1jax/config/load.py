@@ -76,10 +76,20 @@ def _coerce(key: str, value, hint):
   return value
 
 
-# Keys that left the model section when the architecture was split from how a run computes it (Dec 2026).
-MOVED = {f"model.{name}": f"compute.{name}" for name in
-         ("dtype", "param_dtype", "init_std", "remat", "attention_impl", "capacity_factor", "expert_gemm", "head_chunk",
-          "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed", "fp8")}
+# Fields that left the model section when the architecture was split from how a run computes it (Dec 2026).
+_MOVED_FIELDS = ("dtype", "param_dtype", "init_std", "remat", "attention_impl", "capacity_factor", "expert_gemm",
+                 "head_chunk", "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed", "fp8")
+MOVED = {f"model.{name}": f"compute.{name}" for name in _MOVED_FIELDS}
+
+
+def migrate(saved: dict) -> dict:
+  """A config saved before the model/compute split (a run directory's config.yaml) with its compute settings
+  moved from the model section into the compute section; a user's YAML keeps the one-line error instead."""
+  model = dict(saved.get("model") or {})
+  moved = {name: model.pop(name) for name in _MOVED_FIELDS if name in model}
+  if not moved:
+    return saved
+  return {**saved, "model": model, "compute": {**moved, **(saved.get("compute") or {})}}
 
 
 def _replace(obj, updates: dict, prefix: str):
@@ -111,23 +121,30 @@ def parse_override(text: str) -> tuple[list[str], object]:
   return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-  """Read a YAML of overrides onto the dataclass defaults, apply `k=v` overrides, validate."""
-  updates: dict = {}
-  if path is not None:
-    path = Path(path)
-    if not path.exists():
-      raise ConfigError(f"config file {path} does not exist")
-    try:
-      updates = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-      line = getattr(getattr(e, "problem_mark", None), "line", None)
-      raise ConfigError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
+def load_dict(updates: dict, where: str, overrides: typing.Sequence[str] = ()) -> RunConfig:
+  """A config from a parsed mapping of sections (`where` names its source in errors), then `overrides`."""
   try:
     cfg = _replace(RunConfig(), updates, "")
   except ConfigError as e:
-    raise ConfigError(f"{path}: {e}") from None
+    raise ConfigError(f"{where}: {e}") from None
   return apply_overrides(cfg, overrides)
+
+
+def read_yaml(path: str | Path) -> dict:
+  """A YAML file's mapping; a missing file or bad YAML is a one-line error naming file:line."""
+  path = Path(path)
+  if not path.exists():
+    raise ConfigError(f"config file {path} does not exist")
+  try:
+    return yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    line = getattr(getattr(e, "problem_mark", None), "line", None)
+    raise ConfigError(f"{path}:{'' if line is None else line + 1}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+  """Read a YAML of overrides onto the dataclass defaults, apply `k=v` overrides, validate."""
+  return load_dict({} if path is None else read_yaml(path), str(path), overrides)
 
 
 def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:

@@ -16,11 +16,11 @@ from r1jax.nn import fp8
 
 class ExpertFFN(NamedTuple):
   """`apply(experts, x_ExNxD, sent, valid_ExN) -> y_ExNxD` over this device's experts' received rows (valid_ExN
-  marks real ones); `send(x_TxD)`: rows [T, ...] (a tuple of arrays) each token (and the empty-slot row) sends
-  besides x, arriving as `sent` [E, N, ...] (FP8 dispatch sends e4m3 words and scales)."""
+  marks real ones); `send(x_Tp1xD)`: rows [T + 1, ...] (a tuple of arrays) that each token and the empty-slot
+  row send besides x, arriving as `sent` [E, N, ...] (FP8 dispatch sends e4m3 words and scales)."""
 
   apply: Callable
-  send: Callable = lambda x_TxD: ()
+  send: Callable = lambda x_Tp1xD: ()
 
 
 def gemm_impl(compute: ComputeConfig) -> str:
@@ -69,4 +69,4 @@ def choose(compute: ComputeConfig, experts: dict) -> ExpertFFN:
   if fp8.weights.is_quantized(experts["w_gate"]):  # keep_fp8 bytes: the GEMMs read them, x goes as it is
     return ExpertFFN(lambda e, x, _, valid: fp8.experts.padded(e, x, fp8_cfg))
   return ExpertFFN(lambda e, x, sent, valid: fp8.experts.padded_dispatched(e, x, sent, fp8_cfg),
-                   send=lambda x_TxD: fp8.experts.dispatch_rows(x_TxD, fp8_cfg))
+                   send=lambda x_Tp1xD: fp8.experts.dispatch_rows(x_Tp1xD, fp8_cfg))

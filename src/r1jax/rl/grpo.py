@@ -329,9 +329,10 @@ def grpo_step(state, batch: Batch, *, gcfg: GRPOConfig, temperature: float, norm
     metrics["sampler_learner_logp_gap"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp_BxL) - batch.sampler_logp_BxL))
     if router:  # logged, not optimised: when advantages vanish, Adam would blow this tiny term up to full steps
       metrics["aux_loss"] = jax.lax.stop_gradient(losses.router_aux_loss(router))
-    if router and batch.routes_BxNxLxK is not None and gcfg.routing_replay:  # how far the learner's own routing has drifted
+    if router and batch.routes_BxNxLxK is not None and gcfg.routing_replay:  # how far the learner's routing drifted
       differs_N = router["moe_layers"]["replay_differs"]
-      metrics["replay_mismatch_frac"] = differs_N.sum() / (differs_N.shape[0] * jnp.maximum(batch.token_mask_BxL.sum(), 1))
+      n_inputs = jnp.maximum(batch.token_mask_BxL.sum(), 1)
+      metrics["replay_mismatch_frac"] = differs_N.sum() / (differs_N.shape[0] * n_inputs)
     metrics["loss"] = loss
     return loss, (metrics, router)
 

@@ -31,9 +31,9 @@ def grpo_config(cfg: RunConfig) -> RunConfig:
   return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.grpo.lr))
 
 
-def _check_grpo(cfg: RunConfig):
-  """One-line errors before any stage trains: unknown reward or GRPO variant names, and greedy sampling (every completion
-  of a group would be the same, so every advantage 0)."""
+def check_grpo(cfg: RunConfig):
+  """One-line errors before any stage trains: unknown reward or GRPO variant names, and greedy sampling
+  (every completion of a group would be the same, so every advantage 0)."""
   from r1jax.rl import rewards
 
   try:
@@ -63,7 +63,7 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
 def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> list[dict]:
   """Base stage (unless grpo.init names a checkpoint), then GRPO; returns the GRPO stage's metrics."""
   run_dir, g = Path(run_dir), cfg.grpo
-  _check_grpo(cfg)
+  check_grpo(cfg)
   if cfg.train.grad_accum != 1:
     raise ConfigError(f"train.grad_accum={cfg.train.grad_accum}: a GRPO step is one batch of "
                       "grpo.prompts_per_step x grpo.group_size rollouts (grad_accum applies to SFT only)")
@@ -190,6 +190,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
   """Run the pipeline's stages in order, then evaluate every trained stage and write the report."""
   run_dir, p = Path(run_dir), cfg.pipeline
   stages = list(p.stages)
+  if {"r1zero", "rl", "final_rl"} & set(stages):
+    check_grpo(cfg)  # before the base stage trains
   rejection_data = run_dir / "rejection" / "data.jsonl"
   for i, stage in enumerate(stages):
     for need in NEEDS.get(stage, ()):

@@ -2,7 +2,8 @@
 reference), gemm (the one block-scaled GEMM primitive and which implementation runs it), operands (the tiles
 each GEMM reads), tiles (weights quantised ahead), dot and mlp (the custom_vjps), ragged (the grouped form),
 weights (kept-FP8 checkpoints for inference), experts (the routed experts' FFN); kernels/ beneath them.
-Callers pass an FP8Config's fields down and read nothing else; this face only hands names on."""
+Callers pass an FP8Config (or its block, impl and pow2 fields) down and read nothing else; this face only
+hands names on."""
 
 from r1jax.nn.fp8 import experts, ragged, weights
 from r1jax.nn.fp8.dot import BATCHED_NAMES, SAVED_NAMES, WEIGHT_NAME, batched_dot, batched_dots, dot, dots

@@ -99,12 +99,12 @@ def words(q):
   return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.uint32)
 
 
-def dispatch_rows(x_TxD, fp8_cfg: FP8Config) -> tuple:
+def dispatch_rows(x_NxD, fp8_cfg: FP8Config) -> tuple:
   """FP8 dispatch (V3 report §3.3.3): the tokens quantised once, before the gather (1 x block tiles are per row,
   so this is exactly the quantisation of the gathered rows), as (e4m3 words, scales) rows to move; the bf16 rows
   dispatched beside them then only carry the gradient back, so XLA drops their forward gather."""
-  q_TxD, s_TxDb = quantize_input(x_TxD, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
-  return words(q_TxD), s_TxDb
+  q_NxD, s_NxDb = quantize_input(x_NxD, fp8_cfg.block, fp8_cfg.impl, fp8_cfg.pow2_scales)
+  return words(q_NxD), s_NxDb
 
 
 def padded_dispatched(experts: dict, x_ExNxD, sent: tuple, fp8_cfg: FP8Config):

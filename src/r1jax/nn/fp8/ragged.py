@@ -111,12 +111,12 @@ def _ragged_fwd(x_NxK, w_GxKxF, group_sizes_G, block, pow2):
   wq_GxKxF, ws_GxKbxFb = quantize_weight(w_GxKxF, block, pow2)
   y_NxF = grouped_scaled_matmul(xq_NxK, xs_NxKb, wq_GxKxF, ws_GxKbxFb, group_sizes_G, block=block,
                                 out_dtype=x_NxK.dtype)
-  return y_NxF, (xq_NxK, xs_NxKb, w_GxKxF, group_sizes_G)  # residuals as fp8._dot_fwd keeps them
+  return y_NxF, (xq_NxK, xs_NxKb, w_GxKxF, group_sizes_G)  # residuals as dot.py's forward keeps them
 
 
 def _ragged_bwd(block, pow2, res, dy_NxF):
   """dgrad: dy in 1 x block tiles against each group's w^T in the same block x block tiles; wgrad: the
-  cached fp8 x dequantised and requantised with dy in block x 1 tiles per group (as fp8._dot_bwd)."""
+  cached fp8 x dequantised and requantised with dy in block x 1 tiles per group (as dot.py's backward)."""
   xq_NxK, xs_NxKb, w_GxKxF, group_sizes_G = res
   wq_GxKxF, ws_GxKbxFb = quantize_weight(w_GxKxF, block, pow2)
   dyq_NxF, dys_NxFb = quantize_act(dy_NxF, block, pow2)
@@ -135,11 +135,11 @@ def ragged_dot(x_NxK, w_GxKxF, group_sizes_G, block: int = 128, pow2: bool = Fal
   Rows of x are contiguous per group; rows past sum(group_sizes) give zeros. No gradient for group_sizes.
   """
   if x_NxK.ndim != 2 or w_GxKxF.ndim != 3 or x_NxK.shape[1] != w_GxKxF.shape[1]:
-    raise ValueError(f"fp8_ragged.ragged_dot: x {x_NxK.shape} and w {w_GxKxF.shape} need [N, K] and [G, K, F]")
+    raise ValueError(f"fp8.ragged.ragged_dot: x {x_NxK.shape} and w {w_GxKxF.shape} need [N, K] and [G, K, F]")
   if group_sizes_G.shape != w_GxKxF.shape[:1] or not jnp.issubdtype(group_sizes_G.dtype, jnp.integer):
-    raise ValueError(f"fp8_ragged.ragged_dot: group_sizes {group_sizes_G.shape} {group_sizes_G.dtype} must be "
+    raise ValueError(f"fp8.ragged.ragged_dot: group_sizes {group_sizes_G.shape} {group_sizes_G.dtype} must be "
                      f"integers, one per group of w {w_GxKxF.shape}")
   _, K, F = w_GxKxF.shape
   if K % block or F % block:
-    raise ValueError(f"fp8_ragged.ragged_dot: weight shape {w_GxKxF.shape} needs K and F multiples of block {block}")
+    raise ValueError(f"fp8.ragged.ragged_dot: weight shape {w_GxKxF.shape} needs K and F multiples of block {block}")
   return _ragged(x_NxK, w_GxKxF, group_sizes_G, block, pow2)

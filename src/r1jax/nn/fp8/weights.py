@@ -67,7 +67,7 @@ def dot(x_MxK, w: QuantizedWeight, block: int = 128, impl: Impl = "xla", pow2: b
   q_KxN, scale_KbxNb = jax.lax.stop_gradient(w.q_KxN), jax.lax.stop_gradient(w.scale_KbxNb)
   (K, N), Kb = q_KxN.shape, x_MxK.shape[-1] // block
   if x_MxK.shape[-1] != K or scale_KbxNb.shape != (Kb, -(-N // block)):
-    raise ValueError(f"fp8_weights.dot: x {x_MxK.shape} @ e4m3 {q_KxN.shape} with scales {scale_KbxNb.shape} "
+    raise ValueError(f"fp8.weights.dot: x {x_MxK.shape} @ e4m3 {q_KxN.shape} with scales {scale_KbxNb.shape} "
                      f"needs [{K}] inputs and {block}x{block} tiles (compute.fp8.block must match the checkpoint's)")
   xq_MxK, xs_MxKb = quantize_act(x_MxK.reshape(-1, K), block, pow2)
   q_KxNp = jnp.pad(q_KxN, ((0, 0), (0, -N % block)))

@@ -162,7 +162,7 @@ def _num_sms() -> int:
 
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret=False, num_sms: int | None = None, b_blocked: bool = False):
-  """a @ b^T with per-row, per-K-block scales on both operands (fp8.scaled_matmul_nt_xla's contract); rows
+  """a @ b^T with per-row, per-K-block scales on both operands (kernels/xla.py's scaled_matmul_nt contract); rows
   of a and b zero-padded to the CTA tile and cropped after. `b_blocked` promises that bs is constant over each
   aligned `block` of b's rows (a weight's block scales), which lets the kernel read one scale per tile.
   No CPU emulation: JAX 0.10's Mosaic GPU interpreter has no transposed wgmma operand, which 8-bit wgmma needs

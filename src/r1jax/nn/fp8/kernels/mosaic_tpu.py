@@ -86,7 +86,7 @@ def _k_step(K: int, block: int, bk: int) -> int:
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret=False):
   """a @ b^T with per-row, per-K-block scales on both operands, out_dtype result (the XLA reference is
-  fp8.scaled_matmul_nt_xla). `interpret`: True or pltpu.InterpretParams() runs Pallas's interpreter (only
+  kernels/xla.py's scaled_matmul_nt). `interpret`: True or pltpu.InterpretParams() runs Pallas's interpreter (only
   the latter inside shard_map: the generic one trips JAX 0.10.2's varying-axes checks there)."""
   if IMPORT_ERROR is not None:
     raise RuntimeError(f"the Pallas TPU FP8 kernel needs jax.experimental.pallas.tpu: {IMPORT_ERROR}")

@@ -3,7 +3,7 @@ memory-bound Pallas (Triton) kernel: each tile is read once and every layout the
 column-scaled q already transposed for wgrad, the weight in both majors) is written from registers. Joined
 GEMMs' weights are read in place (parts), and the SwiGLU's h is quantised from the [gate | up] GEMM output.
 
-Bitwise equal to fp8.py, by the same formula: scale = max(amax, 1e-4) * fl(1/448), q = e4m3(x * (1 / scale)).
+Bitwise equal to quantize.py, by the same formula: scale = max(amax, 1e-4) * fl(1/448), q = e4m3(x * (1 / scale)).
 - 1 / scale: Triton lowers fp32 `/` to the approximate div.full.f32, so the compiled kernel emits PTX's
   IEEE reciprocal rcp.rn.f32 (correctly rounded, as XLA's 1 / s); the interpreter (XLA on CPU) divides
   exactly, so interpret=True keeps plain `1 / s` (inline PTX has no interpreter rule).
@@ -40,13 +40,13 @@ def _recip(s, interpret: bool):
 
 def _pow2_ceil(s):
   """The least power of two >= s, for positive normal fp32 s: adding 0x7FFFFF to the bits carries into
-  the exponent unless the mantissa is zero (fp8._scale's frexp/ldexp have no Triton lowering)."""
+  the exponent unless the mantissa is zero (quantize.tile_scale's frexp/ldexp have no Triton lowering)."""
   bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
   return jax.lax.bitcast_convert_type((bits + jnp.uint32(0x7FFFFF)) & jnp.uint32(0xFF800000), jnp.float32)
 
 
 def _scale(amax, pow2: bool):
-  """fp8._scale (scales are >= 1e-4 / 448, so always normal)."""
+  """quantize.tile_scale (scales are >= 1e-4 / 448, so always normal)."""
   s = jnp.maximum(amax, AMAX_FLOOR) * jnp.float32(1.0 / E4M3_MAX)
   return _pow2_ceil(s) if pow2 else s
 
@@ -122,7 +122,7 @@ def _swiglu_kernel(g_ref, u_ref, q_ref, s_ref, *, pow2: bool, n_rows: int, dtype
 def _call(kernel, args, in_specs, outs, grid, name, interpret, num_warps: int):
   """pallas_call with outs = [(shape, dtype, BlockSpec)]; operands typed alike for shard_map."""
   args = same_varying(*args)
-  # Inside shard_map every output declares its manual-axis type (kernel_util.manual_type), even where it
+  # Inside shard_map every output declares its manual-axis type (util.manual_type), even where it
   # varies over no axis: a replicated weight's quantisation.
   mat = getattr(jax.typeof(args[0]), "mat", None)
   mat = {"manual_axis_type": mat} if mat is not None and jax.sharding.get_abstract_mesh().manual_axes else {}
@@ -148,14 +148,14 @@ def quantize_act(x_MxK, block: int = 128, pow2: bool = False, *, rows: bool = Tr
   _check(block)
   shape, dtype = x_MxK.shape, jnp.dtype(x_MxK.dtype)
   if len(shape) != 2 or shape[1] % block or not (rows or cols) or (cols and shape[0] % block):
-    raise ValueError(f"fp8_quantize_triton.quantize_act: x shape {shape} needs [M, K] (jax.vmap for leading "
+    raise ValueError(f"quantize_triton.quantize_act: x shape {shape} needs [M, K] (jax.vmap for leading "
                      f"axes), K a multiple of block {block}, M too with cols (pad the rows), rows or cols set")
   (M, K), Kb = shape, shape[1] // block
   if in_scale_MxKb is not None and (dtype != E4M3 or in_scale_MxKb.shape != (M, Kb)):
-    raise ValueError(f"fp8_quantize_triton.quantize_act: in_scale needs e4m3 x and [M, K/{block}] scales; "
+    raise ValueError(f"quantize_triton.quantize_act: in_scale needs e4m3 x and [M, K/{block}] scales; "
                      f"got x {shape} {dtype}, scales {in_scale_MxKb.shape}")
   if in_scale_MxKb is None and dtype not in _IN_DTYPES:
-    raise ValueError(f"fp8_quantize_triton.quantize_act: x dtype {dtype} must be bf16, f16 or f32 "
+    raise ValueError(f"quantize_triton.quantize_act: x dtype {dtype} must be bf16, f16 or f32 "
                      "(e4m3 needs in_scale_MxKb)")
   tm = block if cols else min(TILE_ROWS, pl.next_power_of_2(M))
   args, in_specs = [x_MxK], [pl.BlockSpec((tm, block), lambda i, j: (i, j))]
@@ -188,7 +188,7 @@ def quantize_weight(w_KxN, block: int = 128, pow2: bool = False, *, transpose: b
   for w in parts:
     shape, dtype = w.shape, jnp.dtype(w.dtype)
     if len(shape) != 2 or shape[0] % b or shape[1] % b or dtype not in _IN_DTYPES or shape[0] != parts[0].shape[0]:
-      raise ValueError(f"fp8_quantize_triton.quantize_weight: w shape {shape} {dtype} needs [K, N] bf16, f16 or "
+      raise ValueError(f"quantize_triton.quantize_weight: w shape {shape} {dtype} needs [K, N] bf16, f16 or "
                        f"f32 (jax.vmap for leading axes), both dims multiples of block {block}, one K for all parts")
   K, N = parts[0].shape[0], sum(w.shape[1] for w in parts)
   starts = tuple(itertools.accumulate([0] + [w.shape[1] // b for w in parts[:-1]]))
@@ -210,7 +210,7 @@ def quantize_swiglu(gate_up_Mx2F, block: int = 128, pow2: bool = False, *, inter
   _check(block)
   shape, dtype = gate_up_Mx2F.shape, jnp.dtype(gate_up_Mx2F.dtype)
   if len(shape) != 2 or shape[1] % (2 * block) or dtype not in _IN_DTYPES:
-    raise ValueError(f"fp8_quantize_triton.quantize_swiglu: [gate | up] shape {shape} {dtype} needs [M, 2F] bf16, "
+    raise ValueError(f"quantize_triton.quantize_swiglu: [gate | up] shape {shape} {dtype} needs [M, 2F] bf16, "
                      f"f16 or f32 with F a multiple of block {block}")
   M, Fb = shape[0], shape[1] // (2 * block)
   tm = min(TILE_ROWS, pl.next_power_of_2(M))

@@ -25,7 +25,7 @@ except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the 
 class Tiles(NamedTuple):
   """Output tile (bm x bn), Triton launch knobs, and `group_m` row tiles visited together so that their
   column panels of b stay in L2 (Triton's grouped ordering); BK is the scaling block. Defaults: the best
-  of fp8_bench.tune at the V3 shapes on one H200 (JAX 0.11.2, Triton via Pallas)."""
+  of r1jax.bench.fp8_gemms.tune at the V3 shapes on one H200 (JAX 0.11.2, Triton via Pallas)."""
 
   bm: int = 64
   bn: int = 128
@@ -66,7 +66,7 @@ def _tile(p, n_m: int, n_n: int, group_m: int):
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret: bool = False):
   """a @ b^T with per-row, per-K-block scales on both operands, out_dtype result (the XLA reference is
-  fp8.scaled_matmul_nt_xla). Rows of a and b are zero-padded to the tile sizes and cropped after."""
+  kernels/xla.py's scaled_matmul_nt). Rows of a and b are zero-padded to the tile sizes and cropped after."""
   if IMPORT_ERROR is not None:
     raise RuntimeError(f"the Pallas Triton FP8 kernel needs jax.experimental.pallas.triton: {IMPORT_ERROR}")
   M, K = aq_MxK.shape
