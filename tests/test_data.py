@@ -88,7 +88,7 @@ def test_cli_reports_a_bad_record_in_one_line(tmp_path, capsys):
   path = _write(tmp_path / "bad.jsonl", [*_records(3), {"prompt": "x"}])
   argv = ["sft", str(TINY), f"data.source={path}", "data.shuffle=false", "train.steps=1", "train.seq_len=31",
           f"train.run_dir={tmp_path}", "mesh.data=8", "train.batch_size=8"]
-  assert cli.main(argv) == 2
+  assert cli.main(argv) == cli.EXIT["data error"]
   err = capsys.readouterr().err
   assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"r1jax: data error: {path}:4: ")
 

@@ -4,6 +4,7 @@ checker, stage ordering errors, and `r1jax cost` against the seed's arithmetic."
 import json
 import os
 
+import numpy as np
 import pytest
 
 from r1jax import cli, config, tasks
@@ -58,10 +59,24 @@ def test_toy_pipeline_runs_every_stage_and_reports(tmp_path):
                "sampler.max_new_tokens=16", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=100",
                "grpo.eval_prompts=4", "checkpoint.every=100", "pipeline.base_steps=40", "pipeline.r1zero_steps=2",
                "pipeline.cold_start_examples=40", "pipeline.cold_start_steps=120", "pipeline.rl_steps=2",
-               "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.sft_steps=3",
+               "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.sft_steps=60",
                "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=4", "pipeline.eval_k=1"]
   cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), overrides)
   report = pipeline.run(cfg, tmp_path)
+  # Determinism: the same config and seed on the same machine gives the same report, metrics, samples and
+  # rejection data, bit for bit (only wall-clock timings differ). The rerun finds its programs in the
+  # persistent compilation cache, so it costs the steps alone.
+  again = pipeline.run(cfg, tmp_path / "again")
+  assert json.dumps(again, sort_keys=True) == json.dumps(report, sort_keys=True)
+  timings = {"time", "data_s", "step_s", "rollout_s"}
+  for path in tmp_path.glob("*/**/metrics.jsonl"):
+    if "again" not in path.parts:
+      same = tmp_path / "again" / path.relative_to(tmp_path)
+      strip = [{k: v for k, v in json.loads(line).items() if k not in timings} for line in path.read_text().splitlines()]
+      assert strip == [{k: v for k, v in json.loads(line).items() if k not in timings}
+                       for line in same.read_text().splitlines()], path
+  for name in ("rejection/data.jsonl", "distill/teacher.jsonl", "rl/grpo/samples.jsonl"):
+    assert (tmp_path / name).read_text() == (tmp_path / "again" / name).read_text(), name
   assert list(report["stages"]) == list(pipeline.EVALUATED)
   # 120 cold-start steps teach the toy model to copy (greedy eval 4 of 4 on 2 CPUs; rejection keeps 15 of 64 samples
   # at temperature 1). At 30 steps it kept 1 of 64, so any change to the arithmetic could have left none.
@@ -71,7 +86,23 @@ def test_toy_pipeline_runs_every_stage_and_reports(tmp_path):
     saved = config.load(tmp_path / stage / "grpo" / "config.yaml")
     assert saved.grpo.init == str(pipeline.stage_model_dir(tmp_path, start))
   assert (tmp_path / "report.png").stat().st_size > 0 and (tmp_path / "rejection" / "data.jsonl").exists()
+  assert report["distill_samples"]["kept"] > 0  # the student learns from the final model's samples
   assert report["stages"]["distill"]["model"].startswith("gqa")
+
+
+def test_seeds_summary_is_each_stages_mean_min_and_max():
+  accuracy = {"base": [0.1, 0.3, 0.2], "final_rl": [0.9, 1.0, 0.95]}
+  reports = {s: {"stages": {stage: {"model": "m", "accuracy": v[i], "format": 1.0, "pass@4": v[i] + 0.01}
+                            for stage, v in accuracy.items()}, "rejection": {"kept": 10 + i}, "distill_samples": None}
+             for i, s in enumerate((5, 6, 7))}
+  summary = pipeline.summarize(reports, 4)
+  assert summary["seeds"] == [5, 6, 7] and summary["kept"] == {"rejection": [10, 11, 12], "distill_samples": []}
+  for stage, values in accuracy.items():
+    row = summary["stages"][stage]["accuracy"]
+    assert row["per_seed"] == values and row["min"] == min(values) and row["max"] == max(values)
+    np.testing.assert_allclose(row["mean"], np.mean(values), rtol=1e-12)
+  table = pipeline.seeds_table({**summary, "task": "reverse", "eval_prompts": 128})
+  assert "| final_rl | m | 0.950 [0.900, 1.000] |" in table
 
 
 def test_an_unfinished_stage_resumes_inside_itself(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +25,27 @@ from r1jax.config import CheckpointConfig, RunConfig
 log = logging.getLogger(__name__)
 CONFIG = "config.yaml"
 _TRAIN_FIELDS = ("step", "opt_state", "rng", "bad_steps", "skipped_steps")
+
+
+def check_resume(run_dir: Path, cfg: RunConfig, write: bool = True) -> list:
+  """Before a resume: the run's saved config against `cfg` (config/resume.py). A refused change is a
+  ConfigError naming every field, and nothing in the run is touched; allowed ones are said, appended to
+  RUN/config_history.jsonl and become the run's config."""
+  from r1jax.config import resume
+
+  saved = load_config(run_dir)
+  allowed = resume.check(saved, cfg, str(run_dir))
+  if allowed:
+    if jax.process_index() == 0:
+      print(f"{run_dir}: resuming with changed settings: " +
+            "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in allowed), flush=True)
+    if write and jax.process_index() == 0:
+      record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": {k: [old, new] for k, old, new in allowed}}
+      with open(Path(run_dir) / "config_history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+      for directory in (Path(run_dir), checkpoint_dir(run_dir)):
+        write_config(directory, cfg)
+  return allowed
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -42,7 +64,18 @@ def load_config(directory: str | Path, overrides=()) -> RunConfig:
   """A run's saved config, then `overrides`; one saved before the model/compute split is read as it meant
   (config.migrate), so older run directories resume, evaluate and export as before."""
   path = checkpoint_dir(directory) / CONFIG
-  return config_lib.load_dict(config_lib.migrate(config_lib.read_yaml(path)), str(path), overrides)
+  saved = config_lib.migrate(config_lib.read_yaml(path))
+  cfg = config_lib.load_dict(saved, str(path), overrides)
+  if overrides:
+    from r1jax.config import resume
+
+    fixed = config_lib.load_dict(saved, str(path))
+    bad = [f"{k}: the checkpoint has {old!r}, the command says {new!r}" for k, old, new in resume.changes(fixed, cfg)
+           if k.startswith("model.")]
+    if bad:
+      raise config_lib.ConfigError(f"{checkpoint_dir(directory)}: " + "; ".join(bad) + " (a checkpoint's "
+                                   "architecture is what it was trained as)")
+  return cfg
 
 
 def gather_process_states(state: dict | None) -> list | None:
@@ -96,20 +129,25 @@ class Manager:
 
   def restore(self, cfg: RunConfig, mesh) -> tuple[object, list | None] | None:
     """(TrainState, data states) of the newest complete, readable checkpoint, placed in the shardings of
-    `mesh` (any mesh: 8 devices -> 2, expert axis -> data axis); None if there is none. An unreadable newest
-    step is reported by name and the one before it is used."""
-    steps = self.steps()
+    `mesh` (any mesh: 8 devices -> 2, expert axis -> data axis); None if there is none. A step is damaged
+    only if an older one loads with the same config: then the newer unreadable steps are moved aside as
+    unreadable-STEP (kept, not deleted) and the older one is used. If none loads, nothing is moved: that is a
+    mismatch between the run and this code or config, not damage."""
+    steps, failed = self.steps(), []
     for step in reversed(steps):
       try:
-        return self._restore_step(step, cfg, mesh)
+        restored = self._restore_step(step, cfg, mesh)
       except Exception as e:  # noqa: BLE001  (orbax raises many kinds on a damaged step)
-        aside = self._set_aside(step)
-        log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
-                    self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                    aside)
+        failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+        continue
+      for bad, why in failed:
+        aside = self._set_aside(bad)
+        log.warning("checkpoint %s is unreadable (%s) while step %d loads; moved to %s", self.directory / str(bad),
+                    why, step, aside)
+      return restored
     if steps:
-      raise RuntimeError(f"{self.directory}: none of the checkpoints {steps} is readable (moved aside as "
-                         "unreadable-STEP); nothing to resume from")
+      raise RuntimeError(f"{self.directory}: no checkpoint of {steps} loads with this config and code (newest: "
+                         f"{failed[0][1]}); nothing was moved or changed")
     return None
 
   def _set_aside(self, step: int) -> Path:

@@ -196,7 +196,10 @@ def make_dataset(cfg: RunConfig, *, process_index: int = 0, process_count: int =
   ds = grain.MapDataset.source(source).slice(slice(process_index, None, process_count))
   if not len(ds):
     raise ConfigError(f"{spec}: {len(source)} examples cannot be shared by {process_count} processes")
-  encode(tok, ds[0], seq_len)  # fail before training starts if, e.g., every task example is too long
+  # Fail before training starts: a JSONL file's every line (this process's share) is parsed and measured, so a
+  # bad line deep in a large file is not found mid-run; generated tasks are uniform, their first one suffices.
+  for i in range(len(ds) if isinstance(source, JsonlSource) else 1):
+    encode(tok, ds[i], seq_len)
   if cfg.data.shuffle and not eval:
     ds = ds.shuffle(seed=cfg.data.seed)  # before repeat: grain reseeds each epoch (seed + epoch)
   ds = ds.repeat(1 if eval else num_epochs).map(functools.partial(encode, tok, seq_len=seq_len))

@@ -21,6 +21,11 @@ class TrainingStopped(RuntimeError):
   """The run stopped itself (too many non-finite steps); the last good checkpoint is intact."""
 
 
+class Interrupted(RuntimeError):
+  """A stop signal (SIGTERM/SIGINT): the step reached is saved and the run ends unfinished, so no stage or
+  command that builds on it starts; `--resume` continues it."""
+
+
 def run_directory(cfg: RunConfig, config_path: str | Path | None) -> Path:
   name = cfg.train.name or (Path(config_path).stem if config_path else "run")
   return Path(cfg.train.run_dir) / name
@@ -85,6 +90,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
   if mngr.steps() and not resume:
     raise ConfigError(f"{run_dir} already holds checkpoints (steps {mngr.steps()}); pass --resume or choose "
                       "another train.name")
+  if resume and mngr.steps():
+    checkpoint.check_resume(run_dir, cfg, lead)
+  elif resume:
+    print(f"--resume: {run_dir} holds no checkpoint yet; starting from step 0", flush=True)
   history = []
   with jax.set_mesh(mesh):
     source = SFTSource(cfg, mesh) if source is None else source
@@ -103,7 +112,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
     writer = metrics.Writer(run_dir, enabled=lead, total_steps=cfg.train.steps, start_step=start)
     if restored is not None:
       writer.log_line(f"resumed from step {start} in {run_dir / 'checkpoints'}")
-    step_jit, t0 = None, time.perf_counter()
+    step_jit, t0, stopped_at = None, time.perf_counter(), None
     with writer, _stop_signals() as stop:
       for step in range(start + 1, cfg.train.steps + 1):
         t_data = time.perf_counter()
@@ -130,8 +139,12 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
           mngr.save(step, state, checkpoint.gather_process_states(source.get_state()))
         if last and step < cfg.train.steps:
           writer.log_line(f"stop signal: saved step {step} to {run_dir / 'checkpoints'}; --resume continues")
+          stopped_at = step
           break
     mngr.close()
+  if stopped_at is not None:
+    raise Interrupted(f"stopped by a signal at step {stopped_at} of {cfg.train.steps} in {run_dir}; --resume "
+                      "continues")
   return history
 
 

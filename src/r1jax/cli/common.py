@@ -21,7 +21,12 @@ def setup_logging():
   logger.setLevel(logging.INFO)
 
 
-def fail(message: str, code: int = 2) -> int:
+# Exit status of every command: scripts and schedulers tell a finished run from a stopped or failed one.
+EXIT = {"finished": 0, "crashed": 1, "config error": 2, "diverged": 3, "data error": 4, "run directory in use": 5,
+        "stopped": 75}  # 75 is sysexits' EX_TEMPFAIL: try again (here: with --resume)
+
+
+def fail(message: str, code: int = EXIT["config error"]) -> int:
   """Print one line to stderr; the exit status."""
   print(f"r1jax: {message}", file=sys.stderr)
   return code
@@ -36,9 +41,10 @@ def multiprocess_args(p):
   multi.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process (0: real devices)")
 
 
-def run_training(args, train_fn: str, outputs: str) -> int:
-  """A training command (sft, grpo, pipeline): `train_fn(cfg, run_dir, resume=)`, named "module:function" and
-  imported after the config loads (a config error never waits for jax), in the run directory."""
+def run_training(args, train_fn: str, outputs: str, **kwargs) -> int:
+  """A training command (sft, grpo, pipeline): `train_fn(cfg, run_dir, resume=, **kwargs)`, named
+  "module:function" and imported after the config loads (a config error never waits for jax), in the run
+  directory."""
   cfg = config_lib.load(args.config, args.overrides)
   from r1jax import distributed  # before jax initialises its backends
 
@@ -48,20 +54,27 @@ def run_training(args, train_fn: str, outputs: str) -> int:
   module, name = train_fn.split(":")
   train_fn = getattr(importlib.import_module(module), name)
 
+  import jax
+
+  from r1jax import run_lock
+
   run_dir = loop.run_directory(cfg, args.config)
   try:
-    train_fn(cfg, run_dir, resume=args.resume)
+    with run_lock.hold(run_dir, enabled=jax.process_index() == 0):
+      train_fn(cfg, run_dir, resume=args.resume, **kwargs)
+  except run_lock.RunLocked as e:
+    return fail(str(e), EXIT["run directory in use"])
+  except loop.Interrupted as e:
+    return fail(str(e), EXIT["stopped"])
   except loop.TrainingStopped as e:
-    return fail(str(e), 3)
+    return fail(str(e), EXIT["diverged"])
   except data.DataError as e:  # a bad record: `file:line: reason`, no traceback
-    return fail(f"data error: {e}")
+    return fail(f"data error: {e}", EXIT["data error"])
   finally:
     if joined:
-      import jax
-
       jax.distributed.shutdown()
   print(f"run directory: {run_dir} ({outputs})")
-  return 0
+  return EXIT["finished"]
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -4,6 +4,7 @@ one line and exit 2, before anything is compiled."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -11,9 +12,34 @@ from r1jax.cli.common import fail, multiprocess_args
 from r1jax.config import ConfigError
 
 
+def positive(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+  return value
+
+
+def parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+  """Overrides (`section.field=value`) may come anywhere after the command, flags among them; anything else
+  unknown is argparse's usual error."""
+  args, extra = parser.parse_known_args(argv)
+  unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if extra:
+    args.overrides = [*args.overrides, *extra]
+  return args
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="r1jax", description="DeepSeek-V3 / R1 in JAX")
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = argparse.ArgumentParser(prog="r1jax", description="DeepSeek-V3 / R1 in JAX", allow_abbrev=False)
+  # No abbreviated flags: `--resum` is a typo to report, not `--resume`.
+  sub = parser.add_subparsers(dest="command", required=True,
+                              parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
   p = sub.add_parser("info", help="parameter counts and FLOPs of a config")
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
@@ -57,13 +83,15 @@ def main(argv=None) -> int:
   p.add_argument("config")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--resume", action="store_true", help="continue the unfinished stage (finished ones are skipped)")
+  p.add_argument("--seeds", type=positive, default=1, help="run the whole pipeline for train.seed, train.seed+1, ... "
+                 "(one seed-S/ directory each) and report every stage's mean, min and max over them")
   multiprocess_args(p)
   p.set_defaults(command_fn="train:pipeline")
   p = sub.add_parser("eval", help="greedy accuracy, format rate and pass@k of a checkpoint on grpo.task")
   p.add_argument("ckpt")
   p.add_argument("overrides", nargs="*", help="section.field=value (e.g. grpo.task=reverse)")
-  p.add_argument("--n", type=int, default=100, help="problems")
-  p.add_argument("--k", type=int, default=1, help="samples per problem for pass@k (1: greedy only)")
+  p.add_argument("--n", type=positive, default=100, help="problems")
+  p.add_argument("--k", type=positive, default=1, help="samples per problem for pass@k (1: greedy only)")
   p.add_argument("--split", choices=["eval", "train"], default="eval")
   p.set_defaults(command_fn="train:evaluate")
   p = sub.add_parser("generate", help="completions of prompts from a checkpoint or run directory (KV-cache sampler; "
@@ -112,7 +140,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: compute.param_dtype")
   p.add_argument("--max-shard-gb", type=float, default=5.0)
   p.set_defaults(command_fn="hf:export_hf")
-  args = parser.parse_args(argv)
+  args = parse(parser, argv)
   module, name = args.command_fn.split(":")
   try:  # a command's module is imported when it runs: `r1jax --help` and config errors never wait for jax
     return getattr(importlib.import_module(f"r1jax.cli.{module}"), name)(args)

@@ -21,6 +21,9 @@ def grpo(args) -> int:
 
 
 def pipeline(args) -> int:
+  if args.seeds > 1:
+    return run_training(args, "r1jax.rl.pipeline:run_seeds", "seed-S/ per seed, each with one directory per stage; "
+                        "seeds.md, seeds.json", seeds=args.seeds)
   return run_training(args, "r1jax.rl.pipeline:run", "one directory per stage; report.md, report.json, report.png")
 
 
@@ -52,6 +55,8 @@ def read_prompts(path: str | Path) -> list[str]:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
       raise ConfigError(f"{path}:{n}: expected an object with a string \"prompt\"")
     prompts.append(record["prompt"])
+  if not prompts:
+    raise ConfigError(f"{path}: no prompts (the file is empty)")
   return prompts
 
 

@@ -263,8 +263,9 @@ def export_hf(params: dict, cfg: ModelConfig, compute: ComputeConfig, out_dir: s
     raise ConfigError(f"dtype {dtype!r}: supported: {list(_DTYPES)}")
   out_dir = Path(out_dir)
   hf_cfg = hf_config.to_hf(cfg, compute, arch, dtype)  # raises before anything is written
-  if out_dir.exists() and any(out_dir.glob("*.safetensors")):
-    raise FileExistsError(f"{out_dir} already holds safetensors files; choose a new directory")
+  if out_dir.exists() and (any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists()):
+    raise FileExistsError(f"{out_dir} already holds a model (config.json or safetensors files); choose a new "
+                          "directory")
   writer = ShardWriter(out_dir, max_shard_bytes) if jax.process_index() == 0 else None
   for name, t in _hf_tensors(params, cfg, arch, _DTYPES[dtype]):  # every process runs the same extractions
     if writer:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from r1jax import checkpoint, loop, sharding
 from r1jax import config as config_lib
@@ -51,6 +52,24 @@ def _stage_done(run_dir: Path, steps: int) -> bool:
   return directory.is_dir() and checkpoint.Manager(directory).steps()[-1:] == [steps]
 
 
+def set_aside_stale(stage_dir: Path, parent: str):
+  """A stage directory that exists while its parent is still being trained was built on an unfinished parent
+  (by a run that did not stop at the parent's interruption): it is moved to STAGE.stale-N, kept, and redone."""
+  if not stage_dir.exists():
+    return
+  n = 1
+  while stage_dir.with_name(f"{stage_dir.name}.stale-{n}").exists():
+    n += 1
+  aside = stage_dir.with_name(f"{stage_dir.name}.stale-{n}")
+  if jax.process_index() == 0:
+    stage_dir.rename(aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"r1jax set aside {stage_dir.name}")
+  print(f"{stage_dir} was built on an unfinished {parent}: moved to {aside.name}; it is redone", flush=True)
+
+
 def _ref_logp_fn(ref_params, cfg: RunConfig):
   """Log-probs of the frozen reference (the starting checkpoint) for the k3 KL term."""
   model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
@@ -71,6 +90,7 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
   if not init_dir and g.base_steps:
     base_dir = run_dir / "base"
     if not _stage_done(base_dir, g.base_steps):
+      set_aside_stale(run_dir / "grpo", "base")
       loop.fit(base_config(cfg), base_dir, resume=resume and (base_dir / "checkpoints").is_dir())
     init_dir = base_dir
   if g.kl_beta > 0 and not init_dir:
@@ -106,7 +126,7 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
 
 STARTS = {"r1zero": "base", "cold_start": "base", "rl": "cold_start", "sft": "base", "final_rl": "sft"}
 NEEDS = {**{k: (v,) for k, v in STARTS.items()}, "rejection": ("rl",), "sft": ("base", "rejection"),
-         "distill": ("rejection",)}
+         "distill": ("final_rl",)}
 EVALUATED = ("base", "r1zero", "cold_start", "rl", "sft", "final_rl", "distill")
 
 
@@ -115,28 +135,40 @@ def _with(cfg: RunConfig, **sections) -> RunConfig:
   return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
 
 
-def _sft_stage(cfg: RunConfig, stage_dir: Path, source: str, steps: int, init_dir, resume: bool, **data):
+def _finished(stage_dir: Path, stage_cfg: RunConfig, steps: int) -> bool:
+  """Whether the stage has its final checkpoint; if so, one the command's config could have produced (a
+  refused change, e.g. to the architecture, is a one-line error here rather than a shape error later)."""
+  if not _stage_done(stage_dir, steps):
+    return False
+  checkpoint.check_resume(stage_dir, stage_cfg, write=False)
+  return True
+
+
+def _sft_stage(cfg: RunConfig, stage_dir: Path, source: str, steps: int, init_dir, resume: bool, **data) -> bool:
   stage_cfg = _with(cfg, data={"source": source, **data}, train={"steps": steps})
-  if _stage_done(stage_dir, steps):
-    return
+  if _finished(stage_dir, stage_cfg, steps):
+    return False
   init = None
   if init_dir is not None:
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
       init = checkpoint.load_params(init_dir, stage_cfg, mesh)
   loop.fit(stage_cfg, stage_dir, resume=resume and (stage_dir / "checkpoints").is_dir(), init_params=init)
+  return True
 
 
-def _grpo_stage(cfg: RunConfig, stage_dir: Path, steps: int, init_dir: Path, resume: bool):
-  if _stage_done(stage_dir / "grpo", steps):
-    return
+def _grpo_stage(cfg: RunConfig, stage_dir: Path, steps: int, init_dir: Path, resume: bool) -> bool:
   stage_cfg = _with(grpo_config(cfg), train={"steps": steps}, grpo={"init": str(init_dir), "base_steps": 0})
+  if _finished(stage_dir / "grpo", stage_cfg, steps):
+    return False
   r1_zero(stage_cfg, stage_dir, resume=resume and (stage_dir / "grpo" / "checkpoints").is_dir())
+  return True
 
 
-def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
-  """R1 §2.3.3: k completions for each of n train prompts from the RL model, keeping only those the task
-  checker accepts and that are well formed, written as an SFT JSONL (prompt, completion)."""
+def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset: int = 2) -> dict:
+  """R1 §2.3.3: k completions for each of n train prompts from a model (the rl stage's; for distillation the
+  final model's), keeping only those the task checker accepts and that are well formed, written as an SFT
+  JSONL (prompt, completion). The sampling key is train.seed + key_offset."""
   from r1jax import sampler, tokenizer
 
   p = cfg.pipeline
@@ -147,7 +179,7 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(model_dir, cfg, mesh)
     out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id,
-                           pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + 2))
+                           pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + key_offset))
   completions = sampler.completions(out)
   texts = [tok.decode([t for t in ids if t != tok.eos_id]) for ids in completions]
   finished = [bool(ids) and ids[-1] == tok.eos_id for ids in completions]
@@ -165,6 +197,16 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path) -> dict:
 
     multihost_utils.sync_global_devices("r1jax rejection data written")
   return {"samples": len(prompts), "kept": len(kept)}
+
+
+def _sample_once(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset: int = 2) -> bool:
+  """Rejection-sample `model_dir` into `out_path` (stats beside it) unless a finished file is there."""
+  if out_path.exists():
+    return False
+  stats = rejection_sample(cfg, model_dir, out_path, key_offset)
+  if jax.process_index() == 0:
+    out_path.with_name(out_path.stem + "_stats.json").write_text(json.dumps(stats))
+  return True
 
 
 def keep_correct(examples, texts: list[str], finished: list[bool]) -> list[dict]:
@@ -192,36 +234,90 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
   stages = list(p.stages)
   if {"r1zero", "rl", "final_rl"} & set(stages):
     check_grpo(cfg)  # before the base stage trains
-  rejection_data = run_dir / "rejection" / "data.jsonl"
-  for i, stage in enumerate(stages):
+  rejection_data, teacher_data = run_dir / "rejection" / "data.jsonl", run_dir / "distill" / "teacher.jsonl"
+  steps = {"base": p.base_steps, "r1zero": p.r1zero_steps, "cold_start": p.cold_start_steps, "rl": p.rl_steps,
+           "sft": p.sft_steps, "final_rl": p.final_rl_steps}
+  for i, stage in enumerate(stages):  # the whole stage graph is checked before anything trains
     for need in NEEDS.get(stage, ()):
-      done = (rejection_data if need == "rejection" else stage_model_dir(run_dir, need) / "checkpoints").exists()
+      done = rejection_data.exists() if need == "rejection" else _stage_done(stage_model_dir(run_dir, need),
+                                                                              steps[need])
       if need not in stages[:i] and not done:
-        raise ConfigError(f"pipeline.stages={','.join(p.stages)}: stage {stage} needs {need} before it")
+        raise ConfigError(f"pipeline.stages={','.join(p.stages)}: stage {stage} needs {need} (finished) before it")
+  trained = set()  # stages that trained (or sampled) in this call: whatever was built on them before is stale
+  for stage in stages:
     stage_dir = run_dir / stage
+    for need in NEEDS.get(stage, ()):
+      if need in trained:
+        set_aside_stale(stage_dir, need)
     start = stage_model_dir(run_dir, STARTS[stage]) if stage in STARTS else None
     print(f"== stage {stage}" + (f" (from {STARTS[stage]})" if start else ""), flush=True)
     if stage == "base":
-      _sft_stage(cfg, stage_dir, f"rl-direct:{cfg.grpo.task}", p.base_steps, None, resume)
+      ran = _sft_stage(cfg, stage_dir, f"rl-direct:{cfg.grpo.task}", p.base_steps, None, resume)
     elif stage == "cold_start":
-      _sft_stage(cfg, stage_dir, f"rl:{cfg.grpo.task}", p.cold_start_steps, start, resume,
-                 task_examples=p.cold_start_examples)
+      ran = _sft_stage(cfg, stage_dir, f"rl:{cfg.grpo.task}", p.cold_start_steps, start, resume,
+                       task_examples=p.cold_start_examples)
     elif stage == "sft":
-      _sft_stage(cfg, stage_dir, str(rejection_data), p.sft_steps, start, resume)
+      ran = _sft_stage(cfg, stage_dir, str(rejection_data), p.sft_steps, start, resume)
     elif stage == "distill":
+      ran = _sample_once(cfg, stage_model_dir(run_dir, "final_rl"), teacher_data, key_offset=3)
       student = config_lib.load(p.student, [f"mesh.{k}={v}" for k, v in dataclasses.asdict(cfg.mesh).items()])
       student_cfg = dataclasses.replace(cfg, model=student.model, compute=student.compute)
-      _sft_stage(student_cfg, stage_dir, str(rejection_data), p.distill_steps, None, resume)
+      ran = _sft_stage(student_cfg, stage_dir, str(teacher_data), p.distill_steps, None, resume) or ran
     elif stage == "rejection":
-      stage_dir.mkdir(parents=True, exist_ok=True)
-      if not rejection_data.exists():
-        stats = rejection_sample(cfg, stage_model_dir(run_dir, "rl"), rejection_data)
-        if jax.process_index() == 0:
-          (stage_dir / "stats.json").write_text(json.dumps(stats))
+      ran = _sample_once(cfg, stage_model_dir(run_dir, "rl"), rejection_data)
     else:
-      _grpo_stage(cfg, stage_dir, {"r1zero": p.r1zero_steps, "rl": p.rl_steps, "final_rl": p.final_rl_steps}[stage],
-                  start, resume)
+      ran = _grpo_stage(cfg, stage_dir, steps[stage], start, resume)
+    if ran:
+      trained.add(stage)
   return write_report(cfg, run_dir, [s for s in stages if s in EVALUATED])
+
+
+def run_seeds(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, seeds: int = 3) -> dict:
+  """The whole pipeline once per seed (train.seed, train.seed + 1, ...: initialisation and every sampling key;
+  the problems, their order and the eval split are data.seed's and stay fixed), each in `seed-S/`, then
+  every stage's mean, min and max over the seeds as seeds.json and seeds.md."""
+  run_dir = Path(run_dir)
+  reports = {}
+  for seed in range(cfg.train.seed, cfg.train.seed + seeds):
+    print(f"==== seed {seed}", flush=True)
+    reports[seed] = run(_with(cfg, train={"seed": seed}), run_dir / f"seed-{seed}", resume=resume)
+  summary = summarize(reports, cfg.pipeline.eval_k)
+  summary.update(task=cfg.grpo.task, eval_prompts=cfg.pipeline.eval_prompts)
+  if jax.process_index() == 0:
+    (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "seeds.md").write_text(seeds_table(summary))
+  print(seeds_table(summary), flush=True)
+  return summary
+
+
+def summarize(reports: dict[int, dict], eval_k: int) -> dict:
+  """Per stage and metric (accuracy, format, pass@k): every seed's value, their mean, min and max."""
+  stages, seeds = {}, list(reports)
+  for stage in next(iter(reports.values()))["stages"]:
+    rows = [reports[s]["stages"][stage] for s in seeds]
+    stages[stage] = {"model": rows[0]["model"]}
+    for metric in ("accuracy", "format", f"pass@{eval_k}"):
+      values = [r[metric] for r in rows if metric in r]
+      if values:
+        stages[stage][metric] = {"per_seed": values, "mean": float(np.mean(values)), "min": min(values),
+                                 "max": max(values)}
+  kept = {name: [reports[s][name]["kept"] for s in seeds if reports[s].get(name)]
+          for name in ("rejection", "distill_samples")}
+  return {"seeds": seeds, "stages": stages, "kept": kept}
+
+
+def seeds_table(summary: dict) -> str:
+  metrics = [m for m in next(iter(summary["stages"].values())) if m != "model"]
+  lines = [f"# R1 pipeline on `{summary['task']}` over seeds {summary['seeds']} ({summary['eval_prompts']} eval "
+           "problems; mean [min, max])", "", "| stage | model | " + " | ".join(metrics) + " |",
+           "|---|---|" + "---|" * len(metrics)]
+  for stage, row in summary["stages"].items():
+    cells = [f"{row[m]['mean']:.3f} [{row[m]['min']:.3f}, {row[m]['max']:.3f}]" for m in metrics]
+    lines.append(f"| {stage} | {row['model']} | " + " | ".join(cells) + " |")
+  for name, what in (("rejection", "rejection sampling kept"), ("distill_samples", "the student's data kept")):
+    if summary["kept"].get(name):
+      lines.append(f"\nPer seed, {what}: {summary['kept'][name]}.")
+  return "\n".join(lines) + "\n"
 
 
 def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
@@ -242,9 +338,10 @@ def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
       params = checkpoint.load_params(stage_model_dir(run_dir, stage), stage_cfg, mesh)
       rows[stage] = rollouts.evaluate(params, stage_cfg, p.eval_prompts, p.eval_k)
     rows[stage]["model"] = f"{stage_cfg.model.attention}, {_params(stage_cfg)}"
-  rejection = run_dir / "rejection" / "stats.json"
+  rejection, teacher = run_dir / "rejection" / "data_stats.json", run_dir / "distill" / "teacher_stats.json"
   report = {"task": cfg.grpo.task, "stages": rows,
-            "rejection": json.loads(rejection.read_text()) if rejection.exists() else None}
+            "rejection": json.loads(rejection.read_text()) if rejection.exists() else None,
+            "distill_samples": json.loads(teacher.read_text()) if teacher.exists() else None}
   (run_dir / "report.json").write_text(json.dumps(report, indent=2))
   k = f"pass@{p.eval_k}"
   lines = [f"# R1 pipeline on `{cfg.grpo.task}` ({p.eval_prompts} eval problems)", "",
@@ -252,8 +349,9 @@ def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
   for stage, r in rows.items():
     lines.append(f"| {stage} | {r['model']} | {r['accuracy']:.3f} | {r['format']:.3f} | "
                  f"{r['completion_len_mean']:.1f} | {r.get(k, float('nan')):.3f} |")
-  if report["rejection"]:
-    lines += ["", f"Rejection sampling kept {report['rejection']['kept']} of {report['rejection']['samples']} samples."]
+  for name, what in (("rejection", "Rejection sampling (rl) kept"), ("distill_samples", "The student's data (final_rl) kept")):
+    if report[name]:
+      lines += ["", f"{what} {report[name]['kept']} of {report[name]['samples']} samples."]
   (run_dir / "report.md").write_text("\n".join(lines) + "\n")
   fig, ax = plt.subplots(figsize=(7, 3.5))
   x = range(len(rows))
