@@ -33,8 +33,10 @@ def export_command(ckpt: str, out: str, overrides=(), arch: str | None = None, d
   """`r1jax export-hf CKPT DIR`: r1jax checkpoint -> HF directory (config.json, shards, index)."""
   setup_logging()
   cfg = checkpoint.load_config(ckpt, overrides)
-  if Path(out).exists() and (any(Path(out).glob("*.safetensors")) or (Path(out) / "config.json").exists()):
-    return fail(f"{out} already holds a model (config.json or safetensors files); choose a new directory")
+  try:
+    hf.check_out_dir(out)  # before any weight is read
+  except FileExistsError as e:
+    return fail(str(e))
   params = checkpoint.load_params(ckpt, cfg, sharding.make_mesh(cfg.mesh))
   try:
     hf.export_hf(params, cfg.model, cfg.compute, out, arch=arch, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))

@@ -246,6 +246,14 @@ def _hf_tensors(params: dict, cfg: ModelConfig, arch: str, dtype: np.dtype):
       yield f"model.layers.{layer}.{name}", t
 
 
+def check_out_dir(out_dir: str | Path):
+  """FileExistsError if `out_dir` already holds a model: an export never overwrites one."""
+  out_dir = Path(out_dir)
+  if out_dir.exists() and (any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists()):
+    raise FileExistsError(f"{out_dir} already holds a model (config.json or safetensors files); choose a new "
+                          "directory")
+
+
 def export_hf(params: dict, cfg: ModelConfig, compute: ComputeConfig, out_dir: str | Path, arch: str | None = None,
               dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
   """Write config.json, safetensors shards and their index for `arch` (default: the one `cfg` describes).
@@ -263,9 +271,7 @@ def export_hf(params: dict, cfg: ModelConfig, compute: ComputeConfig, out_dir: s
     raise ConfigError(f"dtype {dtype!r}: supported: {list(_DTYPES)}")
   out_dir = Path(out_dir)
   hf_cfg = hf_config.to_hf(cfg, compute, arch, dtype)  # raises before anything is written
-  if out_dir.exists() and (any(out_dir.glob("*.safetensors")) or (out_dir / "config.json").exists()):
-    raise FileExistsError(f"{out_dir} already holds a model (config.json or safetensors files); choose a new "
-                          "directory")
+  check_out_dir(out_dir)
   writer = ShardWriter(out_dir, max_shard_bytes) if jax.process_index() == 0 else None
   for name, t in _hf_tensors(params, cfg, arch, _DTYPES[dtype]):  # every process runs the same extractions
     if writer:
