@@ -1,5 +1,6 @@
 """8 simulated CPU devices, set before jax is imported anywhere in the test session."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -25,3 +26,13 @@ def tiny():
   """The tiny preset in float32 compute, so references can be compared at fp32 tolerances."""
   return config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
                      ["compute.dtype=float32"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """XLA:CPU maps memory for every compiled executable; a worker that keeps all of a suite's executables alive
+  passes Linux's vm.max_map_count (65,530) and aborts ("LLVM compilation error: Cannot allocate memory").
+  Dropping jax's caches after each test file frees them; a file's own tests still share its compilations."""
+  yield
+  jax.clear_caches()
+  gc.collect()

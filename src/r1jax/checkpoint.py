@@ -48,6 +48,15 @@ def check_resume(run_dir: Path, cfg: RunConfig, write: bool = True) -> list:
   return allowed
 
 
+TOKENIZER = "tokenizer"  # an imported checkpoint's tokenizer files (`r1jax import-hf`), beside its params
+
+
+def tokenizer_dir(path: str | Path) -> Path | None:
+  """The tokenizer directory a checkpoint holds, or None."""
+  d = checkpoint_dir(path) / TOKENIZER
+  return d if (d / "tokenizer.json").is_file() else None
+
+
 def checkpoint_dir(path: str | Path) -> Path:
   """A run directory or a checkpoint directory -> the checkpoint directory."""
   path = Path(path).absolute()

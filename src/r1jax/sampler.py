@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +113,13 @@ def _put_experts(experts: dict, slot_B, router: dict, t: int, active_B):
   return out
 
 
-def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg: ModelConfig, compute: ComputeConfig,
+def _is_eos(x_B, eos_E):
+  """Whether each token is one of the stop ids (a tokenizer may have several: a chat model's end of turn and
+  its end of text)."""
+  return (x_B[:, None] == eos_E[None]).any(-1)
+
+
+def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_E, cfg: ModelConfig, compute: ComputeConfig,
              scfg: SamplerConfig) -> _State:
   """Run the prompts through the model at slots [0, P) and draw each row's first token."""
   B, P = tokens_BxP.shape
@@ -136,12 +142,12 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_id, cfg:
     next_BxP = jnp.concatenate([tokens_BxP[:, 1:], tokens_BxP[:, :1]], axis=1).at[_rows(B), last_B].set(first_B)
     draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg, compute)
     draft_B = jnp.argmax(draft_logits[_rows(B), last_B], axis=-1).astype(jnp.int32)
-  done_B = (first_B == eos_id) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
+  done_B = _is_eos(first_B, eos_E) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
   return _State(cache, tokens_BxS, logprobs_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
                 jnp.ones(B, jnp.int32), zeros_B, key, jnp.zeros((), jnp.int32))
 
 
-def _step(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
+def _step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
   """Feed each active row's last token, draw the next one."""
   active_B = ~st.done_B
   out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, compute, active_B[:, None])
@@ -154,11 +160,11 @@ def _step(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig, 
       logprobs_BxS=_put(st.logprobs_BxS, slot_B, logp_B, active_B),
       experts=_put_experts(st.experts, st.length_B, out.router, 0, active_B),
       length_B=st.length_B + active_B, next_B=jnp.where(active_B, new_B, st.next_B),
-      done_B=st.done_B | (active_B & ((new_B == eos_id) | (n_new_B >= scfg.max_new_tokens))),
+      done_B=st.done_B | (active_B & (_is_eos(new_B, eos_E) | (n_new_B >= scfg.max_new_tokens))),
       n_new_B=n_new_B, key=key, step=st.step + 1)
 
 
-def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig,
+def _speculative_step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig,
                       scfg: SamplerConfig) -> _State:
   """Greedy with an MTP draft (V3 report §5.4.3): feed [next, draft] at slots [n, n+1]; the main model's
   argmax a after `next` is always kept, and its argmax b after the draft too when draft == a. Equals plain
@@ -171,7 +177,7 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, compute: Com
   lp_Bx2 = jnp.take_along_axis(logp_Bx2xV, ab_Bx2[..., None], axis=-1)[..., 0]
   a_B, b_B = ab_Bx2[:, 0], ab_Bx2[:, 1]
   n1_B = st.n_new_B + 1
-  accept_B = active_B & (a_B == st.draft_B) & (a_B != eos_id) & (n1_B < scfg.max_new_tokens)
+  accept_B = active_B & (a_B == st.draft_B) & ~_is_eos(a_B, eos_E) & (n1_B < scfg.max_new_tokens)
   tokens, logprobs = st.tokens_BxS, st.logprobs_BxS
   tokens, logprobs = _put(tokens, st.length_B + 1, a_B, active_B), _put(logprobs, st.length_B + 1, lp_Bx2[:, 0], active_B)
   tokens, logprobs = _put(tokens, st.length_B + 2, b_B, accept_B), _put(logprobs, st.length_B + 2, lp_Bx2[:, 1], accept_B)
@@ -181,7 +187,7 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, compute: Com
   drafts_Bx2 = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
   n_new_B = st.n_new_B + active_B + accept_B
   last_B = jnp.where(accept_B, b_B, a_B)
-  done_B = st.done_B | (active_B & ((last_B == eos_id) | (n_new_B >= scfg.max_new_tokens)))
+  done_B = st.done_B | (active_B & (_is_eos(last_B, eos_E) | (n_new_B >= scfg.max_new_tokens)))
   return st._replace(
       cache=cache, tokens_BxS=tokens, logprobs_BxS=logprobs, experts=experts,
       length_B=st.length_B + active_B + accept_B, next_B=jnp.where(active_B, last_B, st.next_B),
@@ -189,12 +195,12 @@ def _speculative_step(params, st: _State, eos_id, cfg: ModelConfig, compute: Com
       accepted_B=st.accepted_B + accept_B, step=st.step + 1)
 
 
-def _decode_chunk(params, st: _State, eos_id, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
+def _decode_chunk(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
   """Up to scfg.steps_per_call decode steps, stopping early once every row is done."""
   step_fn = _speculative_step if scfg.speculative else _step
   stop_at = st.step + scfg.steps_per_call
   return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~s.done_B.all(),
-                            lambda s: step_fn(params, s, eos_id, cfg, compute, scfg), st)
+                            lambda s: step_fn(params, s, eos_E, cfg, compute, scfg), st)
 
 
 # Compiled once per (shapes, configs); the decode state is donated, so its cache is updated in place.
@@ -224,8 +230,9 @@ def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int
 
 
 def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
-             eos_id: int, pad_id: int = 0, key=None, on_chunk: Callable[[int], None] | None = None) -> Rollout:
-  """Sample a completion for every prompt (lists of token ids). On a mesh (taken from the params'
+             eos_id: int | Sequence[int], pad_id: int = 0, key=None,
+             on_chunk: Callable[[int], None] | None = None) -> Rollout:
+  """Sample a completion for every prompt (lists of token ids) until one of the eos ids or the budget. On a mesh (taken from the params'
   shardings) rows are split over the batch axes, and the batch is padded to a multiple of them with
   dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between compiled chunks."""
   if scfg.speculative and not cfg.n_mtp:
@@ -242,8 +249,8 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
     tokens, lengths_dev, live_dev = put["tokens"], put["lengths"], put["live"]
   else:
     tokens, lengths_dev, live_dev = jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(live)
-  eos = jnp.int32(eos_id)
-  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_id=eos, cfg=cfg, compute=compute, scfg=scfg)
+  eos = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))
+  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_E=eos, cfg=cfg, compute=compute, scfg=scfg)
   while True:
     done = bool(jax.device_get(st.done_B.all()))  # a sum of one bool per row: replicated, any process
     if on_chunk is not None:
@@ -256,7 +263,7 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
   completion_BxS = (slots_BxS >= prompt_len_B[:, None]) & (slots_BxS < prompt_len_B[:, None] + st.n_new_B[:, None])
   last_B = st.tokens_BxS[_rows(n_rows), prompt_len_B + st.n_new_B - 1]
   return Rollout(st.tokens_BxS[:n], prompt_len_B[:n], st.n_new_B[:n], st.logprobs_BxS[:n],
-                 completion_BxS[:n].astype(jnp.int32), (last_B != eos_id)[:n],
+                 completion_BxS[:n].astype(jnp.int32), ~_is_eos(last_B, eos)[:n],
                  {k: v[:, :n] for k, v in st.experts.items()}, st.accepted_B[:n], st.step)
 
 
@@ -284,7 +291,7 @@ def _full_forward_argmax(params, tokens_BxL, last_B, cfg: ModelConfig, compute: 
 
 
 def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig,
-                        max_new_tokens: int, eos_id: int, pad_id: int = 0) -> list[list[int]]:
+                        max_new_tokens: int, eos_id: int | Sequence[int], pad_id: int = 0) -> list[list[int]]:
   """Each prompt's greedy continuation (up to and including EOS, at most max_new_tokens ids), recomputing
   the whole sequence for every token: the reference for the cached sampler."""
   lengths = np.array([len(p) for p in prompts])
@@ -303,7 +310,7 @@ def greedy_full_forward(params: dict, prompts: list[list[int]], cfg: ModelConfig
     for i in np.flatnonzero(~done):
       buf[i, lengths[i] + t] = ids[i]
       out[i].append(int(ids[i]))
-      done[i] = ids[i] == eos_id
+      done[i] = ids[i] in np.atleast_1d(eos_id)
     if done.all():
       break
   return out

@@ -23,8 +23,11 @@ def import_command(model_dir: str, out: str, overrides=()) -> int:
   except CheckpointError as e:
     return fail(f"checkpoint error: {e}")
   path = checkpoint.save_params(out, params, cfg)
+  copied = hf.copy_tokenizer(model_dir, path / checkpoint.TOKENIZER)
   n = sum(x.size for x in jax.tree.leaves(params))
-  print(f"imported {hf_config.architecture(hf.raw_config(Path(model_dir)))} ({n:,} parameters) into {path}")
+  print(f"imported {hf_config.architecture(hf.raw_config(Path(model_dir)))} ({n:,} parameters) into {path}"
+        + (f"; its tokenizer ({', '.join(copied)}) into {path / checkpoint.TOKENIZER}" if copied else
+           "; no tokenizer.json beside it (give data.tokenizer yourself)"))
   return 0
 
 
@@ -42,6 +45,8 @@ def export_command(ckpt: str, out: str, overrides=(), arch: str | None = None, d
     hf.export_hf(params, cfg.model, cfg.compute, out, arch=arch, dtype=dtype, max_shard_bytes=int(max_shard_gb * 2**30))
   except FileExistsError as e:
     return fail(str(e))
+  if Path(cfg.data.tokenizer).is_dir():  # the run's HF tokenizer goes with the model
+    hf.copy_tokenizer(cfg.data.tokenizer, out)
   print(f"exported {arch or hf_config.default_arch(cfg.model)} to {out}")
   return 0
 

@@ -38,7 +38,7 @@ def evaluate(args) -> int:
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(args.ckpt, cfg, mesh)
     result = rollouts.evaluate(params, cfg, args.n, args.k, args.split)
-  print(json.dumps({"task": cfg.grpo.task, "split": args.split, **result}))
+  print(json.dumps({"task": rollouts.task_name(cfg), "split": args.split, **result}))
   return 0
 
 
@@ -76,18 +76,18 @@ def generate(args) -> int:
 
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(args.ckpt, cfg, mesh)
-    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    ids = [tokenizer.prompt_ids(tok, p) for p in prompts]
     budget = len(prompts) * cfg.sampler.max_new_tokens
     with Progress(transient=True) as bar:
       task = bar.add_task("generating", total=budget)
       t0 = time.perf_counter()
-      out = sampler.generate(params, ids, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id, pad_id=tok.pad_id,
+      out = sampler.generate(params, ids, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_ids, pad_id=tok.pad_id,
                              key=jax.random.key(args.seed), on_chunk=lambda n: bar.update(task, completed=n))
       texts = sampler.completions(out)
       seconds = time.perf_counter() - t0
   n_tokens = sum(len(t) for t in texts)
   for prompt, completion in zip(prompts, texts):
-    print(f"{prompt}{tok.decode([i for i in completion if i != tok.eos_id])}")
+    print(f"{prompt}{tokenizer.completion_text(tok, completion)}")
   print(f"{n_tokens} tokens in {seconds:.2f}s ({n_tokens / seconds:.1f} tokens/s, compilation included)",
         file=sys.stderr)
   return 0

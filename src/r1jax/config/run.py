@@ -99,9 +99,19 @@ class DataConfig:
   """Where SFT examples come from and how they become token batches (data.py, tokenizer.py)."""
 
   source: str = "task:copy"  # a DataSource: task:<name>, rl:<task>, rl-direct:<task> or a JSONL path
-  template: Literal["r1zero", "short"] = "short"  # prompt template of tasks.py problems
+  # How a question becomes a prompt: short "{question}\n" (tiny byte-level models), r1zero (R1's template for
+  # base models), raw (as written), chat (one user turn through the tokenizer's chat template; problems only)
+  template: Literal["r1zero", "short", "raw", "chat"] = "short"
   eval_source: str = ""  # optional held-out JSONL or task
-  tokenizer: str = "bytes"  # "bytes" (built in, no files) or a `tokenizers` JSON file
+  # "bytes" (built in, no files), a `tokenizers` JSON file, or a Hugging Face tokenizer directory
+  tokenizer: str = "bytes"
+  # RL problems from a JSONL file instead of grpo.task (rl/problems.py): per line "prompt" or "messages",
+  # "answer", optional "verifier", "id" and metadata. eval_problems: a held-out file; without one, eval_share
+  # of the problems (by a hash of id, else prompt) are held out.
+  problems: str = ""
+  eval_problems: str = ""
+  eval_share: float = 0.1
+  skip_bad_problems: bool = False  # skip malformed problem lines (counted and reported) instead of failing
   pack: bool = True  # several examples per row, with segment ids and per-segment positions
   shuffle: bool = True
   seed: int = 0
@@ -115,6 +125,11 @@ class DataConfig:
     for name in ["task_examples", "task_digits"]:
       if getattr(self, name) <= 0:
         fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
+    if not 0 <= self.eval_share < 1:
+      fail(f"{prefix}.eval_share", self.eval_share, "must be in [0, 1)")
+    if self.template == "chat" and not self.problems:
+      fail(f"{prefix}.template", self.template, "chat renders data.problems' prompts; tasks.py problems use "
+                                                 "short, r1zero or raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +185,8 @@ class GRPOConfig:
   lr: float = 0.0  # the GRPO stage's peak learning rate (0: optim.lr); RL wants far smaller steps than SFT
   # (name, weight) of rl.rewards' registry; YAML takes {name: weight}, an override `accuracy:1.0,format:0.1`
   rewards: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.1))
+  verifier: str = "math"  # accuracy of a data.problems record without its own "verifier" (rl/verifiers.py)
+  language: str = "en"  # the `language` reward's target: a language code (en, zh, ru, ...) or a script name
   prompts_per_step: int = 8
   group_size: int = 8  # completions per prompt
   advantage: str = "grpo"  # rl.grpo.ADVANTAGES: grpo, dr_grpo, rloo, or one registered by name

@@ -246,6 +246,26 @@ def _hf_tensors(params: dict, cfg: ModelConfig, arch: str, dtype: np.dtype):
       yield f"model.layers.{layer}.{name}", t
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def copy_tokenizer(model_dir: str | Path, out_dir: str | Path) -> list[str]:
+  """A Hugging Face directory's tokenizer files (those present of TOKENIZER_FILES) into out_dir; none
+  without a tokenizer.json. Returns the names copied."""
+  import shutil
+
+  src = Path(model_dir)
+  if not (src / "tokenizer.json").is_file():
+    return []
+  names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+  if jax.process_index() == 0:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name in names:
+      shutil.copyfile(src / name, Path(out_dir) / name)
+  return names
+
+
 def check_out_dir(out_dir: str | Path):
   """FileExistsError if `out_dir` already holds a model: an export never overwrites one."""
   out_dir = Path(out_dir)

@@ -32,10 +32,27 @@ def grpo_config(cfg: RunConfig) -> RunConfig:
   return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.grpo.lr))
 
 
+def with_init(cfg: RunConfig) -> RunConfig:
+  """A run from grpo.init takes the checkpoint's architecture (an `r1jax import-hf` checkpoint of any model
+  import supports), and its tokenizer directory where the config names none; each change is said."""
+  if not cfg.grpo.init:
+    return cfg
+  saved = checkpoint.load_config(cfg.grpo.init)
+  if saved.model != cfg.model:
+    print(f"grpo.init={cfg.grpo.init}: the model section is the checkpoint's ({saved.model.attention}, "
+          f"{saved.model.n_layers} layers, dim {saved.model.dim}, vocab {saved.model.vocab_size})", flush=True)
+    cfg = dataclasses.replace(cfg, model=saved.model)
+  tok_dir = checkpoint.tokenizer_dir(cfg.grpo.init)
+  if cfg.data.tokenizer == "bytes" and tok_dir is not None:
+    print(f"grpo.init={cfg.grpo.init}: data.tokenizer is the checkpoint's, {tok_dir}", flush=True)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tok_dir)))
+  return cfg
+
+
 def check_grpo(cfg: RunConfig):
-  """One-line errors before any stage trains: unknown reward or GRPO variant names, and greedy sampling
-  (every completion of a group would be the same, so every advantage 0)."""
-  from r1jax.rl import rewards
+  """One-line errors before any stage trains: unknown reward or GRPO variant names, greedy sampling (every
+  completion of a group would be the same, so every advantage 0), and every line of a problems file."""
+  from r1jax.rl import problems, rewards
 
   try:
     rewards.parse(cfg.grpo.rewards)
@@ -45,6 +62,8 @@ def check_grpo(cfg: RunConfig):
   if cfg.sampler.temperature == 0:
     raise ConfigError("sampler.temperature=0: GRPO needs sampled completions (greedy groups are identical, "
                       "so every advantage is 0); evaluation is greedy on its own")
+  if cfg.data.problems:
+    print(problems.describe(cfg), flush=True)
 
 
 def _stage_done(run_dir: Path, steps: int) -> bool:
@@ -81,6 +100,7 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
 
 def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> list[dict]:
   """Base stage (unless grpo.init names a checkpoint), then GRPO; returns the GRPO stage's metrics."""
+  cfg = with_init(cfg)
   run_dir, g = Path(run_dir), cfg.grpo
   check_grpo(cfg)
   if cfg.train.grad_accum != 1:
@@ -88,6 +108,9 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
                       "grpo.prompts_per_step x grpo.group_size rollouts (grad_accum applies to SFT only)")
   init_dir = g.init or None
   if not init_dir and g.base_steps:
+    if cfg.data.problems:
+      raise ConfigError(f"grpo.base_steps={g.base_steps}: the base stage trains on grpo.task's text, and "
+                        "data.problems has none; start from grpo.init (an r1jax import-hf checkpoint)")
     base_dir = run_dir / "base"
     if not _stage_done(base_dir, g.base_steps):
       set_aside_stale(run_dir / "grpo", "base")
@@ -174,15 +197,15 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset
   p = cfg.pipeline
   tok = tokenizer.load(cfg.data.tokenizer)
   examples = rollouts.task_examples(cfg, "train", p.rejection_prompts)
-  prompts = [[tok.bos_id, *tok.encode(ex.prompt)] for ex in examples for _ in range(p.rejection_k)]
+  prompts = [tokenizer.prompt_ids(tok, ex.prompt) for ex in examples for _ in range(p.rejection_k)]
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(model_dir, cfg, mesh)
-    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id,
+    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_ids,
                            pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + key_offset))
   completions = sampler.completions(out)
-  texts = [tok.decode([t for t in ids if t != tok.eos_id]) for ids in completions]
-  finished = [bool(ids) and ids[-1] == tok.eos_id for ids in completions]
+  texts = [tokenizer.completion_text(tok, ids) for ids in completions]
+  finished = [tokenizer.finished(tok, ids) for ids in completions]
   kept = keep_correct([examples[i // p.rejection_k] for i in range(len(texts))], texts, finished)
   if not kept:
     raise ConfigError(f"rejection sampling kept none of {len(prompts)} samples from {model_dir}; train the rl stage "
@@ -223,24 +246,38 @@ def keep_correct(examples, texts: list[str], finished: list[bool]) -> list[dict]
   return kept
 
 
-def stage_model_dir(run_dir: Path, stage: str) -> Path:
-  """Where a stage's final checkpoint lives (GRPO stages nest the loop's directory under grpo/)."""
+def stage_model_dir(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> Path:
+  """Where a stage's final checkpoint lives (GRPO stages nest the loop's directory under grpo/); with
+  grpo.init the base stage is that checkpoint."""
+  if stage == "base" and cfg is not None and cfg.grpo.init:
+    return Path(cfg.grpo.init)
   return run_dir / stage / "grpo" if stage in ("r1zero", "rl", "final_rl") else run_dir / stage
+
+
+def check_stages(cfg: RunConfig):
+  """Stages that train on grpo.task's generated text cannot run on a problems file."""
+  p, text_stages = cfg.pipeline, {"cold_start"} | ({"base"} if not cfg.grpo.init else set())
+  if cfg.data.problems and (bad := [s for s in p.stages if s in text_stages]):
+    raise ConfigError(f"pipeline.stages={','.join(p.stages)}: {', '.join(bad)} train on grpo.task's generated "
+                      "text, which data.problems has none of; start from grpo.init (the base stage is then that "
+                      "checkpoint) and leave out cold_start")
 
 
 def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
   """Run the pipeline's stages in order, then evaluate every trained stage and write the report."""
+  cfg = with_init(cfg)
   run_dir, p = Path(run_dir), cfg.pipeline
   stages = list(p.stages)
-  if {"r1zero", "rl", "final_rl"} & set(stages):
+  check_stages(cfg)
+  if {"r1zero", "rl", "final_rl"} & set(stages) or cfg.data.problems:
     check_grpo(cfg)  # before the base stage trains
   rejection_data, teacher_data = run_dir / "rejection" / "data.jsonl", run_dir / "distill" / "teacher.jsonl"
   steps = {"base": p.base_steps, "r1zero": p.r1zero_steps, "cold_start": p.cold_start_steps, "rl": p.rl_steps,
            "sft": p.sft_steps, "final_rl": p.final_rl_steps}
   for i, stage in enumerate(stages):  # the whole stage graph is checked before anything trains
     for need in NEEDS.get(stage, ()):
-      done = rejection_data.exists() if need == "rejection" else _stage_done(stage_model_dir(run_dir, need),
-                                                                              steps[need])
+      done = (rejection_data.exists() if need == "rejection" else need == "base" and bool(cfg.grpo.init)
+              or _stage_done(stage_model_dir(run_dir, need), steps[need]))
       if need not in stages[:i] and not done:
         raise ConfigError(f"pipeline.stages={','.join(p.stages)}: stage {stage} needs {need} (finished) before it")
   trained = set()  # stages that trained (or sampled) in this call: whatever was built on them before is stale
@@ -249,9 +286,12 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     for need in NEEDS.get(stage, ()):
       if need in trained:
         set_aside_stale(stage_dir, need)
-    start = stage_model_dir(run_dir, STARTS[stage]) if stage in STARTS else None
+    start = stage_model_dir(run_dir, STARTS[stage], cfg) if stage in STARTS else None
     print(f"== stage {stage}" + (f" (from {STARTS[stage]})" if start else ""), flush=True)
-    if stage == "base":
+    if stage == "base" and cfg.grpo.init:
+      print(f"base: grpo.init={cfg.grpo.init}, not trained", flush=True)
+      ran = False
+    elif stage == "base":
       ran = _sft_stage(cfg, stage_dir, f"rl-direct:{cfg.grpo.task}", p.base_steps, None, resume)
     elif stage == "cold_start":
       ran = _sft_stage(cfg, stage_dir, f"rl:{cfg.grpo.task}", p.cold_start_steps, start, resume,
@@ -331,20 +371,20 @@ def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
   p = cfg.pipeline
   rows = {}
   for stage in stages:
-    stage_cfg = checkpoint.load_config(stage_model_dir(run_dir, stage))
+    stage_cfg = checkpoint.load_config(stage_model_dir(run_dir, stage, cfg))
     stage_cfg = dataclasses.replace(stage_cfg, sampler=cfg.sampler, grpo=cfg.grpo, data=cfg.data, mesh=cfg.mesh)
     mesh = sharding.make_mesh(stage_cfg.mesh)
     with jax.set_mesh(mesh):
-      params = checkpoint.load_params(stage_model_dir(run_dir, stage), stage_cfg, mesh)
+      params = checkpoint.load_params(stage_model_dir(run_dir, stage, cfg), stage_cfg, mesh)
       rows[stage] = rollouts.evaluate(params, stage_cfg, p.eval_prompts, p.eval_k)
     rows[stage]["model"] = f"{stage_cfg.model.attention}, {_params(stage_cfg)}"
   rejection, teacher = run_dir / "rejection" / "data_stats.json", run_dir / "distill" / "teacher_stats.json"
-  report = {"task": cfg.grpo.task, "stages": rows,
+  report = {"task": rollouts.task_name(cfg), "stages": rows,
             "rejection": json.loads(rejection.read_text()) if rejection.exists() else None,
             "distill_samples": json.loads(teacher.read_text()) if teacher.exists() else None}
   (run_dir / "report.json").write_text(json.dumps(report, indent=2))
   k = f"pass@{p.eval_k}"
-  lines = [f"# R1 pipeline on `{cfg.grpo.task}` ({p.eval_prompts} eval problems)", "",
+  lines = [f"# R1 pipeline on `{rollouts.task_name(cfg)}` ({p.eval_prompts} eval problems)", "",
            f"| stage | model | accuracy | format | mean length | {k} |", "|---|---|---|---|---|---|"]
   for stage, r in rows.items():
     lines.append(f"| {stage} | {r['model']} | {r['accuracy']:.3f} | {r['format']:.3f} | "
@@ -358,7 +398,7 @@ def write_report(cfg: RunConfig, run_dir: Path, stages: list[str]) -> dict:
   ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in rows.values()], 0.4, label="accuracy")
   ax.bar([i + 0.2 for i in x], [r["format"] for r in rows.values()], 0.4, label="format")
   ax.set_xticks(list(x), list(rows), rotation=20)
-  ax.set(ylim=(0, 1.05), title=f"R1 pipeline on {cfg.grpo.task}: eval split")
+  ax.set(ylim=(0, 1.05), title=f"R1 pipeline on {rollouts.task_name(cfg)}: eval split")
   ax.legend()
   fig.tight_layout()
   fig.savefig(run_dir / "report.png", dpi=100)

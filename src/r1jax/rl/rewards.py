@@ -11,6 +11,7 @@ from typing import Callable
 
 from r1jax import tasks
 from r1jax.config import GRPOConfig, weighted_names
+from r1jax.rl import verifiers
 
 Reward = Callable[[tasks.Example, str, dict], float]
 REGISTRY: dict[str, Reward] = {}
@@ -34,21 +35,14 @@ def register(name: str) -> Callable[[Reward], Reward]:
 
 def extract_answer(text: str) -> str | None:
   """The text inside the last `<answer>...</answer>`, or None."""
-  if not isinstance(text, str):
-    return None
-  end = text.rfind("</answer>")
-  start = text.rfind("<answer>", 0, max(end, 0))
-  return None if end < 0 or start < 0 else text[start + len("<answer>"):end]
+  return verifiers.answer_tag(text) if isinstance(text, str) else None
 
 
 @register("accuracy")
 def accuracy(example: tasks.Example, completion: str, info: dict) -> float:
-  """1.0 when the task's checker accepts the last answer; 0.0 when it rejects it or there is none."""
-  answer = extract_answer(completion)
-  try:
-    return float(answer is not None and tasks.check(example, answer))
-  except Exception:  # only a malformed example (unknown task, missing metadata) gets here
-    return 0.0
+  """The problem's verifier (`verifier` of a problem file's record, rl/verifiers.py); a tasks.py problem's
+  own checker on the last <answer>. 1.0 or 0.0."""
+  return float(verifiers.get(example.metadata.get("verifier", "task"))(example, completion, info))
 
 
 @register("format")
@@ -84,6 +78,52 @@ def overlong(example: tasks.Example, completion: str, info: dict) -> float:
   if n <= top - buffer:
     return 0.0
   return ((top - buffer) - n) / buffer if n <= top else -1.0
+
+
+# R1 §2.3.3's language-consistency reward: the share of the reasoning's words in the target language, told
+# apart by script (no downloads). Languages name their script; a CJK character counts as one word.
+SCRIPTS = {"latin": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x24F), (0x1E00, 0x1EFF)),
+           "cyrillic": ((0x400, 0x52F),), "greek": ((0x370, 0x3FF), (0x1F00, 0x1FFF)),
+           "arabic": ((0x600, 0x6FF), (0x750, 0x77F)), "hebrew": ((0x590, 0x5FF),),
+           "devanagari": ((0x900, 0x97F),),
+           "cjk": ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF))}
+LANGUAGES = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "it": "latin", "pt": "latin",
+             "ru": "cyrillic", "uk": "cyrillic", "el": "greek", "ar": "arabic", "he": "hebrew", "hi": "devanagari",
+             "zh": "cjk", "ja": "cjk", "ko": "cjk"}
+
+
+def script_of(c: str) -> str | None:
+  o = ord(c)
+  for name, ranges in SCRIPTS.items():
+    if any(lo <= o <= hi for lo, hi in ranges):
+      return name
+  return "other" if c.isalpha() else None
+
+
+def language_share(text: str, target: str) -> float:
+  """Words of `text` in the target script over all its words (0.0 with no words): a word is a run of letters
+  of one script, and each CJK character is a word of its own."""
+  target = LANGUAGES.get(target, target)
+  words = hits = 0
+  prev = None
+  for c in text:
+    s = script_of(c)
+    if s is not None and (s != prev or s == "cjk"):
+      words += 1
+      hits += s == target
+    prev = s
+  return hits / words if words else 0.0
+
+
+@register("language")
+def language(example: tasks.Example, completion: str, info: dict) -> float:
+  """The share of the reasoning's words (inside <think>..</think>, else the whole completion) in
+  `grpo.language` (info["language"]; a script name or a language code such as en, zh, ru)."""
+  if not isinstance(completion, str):
+    return 0.0
+  start, end = completion.find("<think>"), completion.find("</think>")
+  reasoning = completion[start + len("<think>"):end] if 0 <= start < end else completion
+  return language_share(reasoning, (info or {}).get("language", "latin"))
 
 
 def parse(spec) -> list[tuple[str, float]]:

@@ -18,10 +18,18 @@ import numpy as np
 from r1jax import data, sampler, sharding, tasks, tokenizer
 from r1jax.batch import Batch
 from r1jax.config import ConfigError, RunConfig
-from r1jax.rl import grpo, rewards
+from r1jax.rl import grpo, problems, rewards
+
+
+def task_name(cfg: RunConfig) -> str:
+  """What the problems are, for reports: the problems file's name, else grpo.task."""
+  return Path(cfg.data.problems).name if cfg.data.problems else cfg.grpo.task
 
 
 def task_examples(cfg: RunConfig, split: str, n: int) -> list[tasks.Example]:
+  """n problems of a split: data.problems' (at most n) when set, else n generated ones of grpo.task."""
+  if cfg.data.problems:
+    return problems.examples(cfg, split, n)
   task = cfg.grpo.task
   try:
     return tasks.make(task, n, cfg.data.seed, split, cfg.data.template, **data.task_difficulty(task, cfg.data))
@@ -30,7 +38,7 @@ def task_examples(cfg: RunConfig, split: str, n: int) -> list[tasks.Example]:
 
 
 def _encode(tok, examples) -> list[list[int]]:
-  return [[tok.bos_id, *tok.encode(ex.prompt)] for ex in examples]
+  return [tokenizer.prompt_ids(tok, ex.prompt) for ex in examples]
 
 
 def score_completions(examples, texts: list[str], n_tokens, truncated, cfg: RunConfig) -> dict:
@@ -39,7 +47,7 @@ def score_completions(examples, texts: list[str], n_tokens, truncated, cfg: RunC
   rows = []
   for ex, text, n, cut in zip(examples, texts, n_tokens, truncated):
     info = {"n_tokens": int(n), "max_tokens": cfg.sampler.max_new_tokens, "truncated": bool(cut),
-            "overlong_buffer": cfg.grpo.overlong_buffer}
+            "overlong_buffer": cfg.grpo.overlong_buffer, "language": cfg.grpo.language}
     rows.append(rewards.score(ex, text, info, spec))
   return {k: np.array([r[k] for r in rows], np.float32) for k in rows[0]}
 
@@ -111,9 +119,9 @@ class RolloutSource:
     G = self.cfg.grpo.group_size
     prompts = [p for p in _encode(self.tok, examples) for _ in range(G)]  # prompt-major rows p*G + g
     out = sampler.generate(params, prompts, self.cfg.model, self.cfg.compute, self.cfg.sampler,
-                           eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, key=key)
+                           eos_id=self.tok.eos_ids, pad_id=self.tok.pad_id, key=key)
     ids = sampler.completions(out)
-    texts = [self.tok.decode([i for i in c if i != self.tok.eos_id]) for c in ids]
+    texts = [tokenizer.completion_text(self.tok, c) for c in ids]
     truncated = sampler.to_host(out.truncated_B)
     scores = score_completions([ex for ex in examples for _ in range(G)], texts, [len(c) for c in ids],
                                truncated, self.cfg)
@@ -188,20 +196,21 @@ def evaluate(params, cfg: RunConfig, n: int, k: int = 1, split: str = "eval", se
   at sampler.temperature correct; k samples per problem, so the unbiased estimator is that indicator)."""
   tok = tokenizer.load(cfg.data.tokenizer)
   examples = task_examples(cfg, split, n)
+  n = len(examples)  # a problems file may hold fewer
   spec = "accuracy:1.0,format:1.0"
   greedy = dataclasses.replace(cfg.sampler, temperature=0.0, speculative=False)
-  out = sampler.generate(params, _encode(tok, examples), cfg.model, cfg.compute, greedy, eos_id=tok.eos_id,
+  out = sampler.generate(params, _encode(tok, examples), cfg.model, cfg.compute, greedy, eos_id=tok.eos_ids,
                          pad_id=tok.pad_id)
-  texts = [tok.decode([i for i in c if i != tok.eos_id]) for c in sampler.completions(out)]
+  texts = [tokenizer.completion_text(tok, c) for c in sampler.completions(out)]
   scores = [rewards.score(ex, t, None, spec) for ex, t in zip(examples, texts)]
   result = {"n": n, "accuracy": float(np.mean([s["accuracy"] for s in scores])),
             "format": float(np.mean([s["format"] for s in scores])),
             "completion_len_mean": float(np.mean(sampler.to_host(out.completion_len_B)))}
   if k > 1:
     prompts = [p for p in _encode(tok, examples) for _ in range(k)]
-    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_id,
+    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_ids,
                            pad_id=tok.pad_id, key=jax.random.key(seed))
-    correct = np.array([rewards.score(examples[i // k], tok.decode([t for t in c if t != tok.eos_id]), None,
+    correct = np.array([rewards.score(examples[i // k], tokenizer.completion_text(tok, c), None,
                                       "accuracy:1.0")["accuracy"] for i, c in enumerate(sampler.completions(out))])
     result[f"pass@{k}"] = float(correct.reshape(n, k).max(1).mean())
   return result
