@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import modules of its own unit and of units of a lower rank, nothing above.
 RANKS = [
     ["config"],
-    ["batch", "distributed", "metrics", "tasks", "cost", "tokenizer", "sharding", "run_lock"],
+    ["batch", "distributed", "metrics", "tasks", "cost", "chat_template", "tokenizer", "sharding", "run_lock"],
     ["nn.fp8"],
     ["nn"],
     ["model"],

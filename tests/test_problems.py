@@ -135,7 +135,8 @@ BAD = [
     ({"prompt": "2+2?", "messages": [], "answer": 1}, r"p.jsonl:2: needs exactly one of 'prompt' or 'messages'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": 1},
      r"p.jsonl:2: the last message must be the user's"),
-    ({"prompt": "x" * 500, "answer": 1}, r"p.jsonl:2: the prompt is \d+ tokens; with sampler.max_new_tokens=16 at most"),
+    ({"prompt": "x" * 500, "answer": 1},
+     r"p.jsonl:2: the prompt is \d+ tokens; with sampler.max_new_tokens=16 at most"),
     ({"id": 1, "prompt": "again", "answer": 1}, r"p.jsonl:2: duplicate id 1 \(first on line 1\)"),
     ("", r"p.jsonl:2: empty line"),
     ("[1, 2]", r"p.jsonl:2: expected a JSON object, got list"),
@@ -160,8 +161,8 @@ def test_bad_tokenizer_and_problem_settings_are_named(tmp_path, tok_dir):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ConfigError, match=r"no tokenizer.json in this directory"):
     tokenizer.load(str(tmp_path / "empty"))
-  with pytest.raises(ConfigError, match=r"^data.template='chat'.*data.problems"):
-    config.load("configs/tiny.yaml", ["data.template=chat"])
+  with pytest.raises(ConfigError, match=r"^grpo.task=reverse: unknown template 'chat'; known: short, r1zero, raw"):
+    rollouts.task_examples(config.load("configs/tiny.yaml", ["data.template=chat"]), "train", 2)
   with pytest.raises(ConfigError, match=r"no such problems file"):
     problems.load(problem_cfg(tok_dir, tmp_path / "missing.jsonl"))
   only_eval = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "prompt": "q", "answer": 1}])

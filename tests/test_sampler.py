@@ -125,6 +125,20 @@ def test_rows_stop_at_eos_independently(mla_case):
   assert np.asarray(out.truncated_B).tolist() == [eos not in row for row in free]
 
 
+def test_any_of_several_stop_ids_ends_a_row(mla_case):
+  """A chat model ends a turn with one id and a text with another (generation_config's eos_token_id list)."""
+  cfg, compute, params = mla_case
+  free = sampler.greedy_full_forward(params, PROMPTS, cfg, compute, GREEDY.max_new_tokens, eos_id=-1)
+  stops = {free[0][3], free[1][1]}
+  out = sampler.generate(params, PROMPTS, cfg, compute, GREEDY, eos_id=sorted(stops))
+  first_stop = [next((i for i, t in enumerate(row) if t in stops), None) for row in free]
+  expected = [row if i is None else row[:i + 1] for row, i in zip(free, first_stop)]
+  assert _completions(out) == expected
+  assert np.asarray(out.truncated_B).tolist() == [i is None for i in first_stop]
+  assert sampler.greedy_full_forward(params, PROMPTS, cfg, compute, GREEDY.max_new_tokens,
+                                     eos_id=sorted(stops)) == expected
+
+
 def test_mtp_speculative_decoding_equals_greedy(mla_case):
   cfg, compute, params = mla_case
   spec = dataclasses.replace(GREEDY, speculative=True, max_new_tokens=15)

@@ -232,9 +232,9 @@ def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int
 def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
              eos_id: int | Sequence[int], pad_id: int = 0, key=None,
              on_chunk: Callable[[int], None] | None = None) -> Rollout:
-  """Sample a completion for every prompt (lists of token ids) until one of the eos ids or the budget. On a mesh (taken from the params'
-  shardings) rows are split over the batch axes, and the batch is padded to a multiple of them with
-  dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between compiled chunks."""
+  """Sample a completion for every prompt (lists of token ids) until one of the eos ids or the budget. On a
+  mesh (taken from the params' shardings) rows are split over the batch axes, and the batch is padded to a
+  multiple of them with dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between chunks."""
   if scfg.speculative and not cfg.n_mtp:
     raise ConfigError("sampler.speculative=true needs an MTP module (model.n_mtp >= 1)")
   compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config

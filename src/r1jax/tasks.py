@@ -45,7 +45,8 @@ R1ZERO = ("A dialogue between a User and an Assistant. The User poses a problem 
           "it first reasons privately, then replies. The reasoning goes inside <think> </think> tags and the "
           "final reply inside <answer> </answer> tags, like <think> reasoning </think> <answer> reply "
           "</answer>.\nUser: {question}\nAssistant:")
-TEMPLATES = {"short": "{question}\n", "r1zero": R1ZERO, "raw": "{question}"}  # short: compact questions for tiny byte-level models
+# short: compact questions for tiny byte-level models; raw: the question as written
+TEMPLATES = {"short": "{question}\n", "r1zero": R1ZERO, "raw": "{question}"}
 SPLITS = ("train", "eval")
 EVAL_SHARE = 4  # one canonical instance in EVAL_SHARE belongs to eval
 MAX_EXPR_CHARS = 200

@@ -9,7 +9,8 @@ from r1jax.config.errors import ConfigError
 from r1jax.config.load import to_dict
 from r1jax.config.run import RunConfig
 
-# Dotted names; a section name covers all its fields. data.eval_source and eval_problems only change what evaluation reads.
+# Dotted names; a section name covers all its fields. data.eval_source and data.eval_problems only change what
+# evaluation reads.
 REFUSED = ("model", "compute.param_dtype", "data", "train.batch_size", "train.seq_len", "train.grad_accum",
            "train.seed", "grpo.task", "grpo.prompts_per_step", "grpo.group_size", "grpo.base_steps")
 ALLOWED_INSIDE_REFUSED = ("data.eval_source", "data.eval_problems")

@@ -127,9 +127,6 @@ class DataConfig:
         fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
     if not 0 <= self.eval_share < 1:
       fail(f"{prefix}.eval_share", self.eval_share, "must be in [0, 1)")
-    if self.template == "chat" and not self.problems:
-      fail(f"{prefix}.template", self.template, "chat renders data.problems' prompts; tasks.py problems use "
-                                                 "short, r1zero or raw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +234,7 @@ class PipelineConfig:
   base_steps: int = 120
   r1zero_steps: int = 40
   cold_start_examples: int = 200  # the small cold-start set of traces
+  cold_start_data: str = ""  # an SFT JSONL of curated traces for cold_start instead of grpo.task's generated ones
   cold_start_steps: int = 40
   rl_steps: int = 40
   rejection_prompts: int = 256

@@ -256,11 +256,12 @@ def stage_model_dir(run_dir: Path, stage: str, cfg: RunConfig | None = None) -> 
 
 def check_stages(cfg: RunConfig):
   """Stages that train on grpo.task's generated text cannot run on a problems file."""
-  p, text_stages = cfg.pipeline, {"cold_start"} | ({"base"} if not cfg.grpo.init else set())
+  p = cfg.pipeline
+  text_stages = ({"cold_start"} if not p.cold_start_data else set()) | ({"base"} if not cfg.grpo.init else set())
   if cfg.data.problems and (bad := [s for s in p.stages if s in text_stages]):
     raise ConfigError(f"pipeline.stages={','.join(p.stages)}: {', '.join(bad)} train on grpo.task's generated "
                       "text, which data.problems has none of; start from grpo.init (the base stage is then that "
-                      "checkpoint) and leave out cold_start")
+                      "checkpoint) and give cold_start its traces (pipeline.cold_start_data=FILE.jsonl)")
 
 
 def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
@@ -294,8 +295,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     elif stage == "base":
       ran = _sft_stage(cfg, stage_dir, f"rl-direct:{cfg.grpo.task}", p.base_steps, None, resume)
     elif stage == "cold_start":
-      ran = _sft_stage(cfg, stage_dir, f"rl:{cfg.grpo.task}", p.cold_start_steps, start, resume,
-                       task_examples=p.cold_start_examples)
+      ran = _sft_stage(cfg, stage_dir, p.cold_start_data or f"rl:{cfg.grpo.task}", p.cold_start_steps, start,
+                       resume, task_examples=p.cold_start_examples)
     elif stage == "sft":
       ran = _sft_stage(cfg, stage_dir, str(rejection_data), p.sft_steps, start, resume)
     elif stage == "distill":
