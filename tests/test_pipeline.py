@@ -59,8 +59,8 @@ def test_toy_pipeline_runs_every_stage_and_reports(tmp_path):
                "sampler.max_new_tokens=16", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.eval_every=100",
                "grpo.eval_prompts=4", "checkpoint.every=100", "pipeline.base_steps=40", "pipeline.r1zero_steps=2",
                "pipeline.cold_start_examples=40", "pipeline.cold_start_steps=120", "pipeline.rl_steps=2",
-               "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.sft_steps=60",
-               "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=4", "pipeline.eval_k=1"]
+               "pipeline.rejection_prompts=16", "pipeline.rejection_k=4", "pipeline.min_kept=4",
+               "pipeline.sft_steps=60", "pipeline.final_rl_steps=2", "pipeline.distill_steps=3", "pipeline.eval_prompts=4", "pipeline.eval_k=1"]
   cfg = config.load(os.path.join(ROOT, "tiny_r1zero.yaml"), overrides)
   report = pipeline.run(cfg, tmp_path)
   # Determinism: the same config and seed on the same machine gives the same report, metrics, samples and
@@ -103,6 +103,24 @@ def test_seeds_summary_is_each_stages_mean_min_and_max():
     np.testing.assert_allclose(row["mean"], np.mean(values), rtol=1e-12)
   table = pipeline.seeds_table({**summary, "task": "reverse", "eval_prompts": 128})
   assert "| final_rl | m | 0.950 [0.900, 1.000] |" in table
+
+
+def test_a_seed_refused_at_rejection_sampling_is_named_and_the_others_summarised(tmp_path, monkeypatch):
+  """A seed whose rl stage kept too few samples stops (TooFewSamples); the others finish, the summary and
+  seeds.md name the stopped seed, and the command still fails once everything is written."""
+  def fake_run(cfg, run_dir, resume=False):
+    if cfg.train.seed == 1:
+      raise pipeline.TooFewSamples("rejection sampling kept 1 of 4096 samples")
+    return {"stages": {"final_rl": {"model": "m", "accuracy": 1.0, "format": 1.0}}, "rejection": {"kept": 300},
+            "distill_samples": None}
+
+  monkeypatch.setattr(pipeline, "run", fake_run)
+  cfg = config.load(os.path.join(ROOT, "tiny_r1.yaml"))
+  with pytest.raises(pipeline.TooFewSamples, match=r"^1 of 3 seeds stopped at rejection sampling: seed 1"):
+    pipeline.run_seeds(cfg, tmp_path, seeds=3)
+  summary = json.loads((tmp_path / "seeds.json").read_text())
+  assert summary["seeds"] == [0, 2] and list(summary["failed"]) == ["1"]
+  assert "Seed 1 stopped, not in the table: rejection sampling kept 1 of 4096" in (tmp_path / "seeds.md").read_text()
 
 
 def test_an_unfinished_stage_resumes_inside_itself(tmp_path):

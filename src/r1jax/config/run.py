@@ -239,6 +239,7 @@ class PipelineConfig:
   rl_steps: int = 40
   rejection_prompts: int = 256
   rejection_k: int = 4  # samples per prompt
+  min_kept: int = 16  # fewer distinct correct samples than this is refused: SFT would memorise a handful
   sft_steps: int = 80
   final_rl_steps: int = 20
   student: str = "configs/tiny_dense_student.yaml"  # a preset whose model section is the distilled student

@@ -188,6 +188,11 @@ def _grpo_stage(cfg: RunConfig, stage_dir: Path, steps: int, init_dir: Path, res
   return True
 
 
+class TooFewSamples(ConfigError):
+  """Rejection sampling kept fewer than pipeline.min_kept samples: the model it sampled has not learned the
+  task, and SFT on a handful of samples would only memorise them."""
+
+
 def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset: int = 2) -> dict:
   """R1 §2.3.3: k completions for each of n train prompts from a model (the rl stage's; for distillation the
   final model's), keeping only those the task checker accepts and that are well formed, written as an SFT
@@ -207,9 +212,10 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset
   texts = [tokenizer.completion_text(tok, ids) for ids in completions]
   finished = [tokenizer.finished(tok, ids) for ids in completions]
   kept = keep_correct([examples[i // p.rejection_k] for i in range(len(texts))], texts, finished)
-  if not kept:
-    raise ConfigError(f"rejection sampling kept none of {len(prompts)} samples from {model_dir}; train the rl stage "
-                      "longer (pipeline.rl_steps)")
+  if len(kept) < p.min_kept:
+    raise TooFewSamples(f"rejection sampling kept {len(kept)} of {len(prompts)} samples from {model_dir}, fewer than "
+                        f"pipeline.min_kept={p.min_kept}: that model has not learned the task; train the stages "
+                        "before it longer")
   if jax.process_index() == 0:  # every process computed the same samples; one writes them
     tmp = out_path.with_suffix(".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -318,16 +324,23 @@ def run_seeds(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, seed
   the problems, their order and the eval split are data.seed's and stay fixed), each in `seed-S/`, then
   every stage's mean, min and max over the seeds as seeds.json and seeds.md."""
   run_dir = Path(run_dir)
-  reports = {}
+  reports, failed = {}, {}
   for seed in range(cfg.train.seed, cfg.train.seed + seeds):
     print(f"==== seed {seed}", flush=True)
-    reports[seed] = run(_with(cfg, train={"seed": seed}), run_dir / f"seed-{seed}", resume=resume)
-  summary = summarize(reports, cfg.pipeline.eval_k)
-  summary.update(task=cfg.grpo.task, eval_prompts=cfg.pipeline.eval_prompts)
+    try:
+      reports[seed] = run(_with(cfg, train={"seed": seed}), run_dir / f"seed-{seed}", resume=resume)
+    except TooFewSamples as e:  # this seed stops; the others still run, and the summary names it
+      print(f"seed {seed}: {e}", flush=True)
+      failed[seed] = str(e)
+  summary = summarize(reports, cfg.pipeline.eval_k) if reports else {"seeds": [], "stages": {}, "kept": {}}
+  summary.update(task=rollouts.task_name(cfg), eval_prompts=cfg.pipeline.eval_prompts, failed=failed)
   if jax.process_index() == 0:
     (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
     (run_dir / "seeds.md").write_text(seeds_table(summary))
   print(seeds_table(summary), flush=True)
+  if failed:
+    raise TooFewSamples(f"{len(failed)} of {seeds} seeds stopped at rejection sampling: "
+                        + "; ".join(f"seed {s}" for s in failed) + f" (see {run_dir / 'seeds.md'})")
   return summary
 
 
@@ -348,7 +361,7 @@ def summarize(reports: dict[int, dict], eval_k: int) -> dict:
 
 
 def seeds_table(summary: dict) -> str:
-  metrics = [m for m in next(iter(summary["stages"].values())) if m != "model"]
+  metrics = [m for m in next(iter(summary["stages"].values()), {}) if m != "model"]
   lines = [f"# R1 pipeline on `{summary['task']}` over seeds {summary['seeds']} ({summary['eval_prompts']} eval "
            "problems; mean [min, max])", "", "| stage | model | " + " | ".join(metrics) + " |",
            "|---|---|" + "---|" * len(metrics)]
@@ -358,6 +371,8 @@ def seeds_table(summary: dict) -> str:
   for name, what in (("rejection", "rejection sampling kept"), ("distill_samples", "the student's data kept")):
     if summary["kept"].get(name):
       lines.append(f"\nPer seed, {what}: {summary['kept'][name]}.")
+  for seed, why in summary.get("failed", {}).items():
+    lines.append(f"\nSeed {seed} stopped, not in the table: {why}")
   return "\n".join(lines) + "\n"
 
 
