@@ -158,6 +158,12 @@ def test_bad_problem_lines_are_one_line_errors(tok_dir, tmp_path, line, error):
 
 
 def test_bad_tokenizer_and_problem_settings_are_named(tmp_path, tok_dir):
+  from r1jax.rl import pipeline
+
+  with pytest.raises(ConfigError, match=r"^grpo.verifier: unknown verifier 'maths'"):
+    pipeline.check_grpo(config.load("configs/tiny.yaml", ["grpo.verifier=maths"]))
+  with pytest.raises(ConfigError, match=r"^grpo.language='klingon': known languages en, "):
+    pipeline.check_grpo(config.load("configs/tiny.yaml", ["grpo.language=klingon"]))
   (tmp_path / "empty").mkdir()
   with pytest.raises(ConfigError, match=r"no tokenizer.json in this directory"):
     tokenizer.load(str(tmp_path / "empty"))

@@ -52,13 +52,20 @@ def with_init(cfg: RunConfig) -> RunConfig:
 def check_grpo(cfg: RunConfig):
   """One-line errors before any stage trains: unknown reward or GRPO variant names, greedy sampling (every
   completion of a group would be the same, so every advantage 0), and every line of a problems file."""
-  from r1jax.rl import problems, rewards
+  from r1jax.rl import problems, rewards, verifiers
 
   try:
     rewards.parse(cfg.grpo.rewards)
     grpo.check(cfg.grpo)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  try:
+    verifiers.get(cfg.grpo.verifier)
+  except ValueError as e:
+    raise ConfigError(f"grpo.verifier: {e}") from None
+  if cfg.grpo.language not in {**rewards.LANGUAGES, **rewards.SCRIPTS}:
+    raise ConfigError(f"grpo.language={cfg.grpo.language!r}: known languages {', '.join(rewards.LANGUAGES)}; "
+                      f"scripts {', '.join(rewards.SCRIPTS)}")
   if cfg.sampler.temperature == 0:
     raise ConfigError("sampler.temperature=0: GRPO needs sampled completions (greedy groups are identical, "
                       "so every advantage is 0); evaluation is greedy on its own")
