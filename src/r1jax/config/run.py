@@ -242,7 +242,7 @@ class PipelineConfig:
   min_kept: int = 16  # fewer distinct correct samples than this is refused: SFT would memorise a handful
   sft_steps: int = 80
   final_rl_steps: int = 20
-  student: str = "configs/tiny_dense_student.yaml"  # the student's preset: its model, compute and optim sections
+  student: str = "configs/tiny_dense_student.yaml"  # a preset whose model section is the distilled student
   distill_steps: int = 120
   eval_prompts: int = 128
   eval_k: int = 4  # pass@k in the report

@@ -315,7 +315,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     elif stage == "distill":
       ran = _sample_once(cfg, stage_model_dir(run_dir, "final_rl"), teacher_data, key_offset=3)
       student = config_lib.load(p.student, [f"mesh.{k}={v}" for k, v in dataclasses.asdict(cfg.mesh).items()])
-      student_cfg = dataclasses.replace(cfg, model=student.model, compute=student.compute, optim=student.optim)
+      student_cfg = dataclasses.replace(cfg, model=student.model, compute=student.compute)
       ran = _sft_stage(student_cfg, stage_dir, str(teacher_data), p.distill_steps, None, resume) or ran
     elif stage == "rejection":
       ran = _sample_once(cfg, stage_model_dir(run_dir, "rl"), rejection_data)
