@@ -147,7 +147,8 @@ def make_source(spec: str, cfg: DataConfig, *, eval: bool = False):
 
 
 def encode(tok, record: dict, seq_len: int) -> dict:
-  """`BOS prompt` then `completion EOS`; the loss covers targets that are completion tokens or EOS."""
+  """The prompt (BOS first where the tokenizer adds one: tokenizer.prompt_ids) then `completion EOS`; the loss
+  covers targets that are completion tokens or EOS."""
   prompt = tokenizer.prompt_ids(tok, record["prompt"])
   ids = np.asarray(prompt + tok.encode(record["completion"]) + [tok.eos_id], np.int32)
   n = len(ids) - 1
