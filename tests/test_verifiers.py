@@ -140,6 +140,7 @@ ADVERSARIAL = {
     "digits": "9" * 1_000_000,
     "thousands": "1," * 500_000,
     "answer tags": "<answer>" * 100_000 + "</answer>",
+    "lone lowercase letters": "answer " + "a " * 500_000,
 }
 
 

@@ -278,12 +278,11 @@ def choice_letter(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
   if where is None:
     k = text.casefold().rfind("answer")
     where = text[k + len("answer"):] if k >= 0 else text
-  prev = " "
+  prev, alone = " ", len(where.strip()) == 1  # a lone lowercase letter counts too
   for i, c in enumerate(where):
     nxt = where[i + 1] if i + 1 < len(where) else " "
-    if c.upper() in letters and not prev.isalnum() and not nxt.isalnum():
-      if c.isupper() or (len(where.strip()) == 1):
-        return c.upper()
+    if c.upper() in letters and not prev.isalnum() and not nxt.isalnum() and (c.isupper() or alone):
+      return c.upper()
     prev = c
   return None
 
