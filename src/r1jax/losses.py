@@ -14,27 +14,39 @@ import jax.numpy as jnp
 from r1jax.nn import moe, mtp
 
 
-def head_logprobs(h_BxLxD, head_fn, targets_BxL, chunk: int, temperature: float = 1.0, entropy: bool = False):
+def head_logprobs(h_BxLxD, head_fn, targets_BxL, chunk: int, temperature: float = 1.0, entropy: bool = False,
+                  keep_min_BxL=None):
   """log softmax(head(h) / temperature) at the targets (and the entropy), the fp32 logits made `chunk`
   positions at a time and remade in the backward pass: no [B, L, V] array exists (at 8 x 2048 x 32k the
-  logits and their log-softmax are 2 GiB each). chunk <= 0: one chunk. Returns (logp_BxL, entropy_BxL|None)."""
+  logits and their log-softmax are 2 GiB each). chunk <= 0: one chunk. Returns (logp_BxL, entropy_BxL|None).
+
+  keep_min_BxL (the sampler's kept set, V3.2's keep sampling mask): the softmax runs over the tokens whose
+  tempered logit is >= it, and the target always (a top-k or nucleus set is every token above its smallest
+  member, so one number per position says which tokens the sampler could draw); -inf keeps every token and
+  gives the plain value exactly."""
   B, L, _ = h_BxLxD.shape
   C = L if chunk <= 0 else min(chunk, L)
   n = -(-L // C)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - L)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
   chunks = lambda x: jnp.moveaxis(pad(x).reshape(B, n, C, *x.shape[2:]), 1, 0)  # noqa: E731  [n, B, C, ...]
+  keep = keep_min_BxL is not None
+  thr_BxL = keep_min_BxL if keep else jnp.zeros(targets_BxL.shape, jnp.float32)
 
   @jax.checkpoint
-  def one(h_BxCxD, t_BxC):
+  def one(h_BxCxD, t_BxC, thr_BxC):
     z_BxCxV = head_fn(h_BxCxD) / temperature
-    lse_BxC = jax.nn.logsumexp(z_BxCxV, axis=-1)
+    zk_BxCxV = z_BxCxV
+    if keep:
+      kept_BxCxV = (z_BxCxV >= thr_BxC[..., None]) | (jnp.arange(z_BxCxV.shape[-1]) == t_BxC[..., None])
+      zk_BxCxV = jnp.where(kept_BxCxV, z_BxCxV, -jnp.inf)
+    lse_BxC = jax.nn.logsumexp(zk_BxCxV, axis=-1)
     logp_BxC = jnp.take_along_axis(z_BxCxV, t_BxC[..., None], axis=-1)[..., 0] - lse_BxC
     if not entropy:
       return logp_BxC, None
-    p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
+    p_BxCxV = jnp.exp(zk_BxCxV - lse_BxC[..., None])  # 0 outside the kept set
     return logp_BxC, lse_BxC - (p_BxCxV * z_BxCxV).sum(-1)
 
-  logp_NxBxC, ent_NxBxC = jax.lax.map(lambda a: one(*a), (chunks(h_BxLxD), chunks(targets_BxL)))
+  logp_NxBxC, ent_NxBxC = jax.lax.map(lambda a: one(*a), (chunks(h_BxLxD), chunks(targets_BxL), chunks(thr_BxL)))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * C)[:, :L]  # noqa: E731
   return unchunk(logp_NxBxC), None if ent_NxBxC is None else unchunk(ent_NxBxC)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -77,7 +76,7 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 
 def axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
   """Resolve -1 to "the rest of the devices"; fail with one line if the product is wrong."""
-  sizes = dataclasses.asdict(cfg)
+  sizes = cfg.axes()
   known = math.prod(s for s in sizes.values() if s != -1)
   for name, size in sizes.items():
     if size == -1:

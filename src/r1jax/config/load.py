@@ -80,6 +80,8 @@ def _coerce(key: str, value, hint):
 _MOVED_FIELDS = ("dtype", "param_dtype", "init_std", "remat", "attention_impl", "capacity_factor", "expert_gemm",
                  "head_chunk", "mtp_loss_weight", "aux_loss_alpha", "bias_update_speed", "fp8")
 MOVED = {f"model.{name}": f"compute.{name}" for name in _MOVED_FIELDS}
+# Keys a Python field cannot be named: `grpo.async=true` sets grpo.async_rollouts.
+ALIASES = {"grpo.async": "async_rollouts"}
 
 
 def migrate(saved: dict) -> dict:
@@ -103,6 +105,7 @@ def _replace(obj, updates: dict, prefix: str):
     key = f"{prefix}.{name}" if prefix else str(name)
     if key in MOVED:
       fail(key, value, f"moved to {MOVED[key]} (the model section is the architecture alone)")
+    name = ALIASES.get(key, name)
     if name not in fields:
       fail(key, value, f"unknown key; known: {sorted(fields)}")
     current = getattr(obj, name)

@@ -19,9 +19,17 @@ class MeshConfig:
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  # GRPO with grpo.async_rollouts: this many devices sample, the rest learn; each sub-mesh resolves the axis
+  # sizes above over its own devices (0: no split).
+  rollout_devices: int = 0
+
+  def axes(self) -> dict[str, int]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "rollout_devices"}
 
   def validate(self, prefix: str = "mesh"):
-    sizes = dataclasses.asdict(self)
+    if self.rollout_devices < 0:
+      fail(f"{prefix}.rollout_devices", self.rollout_devices, "must be >= 0 (0: no sampler sub-mesh)")
+    sizes = self.axes()
     for name, size in sizes.items():
       if size == 0 or size < -1:
         fail(f"{prefix}.{name}", size, "must be a positive axis size or -1 (the rest)")
@@ -194,15 +202,25 @@ class GRPOConfig:
   aggregation: str = "token_mean"  # rl.grpo.AGGREGATIONS: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm
   clip_low: float = 0.2
   clip_high: float = 0.28  # DAPO clip-higher
-  kl_beta: float = 0.0  # k3 KL to the frozen reference; 0 skips the reference forward
+  kl_beta: float = 0.0  # KL to the frozen reference; 0 skips the reference forward
+  kl_estimator: Literal["k3", "unbiased_k3"] = "k3"  # unbiased_k3: weighted by pi_theta/pi_old (V3.2 §3.1)
   mu: int = 1  # optimisation iterations per batch of rollouts (on stored old log-probs)
   tis_cap: float = 2.0  # truncated importance sampling cap C for the sampler/learner gap (0: off)
+  tis_level: Literal["token", "sequence"] = "token"  # sequence: one weight per sequence (geometric mean)
+  tis_mode: Literal["truncate", "mask"] = "truncate"  # mask: weights over the cap are 0 (MIS), not the cap
+  off_policy_mask: float = 0.0  # delta of V3.2's off-policy sequence masking (negative advantages; 0: off)
+  keep_sampling_mask: bool = False  # learner log-probs renormalised over the sampler's top-k/top-p set (V3.2)
   routing_replay: bool = True  # the learner routes completion tokens to the sampler's experts
   mask_truncated: bool = False  # completions cut by the token budget leave the loss
   overlong_buffer: int = 0  # DAPO overlong shaping over the last this-many tokens of the budget (0: off)
   eval_every: int = 10
   eval_prompts: int = 64
   log_samples_every: int = 10
+  # Asynchronous rollouts (rl/async_rollouts.py): a sampler sub-mesh of mesh.rollout_devices samples ahead of
+  # the learner; rollout k uses weights at most max_staleness updates old, pushed every sync_every updates.
+  async_rollouts: bool = False  # (`async` is a Python keyword)
+  sync_every: int = 1
+  max_staleness: int = 0
 
   def validate(self, prefix: str = "grpo"):
     if self.base_steps < 0:
@@ -213,7 +231,13 @@ class GRPOConfig:
         fail(f"{prefix}.{name}", getattr(self, name), "must be positive")
     if self.group_size < 2:
       fail(f"{prefix}.group_size", self.group_size, "group advantages need >= 2 completions per prompt")
-    for name in ["clip_low", "clip_high", "kl_beta", "tis_cap", "adv_eps", "overlong_buffer", "lr"]:
+    if self.sync_every <= 0:
+      fail(f"{prefix}.sync_every", self.sync_every, "must be positive")
+    if self.max_staleness < self.sync_every - 1:
+      fail(f"{prefix}.max_staleness", self.max_staleness, f"must be >= grpo.sync_every - 1 = "
+           f"{self.sync_every - 1}: weights pushed every {self.sync_every} updates are that old between pushes")
+    for name in ["clip_low", "clip_high", "kl_beta", "tis_cap", "adv_eps", "overlong_buffer", "lr", "off_policy_mask",
+                 "max_staleness"]:
       if getattr(self, name) < 0:
         fail(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
     if not self.rewards:

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 from r1jax import losses, model, train
 from r1jax.batch import Batch
 from r1jax.config import ComputeConfig, GRPOConfig, ModelConfig
+from r1jax.rl import corrections
 
 # Log-ratios are clamped before exp so an exploding ratio cannot overflow to inf (inf * 0 = nan in the
 # backward pass); exp(20) ~ 5e8 is far outside any clip range, so the clamp never changes a clipped loss.
-_MAX_LOG_RATIO = 20.0
+_MAX_LOG_RATIO = corrections.MAX_LOG_RATIO
 
 
 
@@ -213,31 +214,9 @@ def aggregate(loss_BxL, mask_BxL, kind: str, norm_len: int | None = None, total=
   return reduce(loss_BxL.sum(axis=-1), m_BxL.sum(axis=-1).astype(loss_BxL.dtype), norm_len, total)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# KL to the reference and sampler/learner correction
-
-
-def k3_kl(logp_BxL, ref_logp_BxL, mask_BxL=None):
-  """Per-token k3 estimator of KL(pi || pi_ref): exp(d) - d - 1, d = ref - logp (Schulman 2020; DeepSeekMath
-  eq. 4); >= 0, 0 where logp == ref. expm1 keeps it exact for small d; 0 at padding when a mask is given."""
-  d_BxL = _float(ref_logp_BxL) - _float(logp_BxL)
-  if mask_BxL is not None:
-    d_BxL = jnp.where(mask_BxL > 0, d_BxL, 0.0)
-  d_BxL = jnp.clip(d_BxL, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-  return jnp.maximum(jnp.expm1(d_BxL) - d_BxL, 0.0)
-
-
-def tis_weights(old_logp_learner_BxL, logp_sampler_BxL, cap: float, mask_BxL=None):
-  """Truncated importance sampling weights min(exp(learner_old - sampler), cap), stop-gradient; they
-  correct for the sampler's numerics differing from the learner's. cap 0 (off) gives ones, as does padding."""
-  shape = jnp.shape(old_logp_learner_BxL)
-  if cap <= 0:
-    return jnp.ones(shape, _float(old_logp_learner_BxL).dtype)
-  d_BxL = _float(old_logp_learner_BxL) - _float(logp_sampler_BxL)
-  if mask_BxL is not None:
-    d_BxL = jnp.where(mask_BxL > 0, d_BxL, 0.0)
-  w_BxL = jnp.minimum(jnp.exp(jnp.clip(d_BxL, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)), cap)
-  return jax.lax.stop_gradient(w_BxL)
+# The KL estimators and the sampler/learner corrections live in rl/corrections.py; these two names stay here.
+k3_kl = corrections.k3_kl
+tis_weights = corrections.tis_weights
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,12 +224,15 @@ def tis_weights(old_logp_learner_BxL, logp_sampler_BxL, cap: float, mask_BxL=Non
 
 
 def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, norm_len: int | None = None,
-                ref_logp_BxL=None, tis_BxL=None, total=None):
-  """Scalar loss and metrics: aggregate(tis * ratio loss + kl_beta * k3) per cfg.loss / cfg.aggregation.
+                ref_logp_BxL=None, tis_BxL=None, keep_B=None, total=None):
+  """Scalar loss and metrics: aggregate(M * is * ratio loss + kl_beta * KL) per cfg.loss / cfg.aggregation.
 
-  The k3 term joins per token (DeepSeekMath eq. 3) when ref_logp_BxL is given and cfg.kl_beta > 0; TIS
-  weights (stop-gradient) multiply only the policy term, token by token; with the sequence loss each token's
-  gradient is weighted (GSPO-token form), not the sequence as a whole. `total`: see `aggregate`.
+  The KL term (cfg.kl_estimator, rl/corrections.py) joins per token (DeepSeekMath eq. 3) when ref_logp_BxL is
+  given and cfg.kl_beta > 0. `tis_BxL` (stop-gradient importance weights) multiplies only the policy term,
+  token by token; with the sequence loss each token's gradient is weighted (GSPO-token form), not the
+  sequence as a whole. `keep_B` (off-policy sequence masking, V3.2 eq. 8) zeroes the policy term of the
+  sequences it drops, which still count in the aggregation's denominators, as in the report's 1/G sum.
+  `total`: see `aggregate`.
   """
   m_BxL = mask_BxL > 0
   logp_BxL = _masked(logp_BxL, m_BxL)
@@ -259,6 +241,8 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
   loss_BxL = out.loss_BxL
   if tis_BxL is not None:
     loss_BxL = loss_BxL * _masked(jax.lax.stop_gradient(tis_BxL), m_BxL, fill=1.0)
+  if keep_B is not None:
+    loss_BxL = jnp.where(jnp.asarray(keep_B)[:, None], loss_BxL, 0.0)
 
   n = jnp.maximum(m_BxL.sum(), 1).astype(loss_BxL.dtype)
   token_mean = lambda x_BxL: jnp.where(m_BxL, x_BxL, 0.0).sum() / n  # noqa: E731
@@ -270,12 +254,15 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
       "ratio_max": jnp.where(m_BxL, out.ratio_BxL, 0.0).max(),
   }
   if ref_logp_BxL is not None:
-    kl_BxL = k3_kl(logp_BxL, ref_logp_BxL, m_BxL)
-    metrics["kl"] = token_mean(kl_BxL)
+    kl_BxL = corrections.kl_estimate(logp_BxL, old_logp_BxL, ref_logp_BxL, m_BxL, cfg.kl_estimator, tis_BxL)
+    metrics["kl"] = token_mean(jax.lax.stop_gradient(kl_BxL))
     if cfg.kl_beta > 0:
       loss_BxL = loss_BxL + cfg.kl_beta * kl_BxL
   if tis_BxL is not None:
     metrics["tis_mean"] = token_mean(jax.lax.stop_gradient(tis_BxL))
+  if keep_B is not None:
+    seqs = jnp.maximum((m_BxL.sum(-1) > 0).sum(), 1)
+    metrics["off_policy_masked_frac"] = ((m_BxL.sum(-1) > 0) & ~jnp.asarray(keep_B)).sum() / seqs
 
   loss = aggregate(loss_BxL, m_BxL, cfg.aggregation, norm_len, total)
   metrics["policy_loss"] = loss
@@ -303,6 +290,30 @@ def learner_logp(params: dict, batch: Batch, cfg: ModelConfig, compute: ComputeC
   return logp_BxL, entropy_BxL, out.router
 
 
+def sampler_corrections(logp_BxL, old_logp_BxL, batch: Batch, gcfg: GRPOConfig):
+  """The importance weights (grpo.tis_*; None when off), the off-policy keep mask (grpo.off_policy_mask; None
+  when off) and the sampler/learner gap metrics of one learner pass."""
+  mask_BxL, sampler_BxL = batch.loss_mask_BxL, batch.sampler_logp_BxL
+  m_BxL = mask_BxL > 0
+  n = jnp.maximum(m_BxL.sum(), 1)
+  token_mean = lambda x: jnp.where(m_BxL, x, 0.0).sum() / n  # noqa: E731
+  lp_BxL = jax.lax.stop_gradient(logp_BxL)
+  metrics = {"sampler_learner_logp_gap": token_mean(jnp.abs(lp_BxL - sampler_BxL)),
+             "sampler_learner_kl": token_mean(corrections.sampler_kl(lp_BxL, sampler_BxL, m_BxL))}
+  tis_BxL = keep_B = None
+  if gcfg.tis_cap > 0:
+    tis_BxL, masked_BxL = corrections.importance_weights(old_logp_BxL, sampler_BxL, m_BxL, gcfg.tis_cap,
+                                                         gcfg.tis_level, gcfg.tis_mode)
+    if gcfg.tis_mode == "mask":
+      metrics["tis_masked_frac"] = token_mean(masked_BxL)
+  if gcfg.off_policy_mask > 0:
+    keep_B, div_B = corrections.off_policy_keep(lp_BxL, sampler_BxL, batch.advantages_B, m_BxL,
+                                                gcfg.off_policy_mask)
+    real_B = m_BxL.sum(-1) > 0
+    metrics["off_policy_divergence"] = jnp.where(real_B, div_B, 0.0).sum() / jnp.maximum(real_B.sum(), 1)
+  return tis_BxL, keep_B, metrics
+
+
 def grpo_step(state, batch: Batch, *, gcfg: GRPOConfig, temperature: float, norm_len: int):
   """mu optimiser updates on one batch of rollouts (pure; bind the keywords with functools.partial and jit
   with train.jit_step). The ratio's denominator is the learner's log-prob before the first update, so at
@@ -322,11 +333,11 @@ def grpo_step(state, batch: Batch, *, gcfg: GRPOConfig, temperature: float, norm
   def loss_fn(params):
     logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, state.compute, temperature, gcfg.routing_replay)
     old_BxL = jax.lax.stop_gradient(logp_BxL) if fixed_old is None else fixed_old
-    tis_BxL = tis_weights(old_BxL, batch.sampler_logp_BxL, gcfg.tis_cap, mask_BxL) if gcfg.tis_cap > 0 else None
+    tis_BxL, keep_B, extra = sampler_corrections(logp_BxL, old_BxL, batch, gcfg)
     loss, metrics = policy_loss(logp_BxL, old_BxL, batch.advantages_B, mask_BxL, gcfg, norm_len=norm_len,
-                                ref_logp_BxL=batch.ref_logp_BxL, tis_BxL=tis_BxL)
+                                ref_logp_BxL=batch.ref_logp_BxL, tis_BxL=tis_BxL, keep_B=keep_B)
+    metrics.update(extra)
     metrics["entropy"] = token_mean(jax.lax.stop_gradient(entropy_BxL))
-    metrics["sampler_learner_logp_gap"] = token_mean(jnp.abs(jax.lax.stop_gradient(logp_BxL) - batch.sampler_logp_BxL))
     if router:  # logged, not optimised: when advantages vanish, Adam would blow this tiny term up to full steps
       metrics["aux_loss"] = jax.lax.stop_gradient(losses.router_aux_loss(router))
     if router and batch.routes_BxNxLxK is not None and gcfg.routing_replay:  # how far the learner's routing drifted
