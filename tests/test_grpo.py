@@ -89,6 +89,29 @@ def test_replayed_routes_and_the_on_policy_ratio(case, step8):
   assert int(new_state.step) == 1
 
 
+def test_keep_sampling_mask_recovers_a_truncated_samplers_log_probs(case):
+  """A top-k + top-p sampler records each token's kept set; the learner renormalised over it reproduces the
+  sampler's log-probs (to fp32 recomputation precision, as on the full support), where the full softmax is
+  off by the truncated mass. Every kept set holds its token; greedy and untruncated sampling record -inf."""
+  cfg = _cfg("sampler.top_k=6", "sampler.top_p=0.8")
+  _, mesh, state, _, _ = case
+  with jax.set_mesh(mesh):
+    batch, _ = rollouts.RolloutSource(cfg, mesh).next_batch(state)
+    model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
+    logp = {keep: np.asarray(jax.jit(lambda p, b, keep=keep: grpo.learner_logp(
+        p, b, model_cfg, cfg.compute, cfg.sampler.temperature, True, keep)[0])(state.params, batch))
+        for keep in (False, True)}
+  mask = np.asarray(batch.loss_mask_BxL) > 0
+  sampled = np.asarray(batch.sampler_logp_BxL)[mask]
+  thr = np.asarray(batch.sampler_keep_min_BxL)
+  assert np.isfinite(thr[mask]).all() and (thr[~mask] == -np.inf).all()
+  np.testing.assert_allclose(logp[True][mask], sampled, atol=2e-4)
+  assert np.abs(logp[False][mask] - sampled).max() > 0.05  # the truncated mass the full softmax counts
+  with jax.set_mesh(mesh):
+    plain, _ = rollouts.RolloutSource(_cfg(), mesh).next_batch(state)
+  assert (np.asarray(plain.sampler_keep_min_BxL) == -np.inf).all()
+
+
 def test_zero_advantages_give_zero_gradients(case, step8):
   cfg, mesh, state, batch, _ = case
   zero = batch._replace(advantages_B=jnp.zeros_like(batch.advantages_B))

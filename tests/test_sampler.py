@@ -115,6 +115,21 @@ def test_top_k_and_top_p_keep_exactly_the_expected_sets():
   np.testing.assert_allclose(counts[1] / counts.sum(), 0.4 / 0.7, atol=0.04)  # renormalised nucleus
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.7), (5, 1.0), (5, 0.9), (0, 1.0)])
+def test_the_recorded_threshold_is_the_kept_set(top_k, top_p):
+  """{z >= keep_min} is exactly truncation_mask's set (the learner's keep sampling mask), the threshold strictly
+  between the kept and the dropped logits; -inf when nothing is cut."""
+  logits = jax.random.normal(jax.random.key(3), (64, 50)) * 3
+  scfg = SamplerConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+  _, _, thr = sampler.sample(logits, jax.random.key(0), scfg)
+  z = np.asarray(logits, np.float32) / 0.7
+  keep = np.asarray(sampler.truncation_mask(jnp.asarray(z), top_k, top_p))
+  np.testing.assert_array_equal(z >= np.asarray(thr)[:, None], keep)
+  assert (np.asarray(thr) == -np.inf).all() == keep.all()
+  if not keep.all():
+    assert (np.where(keep, z, np.inf).min(-1) > np.asarray(thr)).all()
+
+
 def test_rows_stop_at_eos_independently(mla_case):
   cfg, compute, params = mla_case
   free = sampler.greedy_full_forward(params, PROMPTS, cfg, compute, GREEDY.max_new_tokens, eos_id=-1)

@@ -20,11 +20,12 @@ class Batch(NamedTuple):
   advantages_B: Any = None  # GRPO: each row's group advantage
   routes_BxNxLxK: Any = None  # GRPO routing replay: the sampler's experts per MoE layer
   ref_logp_BxL: Any = None  # GRPO with a KL term: the frozen reference's log-prob of each target
+  sampler_keep_min_BxL: Any = None  # GRPO: the smallest tempered logit the sampler could draw (-inf: any)
 
   @classmethod
   def of(cls, arrays: dict) -> Batch:
     """From a mapping of the fields' short names (tokens, targets, loss_mask, token_mask, positions,
-    segment_ids, sampler_logp, advantages, routes, ref_logp), as grain's dict batches carry them."""
+    segment_ids, sampler_logp, advantages, routes, ref_logp, sampler_keep_min), as grain's dict batches carry them."""
     unknown = set(arrays) - set(SHORT_NAMES)
     if unknown:
       raise KeyError(f"batch keys {sorted(unknown)}: expected some of {list(SHORT_NAMES)}")
@@ -35,4 +36,4 @@ class Batch(NamedTuple):
 SHORT_NAMES = {"tokens": "tokens_BxL", "targets": "targets_BxL", "loss_mask": "loss_mask_BxL",
                "token_mask": "token_mask_BxL", "positions": "positions_BxL", "segment_ids": "segment_ids_BxL",
                "sampler_logp": "sampler_logp_BxL", "advantages": "advantages_B", "routes": "routes_BxNxLxK",
-               "ref_logp": "ref_logp_BxL"}
+               "ref_logp": "ref_logp_BxL", "sampler_keep_min": "sampler_keep_min_BxL"}

@@ -35,6 +35,7 @@ class Rollout(NamedTuple):
   prompt_len_B: jax.Array  # int32
   completion_len_B: jax.Array  # int32, generated tokens including EOS
   logprobs_BxS: jax.Array  # fp32 log-prob of each generated token under the distribution it was drawn from
+  keep_min_BxS: jax.Array  # fp32 tempered logit bounding the top-k/top-p set it was drawn from (-inf: all)
   completion_mask_BxS: jax.Array  # int32, 1 on generated tokens (EOS included)
   truncated_B: jax.Array  # bool: the token budget ran out before EOS
   experts: dict  # {"moe_layers": [N, B, S, K]} experts each fed token was routed to; -1 where none was fed
@@ -46,6 +47,7 @@ class _State(NamedTuple):
   cache: dict
   tokens_BxS: jax.Array
   logprobs_BxS: jax.Array
+  keep_min_BxS: jax.Array
   experts: dict
   length_B: jax.Array  # cache slots filled: the slot where next_B will be fed
   next_B: jax.Array  # the last generated token, not yet fed
@@ -76,18 +78,29 @@ def truncation_mask(logits_BxV, top_k: int, top_p: float):
 
 
 def sample(logits_BxV, key, cfg: SamplerConfig):
-  """(token_B, logprob_B): a draw from softmax(logits / temperature) restricted to truncation_mask, and its
-  log-probability under that distribution. Temperature 0 is argmax, with the untempered log-probability."""
+  """(token_B, logprob_B, keep_min_B): a draw from softmax(logits / temperature) restricted to
+  truncation_mask, its log-probability under that distribution, and a tempered logit between the set's
+  smallest and the largest outside it (-inf when nothing is cut), which is that set for the learner
+  (losses.head_logprobs' keep_min_BxL). Temperature
+  0 is argmax, with the untempered log-probability and no set."""
   logits_BxV = logits_BxV.astype(jnp.float32)
+  keep_min_B = jnp.full(logits_BxV.shape[:1], -jnp.inf, jnp.float32)
   if cfg.temperature == 0:
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
   else:
     z_BxV = logits_BxV / cfg.temperature
-    z_BxV = jnp.where(truncation_mask(z_BxV, cfg.top_k, cfg.top_p), z_BxV, -jnp.inf)
+    if cfg.top_k or cfg.top_p < 1.0:
+      keep_BxV = truncation_mask(z_BxV, cfg.top_k, cfg.top_p)
+      # Midway between the smallest kept and the largest dropped logit: the learner's recomputed logits
+      # differ in the last bits, and a threshold at the kept logit itself would drop that token half the time.
+      lowest_kept_B = jnp.where(keep_BxV, z_BxV, jnp.inf).min(-1)
+      highest_dropped_B = jnp.where(keep_BxV, -jnp.inf, z_BxV).max(-1)
+      keep_min_B = jnp.where(highest_dropped_B > -jnp.inf, (lowest_kept_B + highest_dropped_B) / 2, -jnp.inf)
+      z_BxV = jnp.where(keep_BxV, z_BxV, -jnp.inf)
     token_B = jax.random.categorical(key, z_BxV, axis=-1).astype(jnp.int32)
     logp_BxV = jax.nn.log_softmax(z_BxV, axis=-1)
-  return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0], keep_min_B
 
 
 def _rows(B):
@@ -129,10 +142,11 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_E, cfg: 
   out = model.decode(params, cache, tokens_BxP, zeros_B, cfg, compute, real_BxP)
   last_B = prompt_len_B - 1
   key, k_draw = jax.random.split(key)
-  first_B, logp_B = sample(out.logits_BxTxV[_rows(B), last_B], k_draw, scfg)
+  first_B, logp_B, keep_min_B = sample(out.logits_BxTxV[_rows(B), last_B], k_draw, scfg)
   tokens_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP)
   tokens_BxS = _put(tokens_BxS, prompt_len_B, first_B, jnp.ones(B, jnp.bool_))
   logprobs_BxS = _put(jnp.zeros((B, S), jnp.float32), prompt_len_B, logp_B, jnp.ones(B, jnp.bool_))
+  keep_min_BxS = _put(jnp.full((B, S), -jnp.inf, jnp.float32), prompt_len_B, keep_min_B, jnp.ones(B, jnp.bool_))
   experts = {}
   for name, stats in out.router.items():
     e_NxBxPxK = jnp.where(real_BxP[None, :, :, None], stats["experts"], -1)
@@ -143,7 +157,7 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_E, cfg: 
     draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg, compute)
     draft_B = jnp.argmax(draft_logits[_rows(B), last_B], axis=-1).astype(jnp.int32)
   done_B = _is_eos(first_B, eos_E) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
-  return _State(cache, tokens_BxS, logprobs_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
+  return _State(cache, tokens_BxS, logprobs_BxS, keep_min_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
                 jnp.ones(B, jnp.int32), zeros_B, key, jnp.zeros((), jnp.int32))
 
 
@@ -152,12 +166,13 @@ def _step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, s
   active_B = ~st.done_B
   out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, compute, active_B[:, None])
   key, k_draw = jax.random.split(st.key)
-  new_B, logp_B = sample(out.logits_BxTxV[:, 0], k_draw, scfg)
+  new_B, logp_B, keep_min_B = sample(out.logits_BxTxV[:, 0], k_draw, scfg)
   slot_B = st.length_B + 1
   n_new_B = st.n_new_B + active_B
   return st._replace(
       cache=out.cache, tokens_BxS=_put(st.tokens_BxS, slot_B, new_B, active_B),
       logprobs_BxS=_put(st.logprobs_BxS, slot_B, logp_B, active_B),
+      keep_min_BxS=_put(st.keep_min_BxS, slot_B, keep_min_B, active_B),
       experts=_put_experts(st.experts, st.length_B, out.router, 0, active_B),
       length_B=st.length_B + active_B, next_B=jnp.where(active_B, new_B, st.next_B),
       done_B=st.done_B | (active_B & (_is_eos(new_B, eos_E) | (n_new_B >= scfg.max_new_tokens))),
@@ -262,7 +277,7 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
   slots_BxS = jnp.arange(S)[None]
   completion_BxS = (slots_BxS >= prompt_len_B[:, None]) & (slots_BxS < prompt_len_B[:, None] + st.n_new_B[:, None])
   last_B = st.tokens_BxS[_rows(n_rows), prompt_len_B + st.n_new_B - 1]
-  return Rollout(st.tokens_BxS[:n], prompt_len_B[:n], st.n_new_B[:n], st.logprobs_BxS[:n],
+  return Rollout(st.tokens_BxS[:n], prompt_len_B[:n], st.n_new_B[:n], st.logprobs_BxS[:n], st.keep_min_BxS[:n],
                  completion_BxS[:n].astype(jnp.int32), ~_is_eos(last_B, eos)[:n],
                  {k: v[:, :n] for k, v in st.experts.items()}, st.accepted_B[:n], st.step)
 

@@ -277,16 +277,19 @@ def policy_loss(logp_BxL, old_logp_BxL, adv_B, mask_BxL, cfg: GRPOConfig, *, nor
 # (for the KL term).
 
 def learner_logp(params: dict, batch: Batch, cfg: ModelConfig, compute: ComputeConfig, temperature: float,
-                 replay: bool):
+                 replay: bool, keep_sampling_mask: bool = False):
   """Per-target log-probs and entropies under softmax(logits / temperature), the distribution the sampler
-  drew from (before top-k/top-p, whose gap truncated importance sampling corrects), and router stats."""
+  drew from, and router stats. Without keep_sampling_mask the softmax is over the whole vocabulary (the gap
+  to a top-k/top-p sampler is left to the importance weights); with it, over the set each token was drawn
+  from (V3.2 §3.1, "Keep Sampling Mask"), so the learner and the sampler share one support."""
   replayed = replay and batch.routes_BxNxLxK is not None
   routes = {"moe_layers": jnp.moveaxis(batch.routes_BxNxLxK, 1, 0)} if replayed else None
   out = model.apply(params, batch.tokens_BxL, cfg, compute, positions_BxL=batch.positions_BxL,
                     segment_ids_BxL=batch.segment_ids_BxL, token_mask_BxL=batch.token_mask_BxL, routes=routes,
                     logits=False)
   logp_BxL, entropy_BxL = losses.head_logprobs(out.hidden_BxLxD, model.head_fn(params, cfg), batch.targets_BxL,
-                                               compute.head_chunk, temperature or 1.0, entropy=True)
+                                               compute.head_chunk, temperature or 1.0, entropy=True,
+                                               keep_min_BxL=batch.sampler_keep_min_BxL if keep_sampling_mask else None)
   return logp_BxL, entropy_BxL, out.router
 
 
@@ -328,10 +331,11 @@ def grpo_step(state, batch: Batch, *, gcfg: GRPOConfig, temperature: float, norm
   fixed_old = None
   if gcfg.mu > 1:  # stored old log-probs for every inner iteration
     fixed_old = jax.lax.stop_gradient(learner_logp(state.params, batch, cfg, state.compute, temperature,
-                                                      gcfg.routing_replay)[0])
+                                                   gcfg.routing_replay, gcfg.keep_sampling_mask)[0])
 
   def loss_fn(params):
-    logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, state.compute, temperature, gcfg.routing_replay)
+    logp_BxL, entropy_BxL, router = learner_logp(params, batch, cfg, state.compute, temperature, gcfg.routing_replay,
+                                                 gcfg.keep_sampling_mask)
     old_BxL = jax.lax.stop_gradient(logp_BxL) if fixed_old is None else fixed_old
     tis_BxL, keep_B, extra = sampler_corrections(logp_BxL, old_BxL, batch, gcfg)
     loss, metrics = policy_loss(logp_BxL, old_BxL, batch.advantages_B, mask_BxL, gcfg, norm_len=norm_len,

@@ -101,7 +101,7 @@ def _ref_logp_fn(ref_params, cfg: RunConfig):
   model_cfg = dataclasses.replace(cfg.model, n_mtp=0)
   ref_params = jax.tree.map(jnp.copy, ref_params)  # its own buffers: the train state's params are donated
   fn = jax.jit(lambda p, b: grpo.learner_logp(p, b, model_cfg, cfg.compute, cfg.sampler.temperature,
-                                              cfg.grpo.routing_replay)[0])
+                                              cfg.grpo.routing_replay, cfg.grpo.keep_sampling_mask)[0])
   return lambda batch: fn(ref_params, batch)
 
 

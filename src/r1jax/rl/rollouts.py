@@ -67,6 +67,7 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> Batch:
   tokens = pad(tokens, pad_id)
   completion = pad(sampler.to_host(rollout.completion_mask_BxS), 0)
   logp = pad(sampler.to_host(rollout.logprobs_BxS), 0.0)
+  keep_min = pad(sampler.to_host(rollout.keep_min_BxS), -np.inf)
   real_BxL = (np.arange(L)[None] < (n_real - 1)[:, None]).astype(np.int32)  # the last token is never an input
   routes = None
   if "moe_layers" in rollout.experts:
@@ -77,7 +78,8 @@ def learner_batch(rollout: sampler.Rollout, seq_len: int, pad_id: int) -> Batch:
                targets_BxL=tokens[:, 1:].astype(np.int32), loss_mask_BxL=completion[:, 1:].astype(np.int32),
                token_mask_BxL=real_BxL,  # one right-padded sequence per row: no segment ids (nn/attention.py)
                positions_BxL=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-               sampler_logp_BxL=logp[:, 1:].astype(np.float32), routes_BxNxLxK=routes)
+               sampler_logp_BxL=logp[:, 1:].astype(np.float32), routes_BxNxLxK=routes,
+               sampler_keep_min_BxL=keep_min[:, 1:].astype(np.float32))
 
 
 class RolloutSource:
