@@ -71,7 +71,7 @@ class SFTSource:
 
 
 def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=None, source=None,
-        init_params=None, after_step=None) -> list[dict]:
+        init_params=None, after_step=None, mesh=None) -> list[dict]:
   """Train cfg.train.steps steps in `run_dir`; returns the metrics of the steps run here.
 
   `resume` continues from the newest readable checkpoint (a run directory with checkpoints and no
@@ -79,9 +79,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
   `source` (default SFTSource) gives `next_batch(state) -> (batch, host metrics)` and a JSON-able
   `get_state`/`set_state` that checkpoints hold; a fresh run starts from `init_params` if given (params on
   the mesh, e.g. checkpoint.load_params). `after_step(step, state) -> dict` adds metrics (evaluations).
+  `mesh` (default: cfg.mesh over every device) is where the state lives: asynchronous GRPO passes the learner
+  sub-mesh. A source's `close()`, if it has one, runs however the loop ends.
   """
   run_dir = Path(run_dir).absolute()
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   sharding.validate_mesh(cfg.model, cfg.compute, mesh, cfg.train.batch_size if source is None else None)
   lead, pid = jax.process_index() == 0, jax.process_index()
   print(f"process {pid}/{jax.process_count()}: mesh {dict(mesh.shape)} over {jax.device_count()} "
@@ -113,34 +115,37 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
     if restored is not None:
       writer.log_line(f"resumed from step {start} in {run_dir / 'checkpoints'}")
     step_jit, t0, stopped_at = None, time.perf_counter(), None
-    with writer, _stop_signals() as stop:
-      for step in range(start + 1, cfg.train.steps + 1):
-        t_data = time.perf_counter()
-        batch, host_metrics = source.next_batch(state)
-        t_step = time.perf_counter()
-        step_jit = step_jit or train.jit_step(step_fn or train.sft_step, state, batch, mesh)
-        state, m = step_jit(state, batch)
-        m = {**host_metrics, **{k: float(v) for k, v in jax.device_get(m).items()}}
-        m.update(data_s=t_step - t_data, step_s=time.perf_counter() - t_step)  # GRPO: rollout vs learner time
-        if after_step is not None:
-          m.update(after_step(step, state))
-        history.append(m)
-        writer.write(step, m)
-        if step == start + 1:
-          writer.log_line(f"step {step} (with compilation) took {time.perf_counter() - t0:.1f}s")
-        if step % cfg.train.log_every == 0 or step == start + 1:
-          writer.log_line(_format(step, m))
-        if m["bad_steps"] >= cfg.train.max_bad_steps:
-          raise TrainingStopped(f"step {step}: loss or gradients non-finite {int(m['bad_steps'])} steps in a row "
-                                f"(train.max_bad_steps={cfg.train.max_bad_steps}); updates were skipped, the last "
-                                f"good checkpoint is {mngr.steps()[-1] if mngr.steps() else 'none'}")
-        last = step == cfg.train.steps or _any_process(bool(stop))
-        if m["bad_steps"] == 0 and (last or mngr.due(step)):  # never in the middle of a non-finite streak
-          mngr.save(step, state, checkpoint.gather_process_states(source.get_state()))
-        if last and step < cfg.train.steps:
-          writer.log_line(f"stop signal: saved step {step} to {run_dir / 'checkpoints'}; --resume continues")
-          stopped_at = step
-          break
+    try:
+      with writer, _stop_signals() as stop:
+        for step in range(start + 1, cfg.train.steps + 1):
+          t_data = time.perf_counter()
+          batch, host_metrics = source.next_batch(state)
+          t_step = time.perf_counter()
+          step_jit = step_jit or train.jit_step(step_fn or train.sft_step, state, batch, mesh)
+          state, m = step_jit(state, batch)
+          m = {**host_metrics, **{k: float(v) for k, v in jax.device_get(m).items()}}
+          m.update(data_s=t_step - t_data, step_s=time.perf_counter() - t_step)  # GRPO: rollout vs learner time
+          if after_step is not None:
+            m.update(after_step(step, state))
+          history.append(m)
+          writer.write(step, m)
+          if step == start + 1:
+            writer.log_line(f"step {step} (with compilation) took {time.perf_counter() - t0:.1f}s")
+          if step % cfg.train.log_every == 0 or step == start + 1:
+            writer.log_line(_format(step, m))
+          if m["bad_steps"] >= cfg.train.max_bad_steps:
+            raise TrainingStopped(f"step {step}: loss or gradients non-finite {int(m['bad_steps'])} steps in a row "
+                                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); updates were skipped, the last "
+                                  f"good checkpoint is {mngr.steps()[-1] if mngr.steps() else 'none'}")
+          last = step == cfg.train.steps or _any_process(bool(stop))
+          if m["bad_steps"] == 0 and (last or mngr.due(step)):  # never in the middle of a non-finite streak
+            mngr.save(step, state, checkpoint.gather_process_states(source.get_state()))
+          if last and step < cfg.train.steps:
+            writer.log_line(f"stop signal: saved step {step} to {run_dir / 'checkpoints'}; --resume continues")
+            stopped_at = step
+            break
+    finally:
+      getattr(source, "close", lambda: None)()  # a sampler thread (async GRPO) stops with the loop
     mngr.close()
   if stopped_at is not None:
     raise Interrupted(f"stopped by a signal at step {stopped_at} of {cfg.train.steps} in {run_dir}; --resume "

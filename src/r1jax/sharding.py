@@ -97,6 +97,38 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def split_devices(n_rollout: int, devices=None) -> tuple[list, list]:
+  """(learner devices, sampler devices) for asynchronous rollouts: the first n_rollout / process_count devices
+  of every process sample and the rest learn, so every process takes part in both sub-meshes (one program
+  per process, as multi-controller JAX runs) and a sub-mesh never waits on another host to start."""
+  devices = jax.devices() if devices is None else list(devices)
+  n_proc = len({d.process_index for d in devices})
+  if n_rollout <= 0 or n_rollout % n_proc:
+    raise ConfigError(f"mesh.rollout_devices={n_rollout}: must be a positive multiple of the {n_proc} processes")
+  per_process = n_rollout // n_proc
+  seen: dict[int, int] = {}
+  learner, sampler = [], []
+  for d in devices:
+    i = seen[d.process_index] = seen.get(d.process_index, -1) + 1
+    (sampler if i < per_process else learner).append(d)
+  if not learner:
+    raise ConfigError(f"mesh.rollout_devices={n_rollout}: leaves no device to learn on ({len(devices)} devices)")
+  return learner, sampler
+
+
+def sub_meshes(cfg: MeshConfig, devices=None) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh]:
+  """(learner mesh, sampler mesh): the axis sizes of `cfg` resolved over each sub-mesh's own devices."""
+  learner, sampler = split_devices(cfg.rollout_devices, devices)
+  meshes = []
+  for name, devs in (("learner", learner), ("sampler", sampler)):
+    try:
+      meshes.append(make_mesh(cfg, devs))
+    except ConfigError as e:
+      raise ConfigError(f"the {name} sub-mesh ({len(devs)} devices, mesh.rollout_devices={cfg.rollout_devices}): "
+                        f"{e}") from None
+  return meshes[0], meshes[1]
+
+
 def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
   """A device-less mesh of the given axis sizes (missing axes: 1), for lowering without the hardware."""
   unknown = set(sizes) - set(AXES)

@@ -16,7 +16,7 @@ import numpy as np
 from r1jax import checkpoint, loop, sharding
 from r1jax import config as config_lib
 from r1jax.config import ConfigError, RunConfig
-from r1jax.rl import grpo, rollouts
+from r1jax.rl import async_rollouts, grpo, rollouts
 
 
 def base_config(cfg: RunConfig) -> RunConfig:
@@ -69,6 +69,13 @@ def check_grpo(cfg: RunConfig):
   if cfg.sampler.temperature == 0:
     raise ConfigError("sampler.temperature=0: GRPO needs sampled completions (greedy groups are identical, "
                       "so every advantage is 0); evaluation is greedy on its own")
+  if cfg.grpo.async_rollouts and not cfg.mesh.rollout_devices:
+    raise ConfigError("grpo.async_rollouts=true: set mesh.rollout_devices, the devices that sample (the rest learn)")
+  if cfg.mesh.rollout_devices and not cfg.grpo.async_rollouts:
+    raise ConfigError(f"mesh.rollout_devices={cfg.mesh.rollout_devices}: only asynchronous rollouts split the "
+                      "mesh; set grpo.async_rollouts=true, or leave mesh.rollout_devices at 0")
+  if cfg.grpo.async_rollouts:
+    sharding.sub_meshes(cfg.mesh)  # the split and both sub-meshes' axis sizes, before anything trains
   if cfg.data.problems:
     print(problems.describe(cfg), flush=True)
 
@@ -127,7 +134,10 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
     raise ConfigError(f"grpo.kl_beta={g.kl_beta}: the KL reference is the starting checkpoint; set grpo.init "
                       "or grpo.base_steps")
   cfg = grpo_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  if g.async_rollouts:  # the learner trains on its sub-mesh; the sampler thread has the other
+    mesh, sampler_mesh = sharding.sub_meshes(cfg.mesh)
+  else:
+    mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     init_params = checkpoint.load_params(init_dir, cfg, mesh) if init_dir else None
     grpo_dir = run_dir / "grpo"
@@ -137,7 +147,11 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
       (grpo_dir / "eval_before.json").write_text(json.dumps(before))
       print(f"before GRPO: eval accuracy {before['accuracy']:.3f}, format {before['format']:.3f}", flush=True)
     ref_fn = _ref_logp_fn(init_params, cfg) if g.kl_beta > 0 else None
-    source = rollouts.RolloutSource(cfg, mesh, ref_fn, samples_path=grpo_dir / "samples.jsonl")
+    samples = grpo_dir / "samples.jsonl"
+    if g.async_rollouts:
+      source = async_rollouts.AsyncRolloutSource(cfg, mesh, sampler_mesh, ref_fn, samples_path=samples)
+    else:
+      source = rollouts.RolloutSource(cfg, mesh, ref_fn, samples_path=samples)
   step_fn = functools.partial(grpo.grpo_step, gcfg=g, temperature=cfg.sampler.temperature,
                               norm_len=cfg.sampler.max_new_tokens)
 
@@ -147,7 +161,7 @@ def r1_zero(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> lis
     return {f"eval_{k}": v for k, v in rollouts.evaluate(state.params, cfg, g.eval_prompts).items() if k != "n"}
 
   return loop.fit(cfg, grpo_dir, resume=resume, step_fn=step_fn, source=source, init_params=init_params,
-                  after_step=after_step)
+                  after_step=after_step, mesh=mesh)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -130,13 +130,25 @@ class RolloutSource:
     return out, texts, scores, truncated
 
   def next_batch(self, state) -> tuple[Batch, dict]:
+    host, info, samples = self.rollout(self.step, state.params)
+    self.write_samples(samples)
+    batch = sharding.global_batch(host, self.mesh)
+    if self.ref_logp_fn is not None:
+      batch = batch._replace(ref_logp_BxL=self.ref_logp_fn(batch))
+    self.step += 1
+    return batch, info
+
+  def rollout(self, step: int, params) -> tuple[Batch, dict, list[dict]]:
+    """Step `step`'s rollouts (0-based) sampled with `params` (on their own mesh): host arrays, metrics and
+    the sample records to log once the batch is used (`write_samples`). A pure function of (seed, step,
+    params): the prompts and keys do not depend on what ran before."""
     g, t0 = self.cfg.grpo, time.perf_counter()
-    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), self.step)
+    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), step)
     kept, spare = [], []  # (rollout, texts, scores, truncated, examples, group index) per group
     rounds = g.max_resample_rounds + 1 if g.zero_variance == "filter" else 1
     for r in range(rounds):
-      examples = self._prompts(self.step, r)
-      out, texts, scores, truncated = self._sample(state.params, examples, jax.random.fold_in(key, r))
+      examples = self._prompts(step, r)
+      out, texts, scores, truncated = self._sample(params, examples, jax.random.fold_in(key, r))
       zero_var = np.ptp(scores["total"].reshape(-1, g.group_size), axis=1) == 0
       for p in range(len(examples)):
         group = (out, texts, scores, truncated, examples, p)
@@ -144,14 +156,11 @@ class RolloutSource:
       if len(kept) >= g.prompts_per_step:
         break
     groups = (kept + spare)[:g.prompts_per_step]
-    batch, info = self._assemble(groups, rounds_used=r + 1)
+    host, info, samples = self._assemble(step, groups, rounds_used=r + 1)
     info["rollout_s"] = time.perf_counter() - t0
-    if self.ref_logp_fn is not None:
-      batch = batch._replace(ref_logp_BxL=self.ref_logp_fn(batch))
-    self.step += 1
-    return batch, info
+    return host, info, samples
 
-  def _assemble(self, groups, rounds_used: int) -> tuple[Batch, dict]:
+  def _assemble(self, step: int, groups, rounds_used: int) -> tuple[Batch, dict, list[dict]]:
     g, G = self.cfg.grpo, self.cfg.grpo.group_size
     parts, texts, scores, examples, truncated, hosted = [], [], {}, [], [], {}
     for out, t, s, cut, exs, p in groups:
@@ -180,17 +189,19 @@ class RolloutSource:
                 zero_variance_groups=float(np.asarray(zero_var_P).mean()), resample_rounds=float(rounds_used),
                 completion_len_mean=float(lengths.mean()), completion_len_max=float(lengths.max()),
                 truncated_frac=float(truncated.mean()))
-    self._log_samples(examples, texts, scores)
-    return sharding.global_batch(host, self.mesh), info
+    return host, info, self._samples(step, examples, texts, scores)
 
-  def _log_samples(self, examples, texts, scores):
-    every = self.cfg.grpo.log_samples_every
-    if self.samples_path is None or self.step % every or jax.process_index():
-      return
-    with open(self.samples_path, "a") as f:
-      for i in range(0, len(texts), self.cfg.grpo.group_size):  # the first completion of each group
-        f.write(json.dumps({"step": self.step, "prompt": examples[i].prompt, "completion": texts[i],
-                            **{k: float(v[i]) for k, v in scores.items()}}) + "\n")
+  def _samples(self, step: int, examples, texts, scores) -> list[dict]:
+    """The first completion of each group, every grpo.log_samples_every steps."""
+    if self.samples_path is None or step % self.cfg.grpo.log_samples_every or jax.process_index():
+      return []
+    return [{"step": step, "prompt": examples[i].prompt, "completion": texts[i],
+             **{k: float(v[i]) for k, v in scores.items()}} for i in range(0, len(texts), self.cfg.grpo.group_size)]
+
+  def write_samples(self, samples: list[dict]):
+    if samples:
+      with open(self.samples_path, "a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
 def evaluate(params, cfg: RunConfig, n: int, k: int = 1, split: str = "eval", seed: int = 0) -> dict:
