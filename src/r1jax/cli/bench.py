@@ -22,7 +22,8 @@ def parse_arms(texts) -> dict[str, list[str]]:
 
 
 def bench(args) -> int:
-  args.config = args.config or ("configs/tiny_r1zero.yaml" if args.what == "rl-demo" else "configs/bench_gpu.yaml")
+  args.config = args.config or ("configs/tiny_r1zero.yaml" if args.what in ("rl-demo", "async")
+                                else "configs/bench_gpu.yaml")
   cfg = config_lib.load(args.config, args.overrides)  # a config error stops here, before jax starts
   if args.what == "sampler":
     from r1jax.bench.sampler import bench_sampler
@@ -37,6 +38,12 @@ def bench(args) -> int:
 
     result = bench_fp8(cfg, args.steps or 10, gemms=not args.train_only, seeds=args.seeds,
                        first_seed=args.first_seed, arms=parse_arms(args.arm))
+  elif args.what == "async":
+    from r1jax import loop
+    from r1jax.bench.async_rollouts import bench_async
+
+    arms = parse_arms(args.arm) if args.arm else None
+    result = bench_async(cfg, loop.run_directory(cfg, args.config), seeds=args.seeds, arms=arms)
   elif args.what == "train":
     from r1jax.bench.train import bench_train
 

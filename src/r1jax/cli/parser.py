@@ -103,9 +103,9 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(command_fn="train:generate")
   p = sub.add_parser("bench", help="benchmarks with JSON output")
-  p.add_argument("what", choices=["train", "fp8", "sampler", "grpo", "rl-demo"])
+  p.add_argument("what", choices=["train", "fp8", "sampler", "grpo", "rl-demo", "async"])
   p.add_argument("--config", help="default: configs/bench_gpu.yaml (train, fp8, sampler, grpo), "
-                 "configs/tiny_r1zero.yaml (rl-demo)")
+                 "configs/tiny_r1zero.yaml (rl-demo, async)")
   p.add_argument("overrides", nargs="*", help="section.field=value")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--prompt-len", type=int, default=64)
@@ -117,10 +117,13 @@ def main(argv=None) -> int:
   p.add_argument("--packed", type=int, default=0, help="train: packed segments per row (0: one sequence per row)")
   p.add_argument("--mesh", help="train: e.g. data=2,expert=4 (missing axes 1; default: the config's mesh)")
   p.add_argument("--train-only", action="store_true", help="fp8: the train steps alone (no GEMM/quantiser tables)")
-  p.add_argument("--seeds", type=int, default=1, help="fp8: loss curves from this many inits per arm")
+  p.add_argument("--seeds", type=int, default=1, help="fp8: loss curves from this many inits per arm; async: "
+                 "seeds, each one base stage and one GRPO run per arm")
   p.add_argument("--first-seed", type=int, default=0, help="fp8: the first of those seeds (to pool several calls)")
   p.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                 help="fp8: one more FP8-on arm, with these overrides, in the interleaved speed run (repeatable)")
+                 help="fp8: one more FP8-on arm, with these overrides, in the interleaved speed run; async: the arms "
+                 "run besides sync (default async:grpo.async=true,mesh.rollout_devices=<half>,grpo.max_staleness=1) "
+                 "(repeatable)")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(command_fn="bench:bench")
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")
