@@ -34,7 +34,8 @@ def _cfg(*overrides):
       "grpo.task=copy", "data.task_digits=2", "data.task_examples=64", "train.seq_len=40", "compute.dtype=float32",
       "sampler.max_new_tokens=8", "sampler.steps_per_call=8", "grpo.prompts_per_step=2", "grpo.group_size=4",
       "grpo.base_steps=0", "grpo.eval_every=1000", "grpo.eval_prompts=4", "grpo.rewards=chars_mod_3:1",
-      "grpo.lr=0.003", "optim.warmup_steps=0", "checkpoint.async_save=false", "checkpoint.every=1000", "train.log_every=1000", *overrides])
+      "grpo.lr=0.003", "optim.warmup_steps=0", "checkpoint.async_save=false", "checkpoint.every=1000",
+      "train.log_every=1000", *overrides])
 
 
 def _metrics(run_dir: Path) -> list[dict]:

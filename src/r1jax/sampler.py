@@ -81,8 +81,8 @@ def sample(logits_BxV, key, cfg: SamplerConfig):
   """(token_B, logprob_B, keep_min_B): a draw from softmax(logits / temperature) restricted to
   truncation_mask, its log-probability under that distribution, and a tempered logit between the set's
   smallest and the largest outside it (-inf when nothing is cut), which is that set for the learner
-  (losses.head_logprobs' keep_min_BxL). Temperature
-  0 is argmax, with the untempered log-probability and no set."""
+  (losses.head_logprobs' keep_min_BxL). Temperature 0 is argmax, with the untempered log-probability and no
+  set."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   keep_min_B = jnp.full(logits_BxV.shape[:1], -jnp.inf, jnp.float32)
   if cfg.temperature == 0:
