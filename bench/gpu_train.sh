@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput on one GPU, r1jax vs HF transformers in the same call (bench config, batch 8 x 2048),
 # and the GPU-only attention tests. Wheels missing from the GPU image travel in .whl/ (DESIGN.md, GPU runs).
-# STAGES picks what runs (default: all): tests peer r1jax fp32 dots packed long.
+# STAGES picks what runs (default: all): tests peer r1jax fp32 dots packed long (longfull, batch16 on request).
 set -uo pipefail
 rm -rf /tmp/site  # a warm machine keeps the last call's /tmp
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
@@ -25,5 +25,8 @@ for stage in $STAGES; do case $stage in
   # Long context on an 80 GB budget (the H200's pool capped at 0.56 x 141 GiB = 79 GiB), remat of dots.
   long) for L in ${LONG:-65536 131072}; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.56 bench "long$L" \
           "$PEER compute.remat=dots train.batch_size=1 train.seq_len=$L model.max_seq_len=$L" --steps 3; done ;;
+  # The same with full remat (each layer's input kept, the layer recomputed): what 131,072 tokens need.
+  longfull) for L in ${LONG:-65536 131072}; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.56 bench "long${L}_full" \
+          "$PEER compute.remat=full train.batch_size=1 train.seq_len=$L model.max_seq_len=$L" --steps 3; done ;;
   batch16) bench batch16 "$PEER compute.remat=dots train.batch_size=16" ;;
 esac; done

@@ -90,8 +90,8 @@ def test_moe_layer_matches_reference(tiny, moe_case, mesh_name, gemm):
   with jax.set_mesh(mesh):
     p = jax.device_put(layers.unbox(boxed), layers.shardings(boxed, mesh))
     (_, (y, stats)), grads = _moe_grad(p, x, tiny.model, compute)
-  assert p["experts"]["w_gate"].sharding.spec == P("expert", "fsdp", "tensor")
-  assert p["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
+  assert p["experts"]["w_gate"].sharding.spec == P("expert", ("fsdp", "context"), "tensor")
+  assert p["experts"]["w_down"].sharding.spec == P("expert", "tensor", ("fsdp", "context"))
   _close(y, y_ref)
   np.testing.assert_array_equal(stats["load"], stats_ref["load"])
   assert stats["dropped_pairs"] == 0

@@ -253,9 +253,9 @@ def test_fp8_dims_must_be_whole_blocks():
 
 def test_fp8_blocks_must_survive_the_tensor_split(tiny):
   compute = dataclasses.replace(tiny.compute, fp8=dataclasses.replace(FP8, block=64))  # moe_inter_dim 64
-  sharding.validate_mesh(tiny.model, compute, jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.AXES))
+  sharding.validate_mesh(tiny.model, compute, sharding.abstract_mesh({}))
   with pytest.raises(ConfigError, match="32 columns per device, not whole compute.fp8.block=64"):
-    sharding.validate_mesh(tiny.model, compute, jax.sharding.AbstractMesh((1, 1, 2, 2), sharding.AXES))
+    sharding.validate_mesh(tiny.model, compute, sharding.abstract_mesh({"expert": 2, "tensor": 2}))
 
 
 def test_kernels_are_not_chosen_where_gspmd_would_replicate_them(monkeypatch):

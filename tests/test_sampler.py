@@ -175,7 +175,8 @@ def test_no_recompilation_for_new_prompts_of_the_same_shapes(mla_case):
 
 
 @pytest.mark.parametrize("mesh_overrides", [["mesh.data=2", "mesh.expert=4"],
-                                            ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]])
+                                            ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+                                            ["mesh.data=2", "mesh.context=4"]])  # prefill split over context
 def test_sharded_generation_equals_one_device(mla_case, mesh_overrides):
   """The training shardings on 8 fake devices; 3 prompts do not divide the batch axes (padded rows)."""
   cfg, compute, params = mla_case

@@ -17,7 +17,8 @@ from r1jax.nn import layers
 ROOT = Path(__file__).resolve().parent.parent
 V3 = str(ROOT / "configs/deepseek_v3_671b.yaml")
 TINY = str(ROOT / "configs/tiny.yaml")
-FSDP_EXPERT = ("fsdp", "expert")
+FSDP_EXPERT = ("fsdp", "context", "expert")  # weights are FSDP-sharded over context too (long-context meshes)
+FSDP = ("fsdp", "context")  # expert weights: `expert` is taken by the experts dim
 
 # DeepSeek-V3 671B: where each kind of weight lives (the leading None is the stacked-layers axis).
 GOLDEN_671B = {
@@ -27,16 +28,16 @@ GOLDEN_671B = {
     "dense_layers/ffn/w_gate": P(None, FSDP_EXPERT, "tensor"),
     "dense_layers/ffn/w_down": P(None, "tensor", FSDP_EXPERT),
     "moe_layers/attn/wq_a": P(None, FSDP_EXPERT, None),
-    "moe_layers/attn/wq_b": P(None, FSDP_EXPERT, "tensor"),
-    "moe_layers/attn/wkv_b": P(None, FSDP_EXPERT, "tensor"),
+    "moe_layers/attn/wq_b": P(None, ("fsdp", "expert"), "tensor"),  # the latent ranks skip context
+    "moe_layers/attn/wkv_b": P(None, ("fsdp", "expert"), "tensor"),
     "moe_layers/attn/wo": P(None, "tensor", FSDP_EXPERT),
     "moe_layers/ffn/router/w": P(None, FSDP_EXPERT, None),
     "moe_layers/ffn/router/bias": P(None, None),
     "moe_layers/ffn/shared/w_up": P(None, FSDP_EXPERT, "tensor"),
-    "moe_layers/ffn/experts/w_gate": P(None, "expert", "fsdp", "tensor"),
-    "moe_layers/ffn/experts/w_up": P(None, "expert", "fsdp", "tensor"),
-    "moe_layers/ffn/experts/w_down": P(None, "expert", "tensor", "fsdp"),
-    "mtp/block/ffn/experts/w_gate": P(None, "expert", "fsdp", "tensor"),
+    "moe_layers/ffn/experts/w_gate": P(None, "expert", FSDP, "tensor"),
+    "moe_layers/ffn/experts/w_up": P(None, "expert", FSDP, "tensor"),
+    "moe_layers/ffn/experts/w_down": P(None, "expert", "tensor", FSDP),
+    "mtp/block/ffn/experts/w_gate": P(None, "expert", FSDP, "tensor"),
     "mtp/proj": P(None, None, FSDP_EXPERT),
 }
 
@@ -47,9 +48,10 @@ def _by_path(tree, is_leaf=None):
 
 
 def test_spec_maps_logical_names_and_skips_taken_axes():
-  assert sharding.spec("batch", "seq", "act_embed") == P(("data", "fsdp", "expert"), None, None)
-  assert sharding.spec("exp", "embed", "exp_mlp") == P("expert", "fsdp", "tensor")  # expert taken by `exp`
+  assert sharding.spec("batch", "seq", "act_embed") == P(("data", "fsdp", "expert"), "context", None)
+  assert sharding.spec("exp", "embed", "exp_mlp") == P("expert", FSDP, "tensor")  # expert taken by `exp`
   assert sharding.spec("embed", "q_lora") == P(FSDP_EXPERT, None)
+  assert sharding.spec("q_lora", "heads") == P(("fsdp", "expert"), "tensor")
   with pytest.raises(KeyError, match="not in sharding.RULES"):
     sharding.spec("nonsense")
 
@@ -67,7 +69,7 @@ def test_671b_params_get_the_intended_specs_abstractly():
 
 
 def test_bad_meshes_fail_with_one_line(tiny, capsys):
-  with pytest.raises(ConfigError, match=r"^mesh data=3, fsdp=1, expert=1, tensor=1: the axis product 3 != 8 devices$"):
+  with pytest.raises(ConfigError, match=r"^mesh data=3, fsdp=1, expert=1, context=1, tensor=1: the axis product 3 != 8 devices$"):
     sharding.make_mesh(MeshConfig(data=3))
   with pytest.raises(ConfigError, match="the other axes .3 devices. do not divide 8 devices"):
     sharding.make_mesh(MeshConfig(data=-1, expert=3))
@@ -160,3 +162,40 @@ def test_lower_671b_on_an_abstract_mesh(capsys):
   assert a["capacity"] == math.ceil(1.25 * 4096 * 8 / 256) == 160
   assert np.isclose(a["bytes_per_layer"], 6 * 256 * 160 * 7168 * 2 * 31 / 32)  # 6 exchanges under remat
   assert 9e9 < r["bytes_per_device"]["params"] < 11e9  # 671B fp32 over 256 devices
+
+
+def test_memory_report_with_a_context_axis(capsys):
+  """Per-device state bytes equal device 0's real shards on a mesh with context=2; the context all-gather moves
+  each layer's latent (kv_lora_rank + qk_rope_head_dim per token) from the other half of every row, three times
+  a step under remat (forward, its recomputation, the backward's reduce-scatter)."""
+  sizes = {"data": 1, "fsdp": 1, "expert": 2, "context": 2, "tensor": 2}
+  assert cli.main(["info", TINY, "--mesh", ",".join(f"{k}={v}" for k, v in sizes.items()), "--batch", "4",
+                   "--seq", "64", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)["mesh"]
+  mesh = sharding.make_mesh(MeshConfig(**sizes))
+  with jax.set_mesh(mesh):
+    state = train.init_state(config.load(TINY), jax.random.key(0), mesh)
+  dev0 = jax.devices()[0]
+  assert r["bytes_per_device"]["params"] == sum(s.data.nbytes for x in jax.tree.leaves(state.params)
+                                                for s in x.addressable_shards if s.device == dev0)
+  cfg, c = config.load(TINY).model, r["context_exchange"]
+  rows = 4 / 2  # batch over expert (data and fsdp are 1)
+  assert c["bytes_per_exchange"] == int(rows * 64 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 / 2)
+  n_ops = 2 if config.load(TINY).compute.remat == "none" else 3
+  assert c["exchanges_per_layer"] == n_ops
+  assert c["bytes_per_step"] == int(n_ops * c["bytes_per_exchange"] * (cfg.n_layers + cfg.n_mtp))
+  assert r["all_to_all"]["tokens_per_device"] == 4 * 64 // 2 // 2  # rows over expert, each row over context
+  assert cli.main(["info", TINY, "--mesh", "data=2,context=4", "--seq", "30"]) == cli.EXIT["config error"]
+  assert "must be a multiple of mesh.context=4" in capsys.readouterr().err
+
+
+def test_v3_at_128k_with_context_4_lowers(capsys):
+  """The issue's plan for V3 at 128K: 1024 devices (fsdp 8 x expert 32 x context 4); memory, both exchanges, and
+  the AOT lowering of the step from ShapeDtypeStructs."""
+  assert cli.main(["info", V3, "--mesh", "data=1,fsdp=8,expert=32,context=4", "--batch", "256", "--seq", "131072",
+                   "--lower", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out)["mesh"]
+  assert r["devices"] == 1024 and r["lower"]["lowered"]
+  c = r["context_exchange"]
+  assert c["values_per_token"] == 576 and c["attention_layers"] == 61 + 1
+  assert c["bytes_per_exchange"] == int(256 / 256 * 131072 * 576 * 2 * 3 / 4)

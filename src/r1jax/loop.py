@@ -84,7 +84,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, step_fn=No
   """
   run_dir = Path(run_dir).absolute()
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-  sharding.validate_mesh(cfg.model, cfg.compute, mesh, cfg.train.batch_size if source is None else None)
+  sharding.validate_mesh(cfg.model, cfg.compute, mesh, cfg.train.batch_size if source is None else None,
+                         cfg.train.seq_len)
   lead, pid = jax.process_index() == 0, jax.process_index()
   print(f"process {pid}/{jax.process_count()}: mesh {dict(mesh.shape)} over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices ({jax.local_device_count()} local)", flush=True)

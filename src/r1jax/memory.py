@@ -1,7 +1,8 @@
 """What a mesh costs before it exists: per-device bytes of parameters, gradients, optimizer state and
 activations, the all-to-all traffic of each MoE layer and its time at a link bandwidth (the H800's
-NVLink is 400 GB/s against 900 on an H100, the constraint DualPipe works around: V3 report §3.2.1), and an
-ahead-of-time lowering of the train step on an abstract mesh from ShapeDtypeStructs (no allocation)."""
+NVLink is 400 GB/s against 900 on an H100, the constraint DualPipe works around: V3 report §3.2.1), the
+context axis's all-gather of what attention reads, and an ahead-of-time lowering of the train step on an
+abstract mesh from ShapeDtypeStructs (no allocation)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def shard_bytes(shape, dtype, spec: P, sizes: dict[str, int]) -> int:
   n = 1
   for dim, axes in zip(shape, spec):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    n *= math.ceil(dim / math.prod(sizes[a] for a in axes))
+    n *= math.ceil(dim / math.prod(sizes.get(a, 1) for a in axes))
   return n * jnp.dtype(dtype).itemsize
 
 
@@ -71,15 +72,16 @@ def activation_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, 
   projections (dots without batch dims) and each layer's input; "full" keeps layer inputs plus one layer
   being recomputed; "none" keeps every intermediate, the fp32 RMSNorm inputs and the expert buffers too.
   The head's logits live one chunk at a time (losses.head_logprobs)."""
-  tokens = batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
+  tokens = _tokens_per_device(sizes, batch, seq)
+  n_ctx = _context(sizes)  # each device keeps the keys and values of n_ctx times its own tokens
   t, b, f32 = sizes["tensor"], jnp.dtype(compute.dtype).itemsize, 4
   D, H, E, K = cfg.dim, cfg.n_heads, cfg.n_routed_experts, cfg.n_activated_experts
   if cfg.attention == "gqa":
-    proj = (H + 2 * cfg.n_kv_heads) * cfg.head_dim / t + D  # q, k, v, o
+    proj = (H + 2 * cfg.n_kv_heads * n_ctx) * cfg.head_dim / t + D  # q, k, v, o
     attn_rest = (H * cfg.head_dim / t) * b + H / t * f32 + 2 * D * f32  # attention output, lse, norm input
-  else:
-    proj = (cfg.q_lora_rank + H * cfg.qk_head_dim / t + cfg.kv_lora_rank + cfg.qk_rope_head_dim
-            + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t + D)
+  else:  # the gathered latent and the keys and values decompressed from it span the whole sequence
+    proj = (cfg.q_lora_rank + H * cfg.qk_head_dim / t + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * n_ctx
+            + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) / t * n_ctx + D)
     # q and k concatenated per head, attention output, lse, fp32 norm inputs (block and latent norms)
     attn_rest = (H * (2 * cfg.qk_head_dim + cfg.v_head_dim) / t) * b + H / t * f32 + (2 * D + cfg.q_lora_rank
                                                                                       + cfg.kv_lora_rank) * f32
@@ -124,7 +126,7 @@ def all_to_all(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], 
   under remat); each moves the [E, C, D] buffer, of which (n_ep - 1) / n_ep leaves the device.
   """
   n_ep = sizes["expert"]
-  tokens = batch * seq // math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
+  tokens = int(_tokens_per_device(sizes, batch, seq))
   C = expert_parallel.capacity(tokens, cfg, compute.capacity_factor)
   b = jnp.dtype(compute.dtype).itemsize
   leaves = (n_ep - 1) / n_ep
@@ -143,10 +145,42 @@ def all_to_all(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], 
           "expert_gemm_flops_per_layer": int(gemm_flops)}
 
 
+def _context(sizes: dict[str, int]) -> int:
+  return math.prod(sizes.get(a, 1) for a in sharding.mesh_axes("seq"))
+
+
+def _tokens_per_device(sizes: dict[str, int], batch: int, seq: int) -> float:
+  """Tokens of one device: rows split over the batch axes, each row over the context axis."""
+  return batch * seq / math.prod(sizes[a] for a in sharding.mesh_axes("batch")) / _context(sizes)
+
+
+def context_exchange(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], batch: int, seq: int,
+                     link_GBps: float) -> dict:
+  """Bytes one device receives per attention layer per step for context parallelism, and the time at
+  `link_GBps`. Each layer all-gathers what attention reads over the context axis (MLA: the latent and the
+  shared rope key, kv_lora_rank + qk_rope_head_dim values per token; GQA: the keys and values), the backward
+  pass reduce-scatters its gradient (the same bytes), and remat's recomputed forward gathers again."""
+  n_ctx = _context(sizes)
+  rows = batch / math.prod(sizes[a] for a in sharding.mesh_axes("batch"))
+  b = jnp.dtype(compute.dtype).itemsize
+  if cfg.attention == "mla":
+    per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  else:
+    per_token = 2 * cfg.n_kv_heads * cfg.head_dim / sizes["tensor"]
+  n_ops = 2 if compute.remat == "none" else 3
+  per_op = rows * seq * per_token * b * (n_ctx - 1) / n_ctx
+  n_layers = cfg.n_layers + cfg.n_mtp
+  seconds = n_ops * per_op / (link_GBps * 1e9)
+  return {"context": n_ctx, "values_per_token": per_token, "exchanges_per_layer": n_ops,
+          "bytes_per_exchange": int(per_op), "bytes_per_layer": int(n_ops * per_op), "attention_layers": n_layers,
+          "bytes_per_step": int(n_ops * per_op * n_layers), "link_GBps": link_GBps,
+          "ms_per_layer": 1e3 * seconds, "ms_per_step": 1e3 * seconds * n_layers}
+
+
 def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBps: float) -> dict:
   """The `r1jax info --mesh` numbers for one device of the mesh."""
   mesh = sharding.abstract_mesh(sizes)
-  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch)
+  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch, seq)
   mem = state_bytes(cfg, sizes)
   if tiles := expert_tile_bytes(cfg, sizes):
     mem["fp8_expert_tiles"] = tiles
@@ -157,6 +191,8 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
          "bytes_per_device": mem, "fused_attention": fused}
   if cfg.model.n_moe_layers or cfg.model.n_mtp:
     out["all_to_all"] = all_to_all(cfg.model, cfg.compute, sizes, batch, seq, link_GBps)
+  if _context(sizes) > 1:
+    out["context_exchange"] = context_exchange(cfg.model, cfg.compute, sizes, batch, seq, link_GBps)
   return out
 
 
@@ -164,7 +200,7 @@ def lower(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int) -> dict:
   """Lower the jitted train step on an abstract mesh from ShapeDtypeStructs (nothing is allocated);
   compile it and read XLA's memory analysis when this backend has enough devices for the mesh."""
   mesh = sharding.abstract_mesh(sizes)
-  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch)
+  sharding.validate_mesh(cfg.model, cfg.compute, mesh, batch, seq)
   state = train.abstract_state(cfg, mesh)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   batch_sds = Batch(tokens, tokens, tokens)

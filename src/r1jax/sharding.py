@@ -1,4 +1,8 @@
-"""One mesh (data, fsdp, expert, tensor) and ONE table from logical axis names to mesh axes."""
+"""One mesh (data, fsdp, expert, context, tensor) and ONE table from logical axis names to mesh axes.
+
+`context` splits every activation along the sequence (context parallelism for long sequences): attention
+all-gathers what it attends to over it (MLA: the small latent, nn/mla.py), the MoE layer treats a context
+shard's tokens like another batch shard's (nn/moe.py), and weights are FSDP-sharded over it as over fsdp."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ComputeConfig, ConfigError, MeshConfig, ModelConfig
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # Logical name -> mesh axis (or axes). Weights and activations name their dimensions; only this table
 # says where those dimensions live. Outside MoE layers the expert axis is one more data axis: it shards
@@ -21,7 +25,7 @@ AXES = ("data", "fsdp", "expert", "tensor")
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "seq": None,
+    "seq": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_mlp": "tensor",
@@ -29,7 +33,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # weights
     "layers": None,  # the scan axis of stacked identical layers
     "vocab": "tensor",
-    "embed": ("fsdp", "expert"),
+    "embed": ("fsdp", "context", "expert"),
+    # The latent ranks are small (V3: 1536 and 512): over context too they would not divide a 1024-device mesh.
     "q_lora": ("fsdp", "expert"),
     "kv_lora": ("fsdp", "expert"),
     "heads": "tensor",
@@ -67,11 +72,28 @@ def named(mesh: jax.sharding.Mesh, names: tuple) -> NamedSharding:
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """Constrain an activation's layout by logical names, against the mesh set with `jax.set_mesh`.
 
-  With no mesh in context (plain eager use in a notebook) there is nothing to constrain against.
+  With no mesh in context (plain eager use in a notebook) there is nothing to constrain against. A dimension
+  that a name's mesh axes do not divide stays whole (a decode step's one token is not split over `context`;
+  every context shard computes it).
   """
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, spec(*names))
+  return jax.lax.with_sharding_constraint(x, fitted(spec(*names), x.shape, mesh))
+
+
+def fitted(pspec: P, shape, mesh) -> P:
+  """`pspec` with the mesh axes of each dimension that they do not divide dropped."""
+  dims = []
+  for size, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec))):
+    axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    dims.append(axes if axes_t and size % math.prod(mesh.shape[a] for a in axes_t) == 0 else None)
+  return P(*dims)
+
+
+def context_size(mesh) -> int:
+  """How many shards each sequence is split into (1 without context parallelism)."""
+  return _size(mesh, "seq")
 
 
 def axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
@@ -149,8 +171,12 @@ def batch_size_multiple(mesh) -> int:
   return _size(mesh, "batch")
 
 
-def validate_mesh(cfg: ModelConfig, compute: ComputeConfig, mesh, batch_size: int | None = None):
+def validate_mesh(cfg: ModelConfig, compute: ComputeConfig, mesh, batch_size: int | None = None,
+                  seq_len: int | None = None):
   """Model-vs-mesh checks that must fail with one line before anything is traced or compiled."""
+  if seq_len is not None and seq_len % context_size(mesh):
+    raise ConfigError(f"train.seq_len={seq_len}: must be a multiple of mesh.context={context_size(mesh)}, the "
+                      "shards each sequence is split into")
   n_tensor = mesh.shape["tensor"]
   split = [("n_heads", cfg.n_heads, "heads"), ("vocab_size", cfg.vocab_size, "vocab")]
   if cfg.n_dense_layers:

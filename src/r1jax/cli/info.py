@@ -43,6 +43,12 @@ def format_mesh_report(r: dict) -> str:
                  f"capacity {a['capacity']}; unpadded {gb(a['unpadded_bytes_per_layer'])}): "
                  f"{a['ms_per_layer']:.2f} ms at {a['link_GBps']:g} GB/s, {a['ms_per_step']:.1f} ms/step "
                  f"over {a['moe_layers']} layers")
+  if "context_exchange" in r:
+    c = r["context_exchange"]
+    lines.append(f"  context all-gather per attention layer {gb(c['bytes_per_layer'])} ({c['exchanges_per_layer']} "
+                 f"exchanges of {c['values_per_token']:g} values per token over context={c['context']}): "
+                 f"{c['ms_per_layer']:.2f} ms at {c['link_GBps']:g} GB/s, {c['ms_per_step']:.1f} ms/step over "
+                 f"{c['attention_layers']} layers")
   if "lower" in r:
     lo = r["lower"]
     lines.append(f"  lowered on {lo['platform']}: {lo['hlo_chars']} chars of StableHLO")

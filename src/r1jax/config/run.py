@@ -18,6 +18,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   expert: int = 1
+  context: int = 1  # splits each sequence (context parallelism for long sequences)
   tensor: int = 1
   # GRPO with grpo.async_rollouts: this many devices sample, the rest learn; each sub-mesh resolves the axis
   # sizes above over its own devices (0: no split).

@@ -74,6 +74,9 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = F
 def _unsupported(name: str, q, v, packed: bool) -> str | None:
   """Why `name` cannot compute this call exactly, or None if it can."""
   backend = jax.default_backend()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and sharding.context_size(mesh) > 1:
+    return "context parallelism (a shard's queries start mid-sequence; the kernel's causal mask assumes they do not)"
   if name == "cudnn":
     if backend != "gpu" or _cudnn is None:
       return f"needs an NVIDIA GPU with cuDNN (backend is {backend})"

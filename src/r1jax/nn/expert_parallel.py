@@ -107,23 +107,32 @@ def spec(*names):
 class Axes(NamedTuple):
   """Mesh axes the MoE layer reduces over: all empty when it runs on one device outside shard_map."""
 
-  batch: tuple[str, ...] = ()  # shard the tokens
+  batch: tuple[str, ...] = ()  # shard the tokens by row
   exp: tuple[str, ...] = ()  # shard the experts (the all-to-all group)
   exp_mlp: tuple[str, ...] = ()  # split each expert's FFN width
+  seq: tuple[str, ...] = ()  # shard the tokens along each sequence (context parallelism)
 
   @classmethod
-  def from_rules(cls) -> Axes:
-    return cls(mesh_axes("batch"), mesh_axes("exp"), mesh_axes("exp_mlp"))
+  def from_rules(cls, split_seq: bool = False) -> Axes:
+    return cls(mesh_axes("batch"), mesh_axes("exp"), mesh_axes("exp_mlp"), mesh_axes("seq") if split_seq else ())
+
+  @property
+  def tokens(self) -> tuple[str, ...]:
+    """Every axis that splits the tokens: what token statistics are summed over."""
+    return self.batch + self.seq
 
 
-def specs(router: dict, replay: bool, expert_extras: dict | None = None):
+def specs(router: dict, replay: bool, expert_extras: dict | None = None, split_seq: bool = False):
   """in/out specs of the MoE shard_map over (router, experts, x, token mask, sequence ids[, replayed experts]).
 
   Expert weights arrive split by expert and (F) by tensor; their fsdp-split embed dim is all-gathered on
   entry (FSDP), as are `expert_extras` (the specs of whatever else the experts dict holds, such as weights
-  quantised ahead). The router is small and replicated; per-token inputs and outputs are split over the batch.
+  quantised ahead). The router is small and replicated; per-token inputs and outputs are split over the batch,
+  and with `split_seq` along the sequence too (context parallelism: a context shard's tokens route like
+  another batch shard's).
   """
-  x, per_token = spec("batch", None, None), spec("batch", None)
+  seq = "seq" if split_seq else None
+  x, per_token = spec("batch", seq, None), spec("batch", seq)
   experts = {"w_gate": spec("exp", None, "exp_mlp"), "w_up": spec("exp", None, "exp_mlp"),
              "w_down": spec("exp", "exp_mlp", None), **(expert_extras or {})}
   in_specs = (jax.tree.map(lambda _: P(), router), experts, x, per_token, per_token) + ((x,) if replay else ())

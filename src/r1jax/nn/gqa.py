@@ -56,6 +56,9 @@ def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask: attention.Mas
 
 def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig, compute: ComputeConfig):
   q, k, v = _qkv(p, x_BxLxD, cos, sin, cfg, compute)
+  # Context parallelism: a shard's queries attend over the whole sequence, so keys and values are all-gathered
+  # over `context` (the queries, and so the output, stay split).
+  k, v = (constrain(x, "batch", None, "act_heads", None) for x in (k, v))
   return _attend(p, q, k, v, mask, compute)
 
 

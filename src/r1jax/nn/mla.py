@@ -54,8 +54,14 @@ def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig, co
   B, L, _ = x_BxLxD.shape
   H, Dn, Dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
   q_nope, q_pe, ckv_BxLxR, k_pe_BxLxDr = _project(p, x_BxLxD, cos, sin, cfg, compute)
+  # Context parallelism: a shard's queries attend over the whole sequence, so what MLA caches per token (the
+  # latent and the shared rope key, kv_lora_rank + qk_rope_head_dim values: 576 for V3) is all-gathered over
+  # `context` and every shard decompresses the keys and values itself: ~70x fewer bytes than gathering
+  # per-head keys and values (128 heads x 320 values for V3), for one extra wkv_b GEMM per shard.
+  ckv_BxLxR = constrain(ckv_BxLxR, "batch", None, None)
+  k_pe_BxLxDr = constrain(k_pe_BxLxDr, "batch", None, None)
   kv_BxLxHx = layers.dense(ckv_BxLxR, p["wkv_b"], compute.fp8.use("attention")).reshape(B, L, H, Dn + Dv)
-  kv_BxLxHx = constrain(kv_BxLxHx, "batch", "seq", "act_heads", None)
+  kv_BxLxHx = constrain(kv_BxLxHx, "batch", None, "act_heads", None)
   k_pe_BxLxHxDr = jnp.broadcast_to(k_pe_BxLxDr[:, :, None], (B, L, H, cfg.qk_rope_head_dim))
   q_BxLxHxDqk = jnp.concatenate([q_nope, q_pe], -1)
   k_BxLxHxDqk = jnp.concatenate([kv_BxLxHx[..., :Dn], k_pe_BxLxHxDr], -1)

@@ -115,19 +115,58 @@ def sequence_ids(tokens: Tokens):
   return (jnp.cumsum(starts_BxL, axis=1) - 1 + L * jnp.arange(B)[:, None]).reshape(B * L)
 
 
-def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig, alpha: float):
+def sequence_aux_loss(routing: Routing, tokens: Tokens, cfg: ModelConfig, alpha: float, seq_axes=()):
   """Sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17-20) of every sequence (a packed segment,
-  real tokens only). Returns (sum over sequences, number of sequences), so shards can be combined exactly."""
+  real tokens only). Returns (sum over sequences, number of sequences), so shards can be combined exactly.
+  With `seq_axes` (inside shard_map, rows split along the sequence) a sequence's sums are completed across the
+  shards it spans before the product, and it is counted once, by the shard where it starts."""
   E, K = cfg.n_routed_experts, cfg.n_activated_experts
   T = routing.scores_TxE.shape[0]
   mask_T = tokens.mask_BxL.reshape(T).astype(jnp.float32)
   seq_T = sequence_ids(tokens)
   chosen_TxE = jax.nn.one_hot(routing.experts_TxK, E, dtype=jnp.float32).sum(axis=1) * mask_T[:, None]
   probs_TxE = routing.scores_TxE / routing.scores_TxE.sum(-1, keepdims=True) * mask_T[:, None]
-  n_S = jax.ops.segment_sum(mask_T, seq_T, num_segments=T)
-  f_SxE = jax.ops.segment_sum(chosen_TxE, seq_T, num_segments=T) * E / (K * jnp.maximum(n_S, 1.0))[:, None]
-  p_SxE = jax.ops.segment_sum(probs_TxE, seq_T, num_segments=T) / jnp.maximum(n_S, 1.0)[:, None]
-  return alpha * (f_SxE * p_SxE).sum(), (n_S > 0).sum().astype(jnp.float32)
+  sums = {"n": jax.ops.segment_sum(mask_T, seq_T, num_segments=T),
+          "chosen": jax.ops.segment_sum(chosen_TxE, seq_T, num_segments=T),
+          "probs": jax.ops.segment_sum(probs_TxE, seq_T, num_segments=T)}
+  home_S = jnp.ones(T, jnp.bool_)
+  if seq_axes:
+    sums, home_S = _join_split_sequences(sums, tokens.segment_ids_BxL, seq_axes)
+  n_S = jnp.maximum(sums["n"], 1.0)[:, None]
+  f_SxE, p_SxE = sums["chosen"] * E / (K * n_S), sums["probs"] / n_S
+  counted_S = home_S & (sums["n"] > 0)
+  return alpha * jnp.where(counted_S, (f_SxE * p_SxE).sum(-1), 0.0).sum(), counted_S.sum().astype(jnp.float32)
+
+
+def _join_split_sequences(sums: dict, seg_BxL, seq_axes: tuple[str, ...]):
+  """Per-sequence sums (indexed as sequence_ids numbers this shard's runs) completed across context shards: a
+  row's last run gets the partial sums of the following shards' first runs for as long as the sequence goes
+  on (a sequence continues into the next shard when its segment id is that shard's first one), and a row's
+  first run is not this shard's to count when it continues the previous shard's last run. Only each row's two
+  end runs are exchanged (an all-gather of 2 x (2E + 1) numbers per row), never the tokens."""
+  B, L = seg_BxL.shape
+  starts_BxL = jnp.concatenate([jnp.ones((B, 1), jnp.bool_), seg_BxL[:, 1:] != seg_BxL[:, :-1]], axis=1)
+  runs_B = starts_BxL.sum(1)
+  first_B = jnp.arange(B) * L
+  last_B = first_B + runs_B - 1
+  ends = {k: v[first_B] for k, v in sums.items()}  # this shard's first run of each row: what others may need
+  mine = {"first": ends, "seg_first": seg_BxL[:, 0], "seg_last": seg_BxL[:, -1], "runs": runs_B}
+  every = jax.tree.map(lambda x: jax.lax.all_gather(x, seq_axes), mine)  # leading axis: the shard
+  n_shards = every["runs"].shape[0]
+  j = jax.lax.axis_index(seq_axes)
+  # continues_CxB[m]: shard m's first run is the same sequence as shard m-1's last run
+  continues_CxB = jnp.concatenate([jnp.zeros((1, B), jnp.bool_), every["seg_first"][1:] == every["seg_last"][:-1]])
+  added = jax.tree.map(jnp.zeros_like, ends)
+  going_B = jnp.ones(B, jnp.bool_)  # the sequence of this shard's last run still runs on at shard m
+  for m in range(1, n_shards):
+    after = m > j
+    take_B = after & going_B & continues_CxB[m]
+    added = jax.tree.map(lambda a, x: a + jnp.where(take_B.reshape((B,) + (1,) * (x.ndim - 2)), x[m], 0.0),
+                         added, every["first"])
+    going_B = jnp.where(after, take_B & (every["runs"][m] == 1), going_B)
+  sums = {k: v.at[last_B].add(added[k]) for k, v in sums.items()}
+  home_S = jnp.ones(sums["n"].shape[0], jnp.bool_).at[first_B].set(~continues_CxB[j])
+  return sums, home_S
 
 
 def expert_load(experts_TxK, mask_T, n_experts: int):
@@ -139,8 +178,8 @@ def expert_load(experts_TxK, mask_T, n_experts: int):
 def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, replay_BxLxK, cfg: ModelConfig,
                   compute: ComputeConfig, axes: ep.Axes):
   """One shard of the MoE (inside shard_map, or all of it on one device): route its tokens, dispatch,
-  combine. Stats are reduced over the batch axes so every replica sees the global load and updates the
-  same bias."""
+  combine. Stats are reduced over the axes that split the tokens (batch, and context when sequences are
+  split) so every replica sees the global load and updates the same bias."""
   B, L, D = x_BxLxD.shape
   tokens = Tokens(mask_BxL, seg_BxL)
   x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
@@ -152,11 +191,12 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
                                        compute.capacity_factor, axes.exp, expert_ffn.choose(compute, experts))
   y_TxD = ep.sum_over(y_TxD, axes.exp_mlp)  # the expert FFN width may be split over tensor: add the parts
-  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg, compute.aux_loss_alpha)
-  stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), axes.batch),
-           "aux_loss": ep.sum_over(aux_sum, axes.batch) / jnp.maximum(ep.sum_over(n_seq, axes.batch), 1.0),
-           "dropped_pairs": ep.sum_over(dropped, axes.batch),
-           "replay_differs": ep.sum_over(replay_differs(routing, mask_T), axes.batch),
+  aux_sum, n_seq = sequence_aux_loss(routing, tokens, cfg, compute.aux_loss_alpha, axes.seq)
+  over = axes.tokens
+  stats = {"load": ep.sum_over(expert_load(routing.experts_TxK, mask_T, cfg.n_routed_experts), over),
+           "aux_loss": ep.sum_over(aux_sum, over) / jnp.maximum(ep.sum_over(n_seq, over), 1.0),
+           "dropped_pairs": ep.sum_over(dropped, over),
+           "replay_differs": ep.sum_over(replay_differs(routing, mask_T), over),
            "experts": routing.experts_TxK.reshape(B, L, -1)}
   return y_TxD.reshape(B, L, D), stats
 
@@ -197,10 +237,14 @@ def apply(p: dict, x_BxLxD, cfg: ModelConfig, compute: ComputeConfig, tokens: To
     pad = -B % sharding.batch_size_multiple(mesh)
     args = args[:2] + tuple(_pad_rows(a, pad) for a in args[2:])
     tiles = {"fp8_tiles": fp8.experts.tile_specs(ep.spec)} if "fp8_tiles" in p["experts"] else None
-    in_specs, out_specs = ep.specs(p["router"], replay, tiles)
+    # Context parallelism: a sequence split over `context` routes its shard's tokens there; a length it does not
+    # divide (a decode step's one token) is computed whole on every context shard.
+    n_ctx = sharding.context_size(mesh)
+    split_seq = n_ctx > 1 and L % n_ctx == 0
+    in_specs, out_specs = ep.specs(p["router"], replay, tiles, split_seq)
 
     def shard_fn(r, e, x, m, s, *rep):
-      return _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg, compute, ep.Axes.from_rules())
+      return _routed_shard(r, e, x, m, s, rep[0] if rep else None, cfg, compute, ep.Axes.from_rules(split_seq))
 
     y_BxLxD, stats = jax.shard_map(shard_fn, in_specs=in_specs, out_specs=out_specs)(*args)
     y_BxLxD, stats["experts"] = y_BxLxD[:B], stats["experts"][:B]
