@@ -69,7 +69,8 @@ def test_671b_params_get_the_intended_specs_abstractly():
 
 
 def test_bad_meshes_fail_with_one_line(tiny, capsys):
-  with pytest.raises(ConfigError, match=r"^mesh data=3, fsdp=1, expert=1, context=1, tensor=1: the axis product 3 != 8 devices$"):
+  with pytest.raises(ConfigError,
+                     match=r"^mesh data=3, fsdp=1, expert=1, context=1, tensor=1: the axis product 3 != 8 devices$"):
     sharding.make_mesh(MeshConfig(data=3))
   with pytest.raises(ConfigError, match="the other axes .3 devices. do not divide 8 devices"):
     sharding.make_mesh(MeshConfig(data=-1, expert=3))

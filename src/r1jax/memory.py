@@ -55,10 +55,13 @@ def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
   return total
 
 
-def fused_attention(cfg: RunConfig, backend: str) -> bool:
+def fused_attention(cfg: RunConfig, backend: str, context: int = 1) -> bool:
   """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
-  unpacked rows (packed batches carry segment ids, which cuDNN is not given)."""
+  unpacked rows (packed batches carry segment ids, which cuDNN is not given); never with context
+  parallelism (the kernels' causal masks assume a shard's queries start at 0)."""
   impl = cfg.compute.attention_impl
+  if context > 1:
+    return False
   if backend == "tpu":
     return impl in ("auto", "splash")
   return backend == "gpu" and impl in ("auto", "cudnn") and not cfg.data.pack
@@ -184,7 +187,7 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
   mem = state_bytes(cfg, sizes)
   if tiles := expert_tile_bytes(cfg, sizes):
     mem["fp8_expert_tiles"] = tiles
-  fused = fused_attention(cfg, jax.default_backend())
+  fused = fused_attention(cfg, jax.default_backend(), _context(sizes))
   mem["activations_estimate"] = activation_bytes(cfg.model, cfg.compute, sizes, batch, seq, fused)
   mem["total"] = sum(mem.values())
   out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
