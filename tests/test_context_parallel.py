@@ -1,6 +1,7 @@
-"""Context parallelism on 8 simulated devices: sequences split over the `context` mesh axis give one device's
-logits, losses (balance loss included, with packed sequences that cross shard edges) and gradients, YaRN
-positions included; no shard sees a future token; a length the axis does not divide is refused in one line."""
+"""Context parallelism on 8 simulated devices: sequences split over the `context` mesh axis (attention blockwise
+over the gathered keys) give one device's logits (attention by the XLA reference), losses (balance loss
+included, with packed sequences that cross shard edges) and gradients, YaRN positions included; no shard sees
+a future token; a length the axis does not divide is refused in one line."""
 
 import dataclasses
 
@@ -55,7 +56,9 @@ def _run(cfg, mesh, batch):
 
 @pytest.fixture(scope="module")
 def fp32(tiny):
-  return dataclasses.replace(tiny, compute=dataclasses.replace(tiny.compute, dtype="float32"))
+  """fp32, and blocks of 8 keys: under context=4 auto runs blockwise attention, whose shard s (queries 8s to
+  8s + 7) then visits four key blocks, before, at and after its own slice of the sequence."""
+  return dataclasses.replace(tiny, compute=dataclasses.replace(tiny.compute, dtype="float32", attention_block=8))
 
 
 @pytest.fixture(scope="module")

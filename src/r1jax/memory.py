@@ -55,16 +55,30 @@ def expert_tile_bytes(cfg: RunConfig, sizes: dict[str, int]) -> int:
   return total
 
 
-def fused_attention(cfg: RunConfig, backend: str, context: int = 1) -> bool:
-  """Whether SFT attention runs fused on `backend` (nn/attention.py): splash on TPU; cuDNN on GPU for
-  unpacked rows (packed batches carry segment ids, which cuDNN is not given); never with context
-  parallelism (the kernels' causal masks assume a shard's queries start at 0)."""
-  impl = cfg.compute.attention_impl
+def attention_impl(compute: ComputeConfig, backend: str, context: int = 1, packed: bool = False) -> str:
+  """The attention SFT runs on `backend` (nn/attention.py's choice, decided here without arrays): auto takes
+  blockwise under context parallelism (the kernels' causal masks assume a shard's queries start at 0), else
+  splash on TPU, cuDNN on GPU for unpacked rows (packed batches carry segment ids, which cuDNN is not given),
+  else xla."""
+  impl = compute.attention_impl
+  if impl != "auto":
+    return impl
   if context > 1:
-    return False
-  if backend == "tpu":
-    return impl in ("auto", "splash")
-  return backend == "gpu" and impl in ("auto", "cudnn") and not cfg.data.pack
+    return "blockwise"
+  return {"tpu": "splash", "gpu": "xla" if packed else "cudnn"}.get(backend, "xla")
+
+
+def fused_attention(compute: ComputeConfig, backend: str, context: int = 1, packed: bool = False) -> bool:
+  """Whether SFT attention keeps no [L, S] scores for the backward pass (every implementation but xla)."""
+  return attention_impl(compute, backend, context, packed) != "xla"
+
+
+def attention_block_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], batch: int,
+                          seq: int) -> int:
+  """Blockwise attention's transient per device: four fp32 [H, L/N, attention_block] tensors of one layer's
+  backward step (scores, probabilities, their gradient and the scores'), freed before the next block."""
+  heads = cfg.n_heads / sizes["tensor"]
+  return int(4 * _tokens_per_device(sizes, batch, seq) * heads * min(compute.attention_block, seq) * 4)
 
 
 def activation_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, int], batch: int, seq: int,
@@ -187,11 +201,14 @@ def report(cfg: RunConfig, sizes: dict[str, int], batch: int, seq: int, link_GBp
   mem = state_bytes(cfg, sizes)
   if tiles := expert_tile_bytes(cfg, sizes):
     mem["fp8_expert_tiles"] = tiles
-  fused = fused_attention(cfg, jax.default_backend(), _context(sizes))
+  impl = attention_impl(cfg.compute, jax.default_backend(), _context(sizes), cfg.data.pack)
+  fused = impl != "xla"
   mem["activations_estimate"] = activation_bytes(cfg.model, cfg.compute, sizes, batch, seq, fused)
+  if impl == "blockwise":
+    mem["attention_blocks"] = attention_block_bytes(cfg.model, cfg.compute, sizes, batch, seq)
   mem["total"] = sum(mem.values())
   out = {"mesh": sizes, "devices": math.prod(sizes.values()), "batch": batch, "seq_len": seq,
-         "bytes_per_device": mem, "fused_attention": fused}
+         "bytes_per_device": mem, "attention_impl": impl, "fused_attention": fused}
   if cfg.model.n_moe_layers or cfg.model.n_mtp:
     out["all_to_all"] = all_to_all(cfg.model, cfg.compute, sizes, batch, seq, link_GBps)
   if _context(sizes) > 1:

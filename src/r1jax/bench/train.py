@@ -57,7 +57,7 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
   peak = matmul_peak_tflops() if platform == "gpu" else float("nan")
   sizes = sharding.axis_sizes(cfg.mesh, jax.device_count())
   # XLA's temporaries hold the gradients and the FP8 expert tiles as well as the activations
-  fused = platform == "tpu" or (platform == "gpu" and not packed)  # what nn/attention.py's auto picks here
+  fused = memory.fused_attention(cfg.compute, platform, sizes["context"], packed > 0)
   estimate = (memory.activation_bytes(cfg.model, cfg.compute, sizes, cfg.train.batch_size, cfg.train.seq_len,
                                       fused)
               + memory.state_bytes(cfg, sizes)["grads"] + memory.expert_tile_bytes(cfg, sizes))

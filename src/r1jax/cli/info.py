@@ -35,7 +35,8 @@ def format_mesh_report(r: dict) -> str:
     return f"{n / 1024**unit:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
 
   mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-  lines = [f"mesh {mesh} ({r['devices']} devices), global batch {r['batch']} x {r['seq_len']}; per device:"]
+  lines = [f"mesh {mesh} ({r['devices']} devices), global batch {r['batch']} x {r['seq_len']}, "
+           f"{r['attention_impl']} attention; per device:"]
   lines += [f"  {k:22s} {gb(v)}" for k, v in r["bytes_per_device"].items()]
   if "all_to_all" in r:
     a = r["all_to_all"]

@@ -54,8 +54,10 @@ class ComputeConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
   init_std: float = 0.006  # a fresh model's weights
   remat: Literal["none", "full", "dots"] = "none"
-  # nn/attention.py: auto picks cuDNN flash attention on GPU, splash on TPU, the XLA reference elsewhere.
-  attention_impl: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+  # nn/attention.py: auto picks cuDNN flash attention on GPU, splash on TPU, blockwise (nn/blockwise.py) under
+  # context parallelism, the XLA reference elsewhere.
+  attention_impl: Literal["auto", "xla", "cudnn", "splash", "blockwise"] = "auto"
+  attention_block: int = 512  # keys per block of blockwise attention: its scores are [L, attention_block]
   # Expert parallelism (expert_parallel.py): fixed-capacity all-to-all dispatch over the `expert` mesh axis.
   # Slots per (source shard, expert) = ceil(capacity_factor * local tokens * top-k / n_routed_experts);
   # 0 means dropless (every slot fits: V3 report §2.1.2 "No Token-Dropping"), at E/K times the buffer.
@@ -72,6 +74,8 @@ class ComputeConfig:
       fail(f"{prefix}.capacity_factor", self.capacity_factor, "must be >= 0 (0: dropless)")
     if self.head_chunk < 0:
       fail(f"{prefix}.head_chunk", self.head_chunk, "must be >= 0")
+    if self.attention_block < 1:
+      fail(f"{prefix}.attention_block", self.attention_block, "must be >= 1")
     self.fp8.validate(f"{prefix}.fp8")
 
   def validate_for(self, model: ModelConfig, prefix: str = "compute"):

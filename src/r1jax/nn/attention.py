@@ -3,9 +3,12 @@
 Implementations (ComputeConfig.attention_impl): "xla" is the reference (fp32 scores, an explicit mask; CPU);
 "cudnn" is cuDNN's fused flash attention on NVIDIA GPUs for causal rows (one sequence per row; right padding
 needs no segment ids: a causal real token never sees the padding after it); "splash" is Pallas splash attention
-on TPU (segment ids natively). Neither materialises a [B, L, L] mask. "auto" picks the fastest one that
-honours the call; an explicit choice that cannot honour it is a ConfigError. Decoding over a cache (and the
-sampler's prefill into one) always takes the xla path, whatever the choice: it is the training setting. Packed
+on TPU (segment ids natively); "blockwise" is flash attention's algorithm in plain JAX (nn/blockwise.py), on any
+backend and any mesh. None of the three materialises a [B, L, L] mask. "auto" picks the fastest one that
+honours the call: cudnn, then splash, then under context parallelism (where the kernels' causal masks do not
+know a shard's query offset) blockwise, else xla. An explicit choice that cannot honour it is a ConfigError.
+Decoding over a cache (and the sampler's prefill into one) always takes the xla path, whatever the choice: it
+is the training setting. Packed
 rows on GPU take the xla path too: cuDNN's packed layout (q/kv offsets) asked for 460 GiB at 8 x 2048 with room
 for L segments per row. Splash is a pallas_call, which GSPMD cannot partition: on a mesh it runs per device
 under shard_map (batch and heads split as sharding.RULES says).
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 
 from r1jax import sharding
 from r1jax.config import ConfigError
+from r1jax.nn import blockwise
 
 try:  # private in JAX 0.10/0.11; the public jax.nn.dot_product_attention needs equal q/k/v head dims
   from jax._src.cudnn import fused_attention_stablehlo as _cudnn
@@ -38,9 +42,10 @@ class Mask(NamedTuple):
   q_start_B: jax.Array | None = None
 
 
-def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, impl: str = "auto"):
-  """Softmax(q k^T * scale) v over the keys `mask` allows, H // Hkv query heads per key/value head.
-  Returns o_BxLxHxDv in q's dtype."""
+def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, impl: str = "auto",
+           block: int = 512):
+  """Softmax(q k^T * scale) v over the keys `mask` allows, H // Hkv query heads per key/value head (`block`:
+  keys per step of blockwise attention). Returns o_BxLxHxDv in q's dtype."""
   segment_ids_BxL, q_start_B = mask
   name = choose(impl, q_BxLxHxDk, v_BxSxHkvxDv, decoding=q_start_B is not None, packed=segment_ids_BxL is not None)
   if name == "cudnn":
@@ -48,17 +53,20 @@ def attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, mask: Mask, *, scale: float, 
                                         mask_type=_cudnn.MaskType.CAUSAL)
   if name == "splash":
     return _splash_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL)
+  if name == "blockwise":
+    return blockwise.attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL, block)
   return xla_attend(q_BxLxHxDk, k_BxSxHkvxDk, v_BxSxHkvxDv, scale, segment_ids_BxL, q_start_B)
 
 
 def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = False) -> str:
-  """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then xla. Attention
-  over a cache is always xla (the choice is for training)."""
-  candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",), "xla": ()}.get(impl)
+  """The implementation that runs this call; "auto" tries cudnn (GPU), splash (TPU), then blockwise under
+  context parallelism, else xla. Attention over a cache is always xla (the choice is for training)."""
+  candidates = {"auto": ("cudnn", "splash"), "cudnn": ("cudnn",), "splash": ("splash",), "xla": (),
+                "blockwise": ()}.get(impl)
   if candidates is None:
-    raise ConfigError(f"compute.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash")
-  if impl == "xla" or decoding:
-    return "xla"
+    raise ConfigError(f"compute.attention_impl={impl!r}: expected one of auto, xla, cudnn, splash, blockwise")
+  if impl in ("xla", "blockwise") or decoding:
+    return "xla" if decoding else impl
   reasons = []
   for name in candidates:
     reason = _unsupported(name, q_BxLxHxDk, v_BxSxHkvxDv, packed)
@@ -66,7 +74,8 @@ def choose(impl: str, q_BxLxHxDk, v_BxSxHkvxDv, decoding: bool, packed: bool = F
       return name
     reasons.append(f"{name}: {reason}")
   if impl == "auto":
-    return "xla"
+    mesh = jax.sharding.get_abstract_mesh()
+    return "blockwise" if not mesh.empty and sharding.context_size(mesh) > 1 else "xla"
   raise ConfigError(f"compute.attention_impl={impl!r} cannot run this attention ({'; '.join(reasons)}); "
                     "use auto or xla")
 

@@ -49,7 +49,7 @@ def _attend(p: dict, q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask: attention.Mas
   B, L, H, Dh = q_BxLxHxDh.shape
   # Llama/Qwen scale by 1/sqrt(head_dim) only; YaRN's temperature lives in cos/sin (rope.cos_sin_scale).
   o_BxLxHxDh = attention.attend(q_BxLxHxDh, k_BxSxHkvxDh, v_BxSxHkvxDh, mask, scale=Dh**-0.5,
-                                impl=compute.attention_impl)
+                                impl=compute.attention_impl, block=compute.attention_block)
   o_BxLxHxDh = constrain(o_BxLxHxDh, "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDh.reshape(B, L, H * Dh), p["wo"], compute.fp8.use("attention"))
 

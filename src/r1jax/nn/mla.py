@@ -66,7 +66,7 @@ def apply(p: dict, x_BxLxD, cos, sin, mask: attention.Mask, cfg: ModelConfig, co
   q_BxLxHxDqk = jnp.concatenate([q_nope, q_pe], -1)
   k_BxLxHxDqk = jnp.concatenate([kv_BxLxHx[..., :Dn], k_pe_BxLxHxDr], -1)
   o_BxLxHxDv = attention.attend(q_BxLxHxDqk, k_BxLxHxDqk, kv_BxLxHx[..., Dn:], mask, scale=rope.softmax_scale(cfg),
-                                impl=compute.attention_impl)
+                                impl=compute.attention_impl, block=compute.attention_block)
   o_BxLxHxDv = constrain(o_BxLxHxDv, "batch", "seq", "act_heads", None)
   return layers.dense(o_BxLxHxDv.reshape(B, L, H * Dv), p["wo"], compute.fp8.use("attention"))
 
