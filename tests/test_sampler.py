@@ -168,10 +168,10 @@ def test_no_recompilation_for_new_prompts_of_the_same_shapes(mla_case):
   cfg, compute, params = mla_case
   scfg = dataclasses.replace(GREEDY, max_new_tokens=6)
   sampler.generate(params, PROMPTS, cfg, compute, scfg, eos_id=EOS)
-  sizes = sampler._prefill_jit._cache_size(), sampler._decode_chunk_jit._cache_size()
+  sizes = sampler.prefill_jit._cache_size(), sampler.decode_chunk_jit._cache_size()
   other = [[1, 20, 21], [1, 9, 9, 9, 9, 9, 9], [1]]  # different lengths, same 16-token bucket and row count
   sampler.generate(params, other, cfg, compute, scfg, eos_id=EOS)
-  assert (sampler._prefill_jit._cache_size(), sampler._decode_chunk_jit._cache_size()) == sizes
+  assert (sampler.prefill_jit._cache_size(), sampler.decode_chunk_jit._cache_size()) == sizes
 
 
 @pytest.mark.parametrize("mesh_overrides", [["mesh.data=2", "mesh.expert=4"],

@@ -1,8 +1,11 @@
 """Generation with a KV cache: a batched prefill, then decoding one token per step (or two with MTP
 speculation), compiled once per shape with the cache carried in place. MLA models cache only the kv latent
 and the roped shared key and decode in the absorbed form (nn/mla.py). Sampling: temperature, top-k, top-p,
-greedy; rows stop at EOS independently. The result holds what GRPO needs: tokens, the log-probs of the
-sampled tokens, the completion mask, and every fed token's experts (routing replay).
+greedy; rows stop at EOS or their own token budget independently. Each prompt's draws come from its own key,
+fold_in(key, prompt index), and its t-th token from fold_in(that, t): a row's sample does not depend on its
+batch-mates, its row or the step it runs at, which is what lets continuous batching (continuous_batching.py)
+reproduce this sampler. The result holds what GRPO needs: tokens, the log-probs of the sampled tokens, the
+completion mask, and every fed token's experts (routing replay).
 
 Rows are right-padded: row b's prompt fills cache slots [0, n_b), its completion follows, and slot i holds
 position i. `greedy_full_forward` (full forward passes, no cache) is the reference tests compare against.
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import model, sharding
+from r1jax.sharding import constrain
 from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
 
 PROMPT_BUCKET = 16  # prompt buffers are padded to a multiple of this, so prompt lengths share compilations
@@ -43,7 +47,7 @@ class Rollout(NamedTuple):
   steps: jax.Array  # decode steps run
 
 
-class _State(NamedTuple):
+class DecodeState(NamedTuple):
   cache: dict
   tokens_BxS: jax.Array
   logprobs_BxS: jax.Array
@@ -55,7 +59,8 @@ class _State(NamedTuple):
   done_B: jax.Array
   n_new_B: jax.Array
   accepted_B: jax.Array
-  key: jax.Array
+  keys_B: jax.Array  # each row's prompt key; its t-th token is drawn with fold_in(keys_B[b], t)
+  budget_B: jax.Array  # int32: each row's max new tokens
   step: jax.Array
 
 
@@ -78,7 +83,8 @@ def truncation_mask(logits_BxV, top_k: int, top_p: float):
 
 
 def sample(logits_BxV, key, cfg: SamplerConfig):
-  """(token_B, logprob_B, keep_min_B): a draw from softmax(logits / temperature) restricted to
+  """(token_B, logprob_B, keep_min_B): a draw (with one key for the batch, or one key per row) from
+  softmax(logits / temperature) restricted to
   truncation_mask, its log-probability under that distribution, and a tempered logit between the set's
   smallest and the largest outside it (-inf when nothing is cut), which is that set for the learner
   (losses.head_logprobs' keep_min_BxL). Temperature 0 is argmax, with the untempered log-probability and no
@@ -98,7 +104,8 @@ def sample(logits_BxV, key, cfg: SamplerConfig):
       highest_dropped_B = jnp.where(keep_BxV, -jnp.inf, z_BxV).max(-1)
       keep_min_B = jnp.where(highest_dropped_B > -jnp.inf, (lowest_kept_B + highest_dropped_B) / 2, -jnp.inf)
       z_BxV = jnp.where(keep_BxV, z_BxV, -jnp.inf)
-    token_B = jax.random.categorical(key, z_BxV, axis=-1).astype(jnp.int32)
+    draw = lambda k, z: jax.random.categorical(k, z, axis=-1)  # noqa: E731
+    token_B = (draw(key, z_BxV) if key.shape == () else jax.vmap(draw)(key, z_BxV)).astype(jnp.int32)
     logp_BxV = jax.nn.log_softmax(z_BxV, axis=-1)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0], keep_min_B
 
@@ -126,23 +133,38 @@ def _put_experts(experts: dict, slot_B, router: dict, t: int, active_B):
   return out
 
 
-def _is_eos(x_B, eos_E):
+def is_eos(x_B, eos_E):
   """Whether each token is one of the stop ids (a tokenizer may have several: a chat model's end of turn and
   its end of text)."""
   return (x_B[:, None] == eos_E[None]).any(-1)
 
 
-def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_E, cfg: ModelConfig, compute: ComputeConfig,
-             scfg: SamplerConfig) -> _State:
-  """Run the prompts through the model at slots [0, P) and draw each row's first token."""
+def laid_out(st: DecodeState) -> DecodeState:
+  """Every per-row array split over the batch axes (caches and experts behind their layers axis), so each
+  compiled call returns the layout the next one was compiled for: one compilation per shape, not per caller."""
+  rows = lambda x: constrain(x, "batch", *[None] * (x.ndim - 1))  # noqa: E731
+  layered = lambda x: constrain(x, None, "batch", *[None] * (x.ndim - 2))  # noqa: E731
+  fields = {f: rows(getattr(st, f)) for f in DecodeState._fields if f not in ("cache", "experts", "keys_B", "step")}
+  return st._replace(cache=jax.tree.map(layered, st.cache), experts=jax.tree.map(layered, st.experts), **fields)
+
+
+def _draw_keys(keys_B, n_B):
+  """The key of each row's next token: fold_in(row key, tokens it has generated)."""
+  return jax.vmap(jax.random.fold_in)(keys_B, n_B)
+
+
+def prefill(params, tokens_BxP, prompt_len_B, live_B, index_B, budget_B, key, S: int, eos_E, cfg: ModelConfig,
+             compute: ComputeConfig, scfg: SamplerConfig) -> DecodeState:
+  """Run the prompts (row b: prompt number index_B[b], budget_B[b] new tokens at most) through the model at
+  slots [0, P) and draw each row's first token."""
   B, P = tokens_BxP.shape
   cache = model.init_cache(cfg, compute, B, S)
   real_BxP = jnp.arange(P)[None] < prompt_len_B[:, None]
   zeros_B = jnp.zeros(B, jnp.int32)
   out = model.decode(params, cache, tokens_BxP, zeros_B, cfg, compute, real_BxP)
   last_B = prompt_len_B - 1
-  key, k_draw = jax.random.split(key)
-  first_B, logp_B, keep_min_B = sample(out.logits_BxTxV[_rows(B), last_B], k_draw, scfg)
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, index_B)
+  first_B, logp_B, keep_min_B = sample(out.logits_BxTxV[_rows(B), last_B], _draw_keys(keys_B, zeros_B), scfg)
   tokens_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP)
   tokens_BxS = _put(tokens_BxS, prompt_len_B, first_B, jnp.ones(B, jnp.bool_))
   logprobs_BxS = _put(jnp.zeros((B, S), jnp.float32), prompt_len_B, logp_B, jnp.ones(B, jnp.bool_))
@@ -156,17 +178,16 @@ def _prefill(params, tokens_BxP, prompt_len_B, live_B, key, S: int, eos_E, cfg: 
     next_BxP = jnp.concatenate([tokens_BxP[:, 1:], tokens_BxP[:, :1]], axis=1).at[_rows(B), last_B].set(first_B)
     draft_logits, cache = model.mtp_draft(params, cache, out.hidden_BxTxD, next_BxP, zeros_B, cfg, compute)
     draft_B = jnp.argmax(draft_logits[_rows(B), last_B], axis=-1).astype(jnp.int32)
-  done_B = _is_eos(first_B, eos_E) | (scfg.max_new_tokens <= 1) | ~live_B  # rows padding the batch never run
-  return _State(cache, tokens_BxS, logprobs_BxS, keep_min_BxS, experts, prompt_len_B, first_B, draft_B, done_B,
-                jnp.ones(B, jnp.int32), zeros_B, key, jnp.zeros((), jnp.int32))
+  done_B = is_eos(first_B, eos_E) | (budget_B <= 1) | ~live_B  # rows padding the batch never run
+  return laid_out(DecodeState(cache, tokens_BxS, logprobs_BxS, keep_min_BxS, experts, prompt_len_B, first_B, draft_B,
+                             done_B, jnp.ones(B, jnp.int32), zeros_B, keys_B, budget_B, jnp.zeros((), jnp.int32)))
 
 
-def _step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
+def _step(params, st: DecodeState, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> DecodeState:
   """Feed each active row's last token, draw the next one."""
   active_B = ~st.done_B
   out = model.decode(params, st.cache, st.next_B[:, None], st.length_B, cfg, compute, active_B[:, None])
-  key, k_draw = jax.random.split(st.key)
-  new_B, logp_B, keep_min_B = sample(out.logits_BxTxV[:, 0], k_draw, scfg)
+  new_B, logp_B, keep_min_B = sample(out.logits_BxTxV[:, 0], _draw_keys(st.keys_B, st.n_new_B), scfg)
   slot_B = st.length_B + 1
   n_new_B = st.n_new_B + active_B
   return st._replace(
@@ -175,12 +196,12 @@ def _step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, s
       keep_min_BxS=_put(st.keep_min_BxS, slot_B, keep_min_B, active_B),
       experts=_put_experts(st.experts, st.length_B, out.router, 0, active_B),
       length_B=st.length_B + active_B, next_B=jnp.where(active_B, new_B, st.next_B),
-      done_B=st.done_B | (active_B & (_is_eos(new_B, eos_E) | (n_new_B >= scfg.max_new_tokens))),
-      n_new_B=n_new_B, key=key, step=st.step + 1)
+      done_B=st.done_B | (active_B & (is_eos(new_B, eos_E) | (n_new_B >= st.budget_B))),
+      n_new_B=n_new_B, step=st.step + 1)
 
 
-def _speculative_step(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig,
-                      scfg: SamplerConfig) -> _State:
+def _speculative_step(params, st: DecodeState, eos_E, cfg: ModelConfig, compute: ComputeConfig,
+                      scfg: SamplerConfig) -> DecodeState:
   """Greedy with an MTP draft (V3 report §5.4.3): feed [next, draft] at slots [n, n+1]; the main model's
   argmax a after `next` is always kept, and its argmax b after the draft too when draft == a. Equals plain
   greedy decoding token for token; garbage left at slot n+1 by a rejected draft is overwritten next step."""
@@ -192,7 +213,7 @@ def _speculative_step(params, st: _State, eos_E, cfg: ModelConfig, compute: Comp
   lp_Bx2 = jnp.take_along_axis(logp_Bx2xV, ab_Bx2[..., None], axis=-1)[..., 0]
   a_B, b_B = ab_Bx2[:, 0], ab_Bx2[:, 1]
   n1_B = st.n_new_B + 1
-  accept_B = active_B & (a_B == st.draft_B) & ~_is_eos(a_B, eos_E) & (n1_B < scfg.max_new_tokens)
+  accept_B = active_B & (a_B == st.draft_B) & ~is_eos(a_B, eos_E) & (n1_B < st.budget_B)
   tokens, logprobs = st.tokens_BxS, st.logprobs_BxS
   tokens, logprobs = _put(tokens, st.length_B + 1, a_B, active_B), _put(logprobs, st.length_B + 1, lp_Bx2[:, 0], active_B)
   tokens, logprobs = _put(tokens, st.length_B + 2, b_B, accept_B), _put(logprobs, st.length_B + 2, lp_Bx2[:, 1], accept_B)
@@ -202,7 +223,7 @@ def _speculative_step(params, st: _State, eos_E, cfg: ModelConfig, compute: Comp
   drafts_Bx2 = jnp.argmax(draft_logits, axis=-1).astype(jnp.int32)
   n_new_B = st.n_new_B + active_B + accept_B
   last_B = jnp.where(accept_B, b_B, a_B)
-  done_B = st.done_B | (active_B & (_is_eos(last_B, eos_E) | (n_new_B >= scfg.max_new_tokens)))
+  done_B = st.done_B | (active_B & (is_eos(last_B, eos_E) | (n_new_B >= st.budget_B)))
   return st._replace(
       cache=cache, tokens_BxS=tokens, logprobs_BxS=logprobs, experts=experts,
       length_B=st.length_B + active_B + accept_B, next_B=jnp.where(active_B, last_B, st.next_B),
@@ -210,25 +231,38 @@ def _speculative_step(params, st: _State, eos_E, cfg: ModelConfig, compute: Comp
       accepted_B=st.accepted_B + accept_B, step=st.step + 1)
 
 
-def _decode_chunk(params, st: _State, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig) -> _State:
-  """Up to scfg.steps_per_call decode steps, stopping early once every row is done."""
+def decode_chunk(params, st: DecodeState, eos_E, min_done, cfg: ModelConfig, compute: ComputeConfig,
+                  scfg: SamplerConfig) -> DecodeState:
+  """Up to scfg.steps_per_call decode steps, stopping early once `min_done` rows are done (all of them for a
+  static batch; a few for continuous batching, whose freed rows take new prompts)."""
   step_fn = _speculative_step if scfg.speculative else _step
   stop_at = st.step + scfg.steps_per_call
-  return jax.lax.while_loop(lambda s: (s.step < stop_at) & ~s.done_B.all(),
-                            lambda s: step_fn(params, s, eos_E, cfg, compute, scfg), st)
+  return jax.lax.while_loop(lambda s: (s.step < stop_at) & (s.done_B.sum() < min_done),
+                            lambda s: laid_out(step_fn(params, s, eos_E, cfg, compute, scfg)), st)
 
 
 # Compiled once per (shapes, configs); the decode state is donated, so its cache is updated in place.
-_prefill_jit = jax.jit(_prefill, static_argnames=("S", "cfg", "compute", "scfg"))
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("cfg", "compute", "scfg"), donate_argnums=1)
+prefill_jit = jax.jit(prefill, static_argnames=("S", "cfg", "compute", "scfg"))
+decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("cfg", "compute", "scfg"), donate_argnums=1)
 
 
-def _mesh_of(params):
+def mesh_of(params):
   s = jax.tree.leaves(params)[0].sharding
   return s.mesh if isinstance(s, jax.sharding.NamedSharding) else None
 
 
-def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int, max_new: int):
+def budgets(prompts: list, scfg: SamplerConfig, max_new: Sequence[int] | None) -> np.ndarray:
+  """Each prompt's token budget: `max_new` (one per prompt) or sampler.max_new_tokens for all."""
+  if max_new is None:
+    return np.full(len(prompts), scfg.max_new_tokens, np.int32)
+  out = np.asarray(max_new, np.int32)
+  if out.shape != (len(prompts),) or out.min(initial=1) < 1:
+    raise ConfigError(f"generate: max_new needs one positive budget per prompt ({len(prompts)}), got {out.shape} "
+                      f"with minimum {out.min(initial=1)}")
+  return out
+
+
+def prompt_buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int, max_new: int):
   lengths = np.array([len(p) for p in prompts] + [1] * (n_rows - len(prompts)), np.int32)
   if lengths.min() < 1:
     raise ConfigError("generate: every prompt needs at least one token (e.g. BOS)")
@@ -245,40 +279,42 @@ def _buffer(prompts: list[list[int]], n_rows: int, pad_id: int, max_seq_len: int
 
 
 def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
-             eos_id: int | Sequence[int], pad_id: int = 0, key=None,
+             eos_id: int | Sequence[int], pad_id: int = 0, key=None, max_new: Sequence[int] | None = None,
              on_chunk: Callable[[int], None] | None = None) -> Rollout:
-  """Sample a completion for every prompt (lists of token ids) until one of the eos ids or the budget. On a
-  mesh (taken from the params' shardings) rows are split over the batch axes, and the batch is padded to a
-  multiple of them with dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between chunks."""
+  """Sample a completion for every prompt (lists of token ids) until one of the eos ids or the budget
+  (sampler.max_new_tokens, or `max_new[i]` for prompt i), all prompts in one static batch. On a mesh (taken
+  from the params' shardings) rows are split over the batch axes, and the batch is padded to a multiple of
+  them with dummy rows that are dropped again. `on_chunk(tokens_so_far)` is called between chunks."""
   if scfg.speculative and not cfg.n_mtp:
     raise ConfigError("sampler.speculative=true needs an MTP module (model.n_mtp >= 1)")
   compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config
-  mesh = _mesh_of(params)
+  mesh = mesh_of(params)
   multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   n_rows = max(1, math.ceil(len(prompts) / multiple)) * multiple
-  buf, lengths, S = _buffer(prompts, n_rows, pad_id, cfg.max_seq_len, scfg.max_new_tokens)
+  budget = budgets(prompts, scfg, max_new)
+  buf, lengths, S = prompt_buffer(prompts, n_rows, pad_id, cfg.max_seq_len, int(budget.max()))
   key = jax.random.key(0) if key is None else key
   live = np.arange(n_rows) < len(prompts)
-  if mesh is not None:
-    put = sharding.global_batch({"tokens": buf, "lengths": lengths, "live": live}, mesh)
-    tokens, lengths_dev, live_dev = put["tokens"], put["lengths"], put["live"]
-  else:
-    tokens, lengths_dev, live_dev = jnp.asarray(buf), jnp.asarray(lengths), jnp.asarray(live)
+  rows = {"tokens": buf, "lengths": lengths, "live": live, "index": np.arange(n_rows, dtype=np.int32),
+          "budget": np.concatenate([budget, np.ones(n_rows - len(prompts), np.int32)])}
+  put = sharding.global_batch(rows, mesh) if mesh is not None else jax.tree.map(jnp.asarray, rows)
   eos = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))
-  st = _prefill_jit(params, tokens, lengths_dev, live_dev, key, S=S, eos_E=eos, cfg=cfg, compute=compute, scfg=scfg)
+  st = prefill_jit(params, put["tokens"], put["lengths"], put["live"], put["index"], put["budget"], key, S=S,
+                    eos_E=eos, cfg=cfg, compute=compute, scfg=scfg)
+  lengths_dev = put["lengths"]
   while True:
     done = bool(jax.device_get(st.done_B.all()))  # a sum of one bool per row: replicated, any process
     if on_chunk is not None:
       on_chunk(int(jax.device_get(st.n_new_B.sum())))
     if done:
       break
-    st = _decode_chunk_jit(params, st, eos, cfg=cfg, compute=compute, scfg=scfg)
+    st = decode_chunk_jit(params, st, eos, np.int32(n_rows), cfg=cfg, compute=compute, scfg=scfg)
   n, prompt_len_B = len(prompts), lengths_dev
   slots_BxS = jnp.arange(S)[None]
   completion_BxS = (slots_BxS >= prompt_len_B[:, None]) & (slots_BxS < prompt_len_B[:, None] + st.n_new_B[:, None])
   last_B = st.tokens_BxS[_rows(n_rows), prompt_len_B + st.n_new_B - 1]
   return Rollout(st.tokens_BxS[:n], prompt_len_B[:n], st.n_new_B[:n], st.logprobs_BxS[:n], st.keep_min_BxS[:n],
-                 completion_BxS[:n].astype(jnp.int32), ~_is_eos(last_B, eos)[:n],
+                 completion_BxS[:n].astype(jnp.int32), ~is_eos(last_B, eos)[:n],
                  {k: v[:, :n] for k, v in st.experts.items()}, st.accepted_B[:n], st.step)
 
 

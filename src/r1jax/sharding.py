@@ -88,7 +88,25 @@ def fitted(pspec: P, shape, mesh) -> P:
   for size, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec))):
     axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     dims.append(axes if axes_t and size % math.prod(mesh.shape[a] for a in axes_t) == 0 else None)
+  while dims and dims[-1] is None:  # P(x, None) and P(x) are one layout; one spelling keeps jit caches warm
+    dims.pop()
   return P(*dims)
+
+
+def canonical(tree):
+  """Each array's NamedSharding spelled without trailing Nones. jit keys its cache on the spelling, and XLA
+  returns P(None, None) where a constraint said P(): arrays that cycle through compiled calls keep one spelling
+  so each program compiles once. Moves no data."""
+  def one(x):
+    s = getattr(x, "sharding", None)
+    if not isinstance(s, NamedSharding):
+      return x
+    dims = list(s.spec)
+    while dims and dims[-1] is None:
+      dims.pop()
+    return x if len(dims) == len(s.spec) else jax.device_put(x, NamedSharding(s.mesh, P(*dims)))
+
+  return jax.tree.map(one, tree)
 
 
 def context_size(mesh) -> int:

@@ -1,4 +1,5 @@
-"""`r1jax bench sampler`: generation tokens/s against the bound of reading every weight once per decode step."""
+"""`r1jax bench sampler`: generation tokens/s against the bound of reading every weight once per decode step,
+and (--skewed N) a length-skewed workload decoded by static batches and by continuous batching."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from r1jax import model, sampler, sharding
+from r1jax import continuous_batching, model, sampler, sharding
 from r1jax.bench.timing import memory_bandwidth_gbs, tree_bytes
 from r1jax.config import RunConfig
 
@@ -56,6 +57,7 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
                                            dataclasses.replace(scfg, max_new_tokens=1), eos_id=-1).tokens_BxS)
     prefill_s = time.perf_counter() - t0
   seconds = statistics.median(times)
+  decode_step_s = max(seconds - prefill_s, 0.0) / max(steps, 1)
   weight_bytes = tree_bytes(params) - (tree_bytes(params["mtp"]) if "mtp" in params and not speculative else 0)
   bandwidth = memory_bandwidth_gbs() if jax.devices()[0].platform == "gpu" else float("nan")  # CPU: no bound
   bound_step_s = weight_bytes / (bandwidth * 1e9)  # one device: every weight read once per decode step
@@ -68,6 +70,58 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
       "prefill_plus_one_token_s": prefill_s, "weight_bytes": weight_bytes,
       "memory_bandwidth_gbs": None if math.isnan(bandwidth) else bandwidth,
       "bound_tokens_per_s": None if math.isnan(bound_step_s) else batch / bound_step_s,
+      "ms_per_decode_step": 1e3 * decode_step_s, "bound_ms_per_decode_step": None if math.isnan(bound_step_s)
+      else 1e3 * bound_step_s, "fraction_of_bound": None if math.isnan(bound_step_s) else bound_step_s / decode_step_s,
       "cache_values_per_token_per_layer": cache_values_per_token(mcfg),
   }
 
+
+
+def skewed_budgets(n: int, mean: int, seed: int = 0) -> np.ndarray:
+  """Completion budgets with R1's long tail: lognormal (sigma 1) with mean `mean`, clipped to [4, 8 * mean]."""
+  rng = np.random.default_rng(seed)
+  draws = rng.lognormal(math.log(mean) - 0.5, 1.0, n)
+  return np.clip(np.round(draws), 4, 8 * mean).astype(np.int32)
+
+
+def bench_skewed(cfg: RunConfig, slots: int, n_prompts: int, prompt_len: int, mean_new: int,
+                 repeats: int = 2) -> dict:
+  """`n_prompts` random prompts with skewed_budgets (greedy, EOS never stops a row, so each row runs to its
+  budget): static batches of `slots` rows in prompt order (each until its longest row ends) against
+  continuous batching with `slots` decode slots. Useful tokens/s = generated tokens / wall time; each arm
+  timed after a warm-up call with the same shapes (the median of `repeats`)."""
+  mcfg, compute = cfg.model, dataclasses.replace(cfg.compute, param_dtype=cfg.compute.dtype)
+  scfg = dataclasses.replace(cfg.sampler, temperature=0.0, speculative=False)
+  mesh = sharding.make_mesh(cfg.mesh)
+  rng = np.random.default_rng(1)
+  prompts = rng.integers(3, mcfg.vocab_size, (n_prompts, prompt_len)).tolist()
+  budgets = skewed_budgets(n_prompts, mean_new)
+
+  def static():
+    outs = [sampler.generate(params, prompts[i:i + slots], mcfg, compute, scfg, eos_id=-1,
+                             max_new=budgets[i:i + slots]) for i in range(0, n_prompts, slots)]
+    return sum(int(o.steps) for o in jax.block_until_ready(outs))
+
+  def continuous():
+    out = continuous_batching.generate(params, prompts, mcfg, compute, scfg, slots=slots, eos_id=-1, max_new=budgets)
+    return int(jax.block_until_ready(out).steps)
+
+  arms = {}
+  with jax.set_mesh(mesh):
+    params = model.init(mcfg, compute, jax.random.key(0), mesh)
+    for name, fn in (("static", static), ("continuous", continuous)):
+      fn()  # compiles
+      times, steps = [], 0
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        steps = fn()
+        times.append(time.perf_counter() - t0)
+      seconds = statistics.median(times)
+      arms[name] = {"seconds_median": seconds, "seconds_all": times, "decode_steps": steps,
+                    "useful_tokens_per_s": float(budgets.sum()) / seconds,
+                    "row_utilisation": float(budgets.sum()) / (steps * slots)}
+  return {"bench": "sampler_skewed", "platform": jax.devices()[0].platform, "devices": jax.device_count(),
+          "slots": slots, "prompts": n_prompts, "prompt_len": prompt_len, "mean_new": mean_new,
+          "budgets": {"total": int(budgets.sum()), "max": int(budgets.max()), "median": float(np.median(budgets)),
+                      "p90": float(np.percentile(budgets, 90))},
+          "arms": arms, "continuous_over_static": arms["static"]["seconds_median"] / arms["continuous"]["seconds_median"]}

@@ -26,9 +26,11 @@ def bench(args) -> int:
                                 else "configs/bench_gpu.yaml")
   cfg = config_lib.load(args.config, args.overrides)  # a config error stops here, before jax starts
   if args.what == "sampler":
-    from r1jax.bench.sampler import bench_sampler
+    from r1jax.bench.sampler import bench_sampler, bench_skewed
 
-    result = bench_sampler(cfg, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.speculative)
+    result = (bench_skewed(cfg, args.batch, args.skewed, args.prompt_len, args.new_tokens, args.repeats)
+              if args.skewed else
+              bench_sampler(cfg, args.batch, args.prompt_len, args.new_tokens, args.repeats, args.speculative))
   elif args.what == "grpo":
     from r1jax.bench.grpo import bench_grpo
 

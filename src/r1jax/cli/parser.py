@@ -112,6 +112,8 @@ def main(argv=None) -> int:
   p.add_argument("--new-tokens", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--speculative", action="store_true", help="sampler: MTP speculative decoding (greedy)")
+  p.add_argument("--skewed", type=int, default=0, metavar="N", help="sampler: N prompts with long-tailed budgets "
+                 "(mean --new-tokens), static batches of --batch rows vs continuous batching with --batch slots")
   p.add_argument("--steps", type=int, default=None, help="timed steps (train: 10 after 2 warm-up; grpo: 4, the first "
                  "compiles)")
   p.add_argument("--packed", type=int, default=0, help="train: packed segments per row (0: one sequence per row)")

@@ -1,0 +1,143 @@
+"""Continuous batching for rollouts: a fixed number of decode slots, and when a row finishes (EOS or its
+budget) the next prompt takes its slot, so the batch stays full while completion lengths vary by 10x and more
+(R1's do). A static batch instead decodes until its longest row ends, most of its rows idle.
+
+Between decode chunks the host reads which slots are done; one compiled call then copies the finished rows
+into the output buffers and prefills the next prompts into their slots (a prefill of all slots' buffers,
+kept only where a slot is refilled), and decoding resumes. A chunk ends early once `slots // 8` more rows are
+done, so freed slots wait at most that long. Every shape is fixed by (slots, prompt bucket, S): no compilation
+per prompt. Prompt i draws from fold_in(key, i) (sampler.py), so its tokens, log-probs, kept sets and experts
+are those of sampler.generate for the same key, whichever slot and step it runs at."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import sharding
+from r1jax.sharding import constrain
+from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
+from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, is_eos, laid_out, mesh_of, prefill,
+                           prefill_jit, prompt_buffer)
+
+REFILL_FRACTION = 8  # a decode chunk stops once slots // REFILL_FRACTION more rows are done
+
+
+def _where_rows(refill_B, new, old, axis: int):
+  """new where refill_B else old, with rows along `axis`."""
+  shape = [1] * new.ndim
+  shape[axis] = -1
+  return jnp.where(refill_B.reshape(shape), new, old)
+
+
+def _merge(refill_B, new: DecodeState, old: DecodeState) -> DecodeState:
+  """Refilled rows from `new`, the others from `old`; caches and experts carry a leading layers axis."""
+  by_layer = lambda a, b: _where_rows(refill_B, a, b, 1)  # noqa: E731
+  by_row = lambda a, b: _where_rows(refill_B, a, b, 0)  # noqa: E731
+  keys = jax.random.wrap_key_data(by_row(jax.random.key_data(new.keys_B), jax.random.key_data(old.keys_B)))
+  rows = {f: by_row(getattr(new, f), getattr(old, f)) for f in DecodeState._fields
+          if f not in ("cache", "experts", "keys_B", "step")}
+  return laid_out(DecodeState(cache=jax.tree.map(by_layer, new.cache, old.cache),
+                              experts=jax.tree.map(by_layer, new.experts, old.experts), keys_B=keys, step=old.step,
+                              **rows))
+
+
+def _laid_out(out: dict) -> dict:
+  """Output rows over the batch axes where they divide N (else whole): one layout for every call."""
+  rows = lambda x: constrain(x, "batch", *[None] * (x.ndim - 1))  # noqa: E731
+  return {**{k: rows(v) for k, v in out.items() if k != "experts"},
+          "experts": {k: constrain(v, None, "batch", None, None) for k, v in out["experts"].items()}}
+
+
+def _outputs(st: DecodeState, N: int) -> dict:
+  """Empty output buffers for N prompts, shaped like the state's rows."""
+  S = st.tokens_BxS.shape[1]
+  return _laid_out({"tokens": jnp.zeros((N, S), jnp.int32), "logprobs": jnp.zeros((N, S), jnp.float32),
+          "keep_min": jnp.full((N, S), -jnp.inf, jnp.float32), "n_new": jnp.zeros(N, jnp.int32),
+          "experts": {k: jnp.full((v.shape[0], N, *v.shape[2:]), -1, jnp.int32) for k, v in st.experts.items()}})
+
+
+def _harvest(out: dict, st: DecodeState, dest_B) -> dict:
+  """Copy row b of the state to output row dest_B[b] (dest N: not copied)."""
+  put = lambda o, x: o.at[dest_B].set(x, mode="drop")  # noqa: E731
+  return _laid_out({"tokens": put(out["tokens"], st.tokens_BxS), "logprobs": put(out["logprobs"], st.logprobs_BxS),
+          "keep_min": put(out["keep_min"], st.keep_min_BxS), "n_new": put(out["n_new"], st.n_new_B),
+          "experts": {k: v.at[:, dest_B].set(st.experts[k], mode="drop") for k, v in out["experts"].items()}})
+
+
+def _swap(params, st: DecodeState, out: dict, dest_B, tokens_BxP, prompt_len_B, refill_B, index_B, budget_B, key,
+          eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig):
+  """Harvest the finished rows (dest_B < N), then prefill the next prompts into the rows marked refill_B."""
+  out = _harvest(out, st, dest_B)
+  new = prefill(params, tokens_BxP, prompt_len_B, refill_B, index_B, budget_B, key, st.tokens_BxS.shape[1], eos_E,
+                 cfg, compute, scfg)
+  return _merge(refill_B, new, st), out
+
+
+_swap_jit = jax.jit(_swap, static_argnames=("cfg", "compute", "scfg"), donate_argnums=(1, 2))
+_outputs_jit = jax.jit(_outputs, static_argnames=("N",))
+
+
+def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
+             slots: int, eos_id: int | Sequence[int], pad_id: int = 0, key=None,
+             max_new: Sequence[int] | None = None) -> Rollout:
+  """sampler.generate's Rollout for `prompts`, decoded `slots` rows at a time (rounded up to the mesh's batch
+  multiple) with finished rows refilled from the queue in prompt order."""
+  if scfg.speculative:
+    raise ConfigError("sampler.slots (continuous batching) does not run MTP speculative decoding: set "
+                      "sampler.speculative=false or sampler.slots=0")
+  compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)
+  mesh = mesh_of(params)
+  multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
+  B = max(1, math.ceil(slots / multiple)) * multiple
+  N = len(prompts)
+  budget = budgets(prompts, scfg, max_new)
+  buf_NxP, lengths_N, S = prompt_buffer(prompts, N, pad_id, cfg.max_seq_len, int(budget.max()))
+  key = jax.random.key(0) if key is None else key
+  eos = jnp.asarray(np.atleast_1d(np.asarray(eos_id, np.int32)))
+  put = (lambda rows: sharding.global_batch(rows, mesh)) if mesh is not None else (
+      lambda rows: jax.tree.map(jnp.asarray, rows))
+  owner = np.full(B, -1)  # the prompt each slot decodes (-1: none)
+  queued = list(range(N))[::-1]  # popped in prompt order
+
+  def rows_for(slots_to_fill):
+    """Host buffers that put the next prompts into `slots_to_fill` (other rows: a 1-token placeholder)."""
+    rows = {"tokens": np.full((B, buf_NxP.shape[1]), pad_id, np.int32), "lengths": np.ones(B, np.int32),
+            "refill": np.zeros(B, bool), "index": np.zeros(B, np.int32), "budget": np.ones(B, np.int32)}
+    for b in slots_to_fill[:len(queued)]:
+      i = owner[b] = queued.pop()
+      rows["tokens"][b], rows["lengths"][b], rows["index"][b], rows["budget"][b] = buf_NxP[i], lengths_N[i], i, budget[i]
+      rows["refill"][b] = True
+    return rows
+
+  r = put(rows_for(np.arange(B)))
+  st = sharding.canonical(prefill_jit(params, r["tokens"], r["lengths"], r["refill"], r["index"], r["budget"], key,
+                                      S=S, eos_E=eos, cfg=cfg, compute=compute, scfg=scfg))
+  out = sharding.canonical(_outputs_jit(st, N=N))
+  while True:
+    finished = np.asarray(jax.device_get(st.done_B)) & (owner >= 0)
+    if finished.any():
+      dest = np.where(finished, owner, N).astype(np.int32)
+      owner[finished] = -1
+      r = put({**rows_for(np.flatnonzero(finished)), "dest": dest})
+      st, out = sharding.canonical(_swap_jit(params, st, out, r["dest"], r["tokens"], r["lengths"], r["refill"],
+                                             r["index"], r["budget"], key, eos, cfg=cfg, compute=compute, scfg=scfg))
+    if (owner < 0).all():
+      break
+    idle = int((owner < 0).sum())
+    min_done = min(B, idle + max(1, B // REFILL_FRACTION)) if queued else B
+    st = sharding.canonical(decode_chunk_jit(params, st, eos, np.int32(min_done), cfg=cfg, compute=compute,
+                                             scfg=scfg))
+  prompt_len_N = jnp.asarray(lengths_N)
+  slots_NxS = jnp.arange(S)[None]
+  n_new_N = out["n_new"]
+  completion_NxS = (slots_NxS >= prompt_len_N[:, None]) & (slots_NxS < prompt_len_N[:, None] + n_new_N[:, None])
+  last_N = jnp.take_along_axis(out["tokens"], (prompt_len_N + n_new_N - 1)[:, None], axis=1)[:, 0]
+  return Rollout(out["tokens"], prompt_len_N, n_new_N, out["logprobs"], out["keep_min"],
+                 completion_NxS.astype(jnp.int32), ~is_eos(last_N, eos), out["experts"], jnp.zeros(N, jnp.int32),
+                 st.step)
