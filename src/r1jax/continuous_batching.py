@@ -111,7 +111,8 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
             "refill": np.zeros(B, bool), "index": np.zeros(B, np.int32), "budget": np.ones(B, np.int32)}
     for b in slots_to_fill[:len(queued)]:
       i = owner[b] = queued.pop()
-      rows["tokens"][b], rows["lengths"][b], rows["index"][b], rows["budget"][b] = buf_NxP[i], lengths_N[i], i, budget[i]
+      rows["tokens"][b], rows["lengths"][b] = buf_NxP[i], lengths_N[i]
+      rows["index"][b], rows["budget"][b] = i, budget[i]
       rows["refill"][b] = True
     return rows
 

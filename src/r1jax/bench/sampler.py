@@ -124,4 +124,5 @@ def bench_skewed(cfg: RunConfig, slots: int, n_prompts: int, prompt_len: int, me
           "slots": slots, "prompts": n_prompts, "prompt_len": prompt_len, "mean_new": mean_new,
           "budgets": {"total": int(budgets.sum()), "max": int(budgets.max()), "median": float(np.median(budgets)),
                       "p90": float(np.percentile(budgets, 90))},
-          "arms": arms, "continuous_over_static": arms["static"]["seconds_median"] / arms["continuous"]["seconds_median"]}
+          "arms": arms,
+          "continuous_over_static": arms["static"]["seconds_median"] / arms["continuous"]["seconds_median"]}
