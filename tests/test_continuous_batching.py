@@ -2,6 +2,7 @@
 rollout for the same key, row for row (greedy and sampled, EOS and per-prompt budgets, MLA and GQA, on one
 device and on a mesh), with one compilation for every refill."""
 
+import dataclasses
 import os
 
 import jax
@@ -54,6 +55,18 @@ def test_continuous_equals_static(case, scfg):
   assert np.asarray(want.completion_len_B).tolist() != BUDGETS  # some rows stop at EOS, the others at budget
   _assert_same(got, want)
   assert int(got.steps) < int(want.steps) * len(PROMPTS) / 3  # 3 slots finish in fewer steps than 3 static batches
+
+
+def test_rollouts_take_slots_from_the_config(case):
+  """sampler.slots routes rollouts (GRPO's) through continuous batching, with the same samples."""
+  cfg, compute, params = case
+  scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, steps_per_call=2)
+  kw = dict(eos_id=EOS, key=jax.random.key(4))
+  want = continuous_batching.rollout(params, PROMPTS, cfg, compute, scfg, **kw)
+  got = continuous_batching.rollout(params, PROMPTS, cfg, compute, dataclasses.replace(scfg, slots=2), **kw)
+  _assert_same(got, want)
+  with pytest.raises(ConfigError, match="sampler.slots=2: continuous batching does not run MTP"):
+    config.load_dict({"sampler": {"slots": 2, "speculative": True, "temperature": 0}}, "x.yaml")
 
 
 def test_a_prompts_sample_does_not_depend_on_its_batch():

@@ -21,6 +21,7 @@ RANKS = [
     ["losses"],
     ["train"],
     ["checkpoint", "sampler", "data", "memory"],
+    ["continuous_batching"],
     ["loop"],
     ["rl", "interop"],
     ["bench"],

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import sharding
+from r1jax import sampler, sharding
 from r1jax.sharding import constrain
 from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
 from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, is_eos, laid_out, mesh_of, prefill,
@@ -142,3 +142,11 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
   return Rollout(out["tokens"], prompt_len_N, n_new_N, out["logprobs"], out["keep_min"],
                  completion_NxS.astype(jnp.int32), ~is_eos(last_N, eos), out["experts"], jnp.zeros(N, jnp.int32),
                  st.step)
+
+
+def rollout(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig,
+            **kwargs) -> Rollout:
+  """Rollouts as the config asks: continuous batching with sampler.slots slots, or one static batch (0)."""
+  if scfg.slots:
+    return generate(params, prompts, cfg, compute, scfg, slots=scfg.slots, **kwargs)
+  return sampler.generate(params, prompts, cfg, compute, scfg, **kwargs)

@@ -165,6 +165,9 @@ class SamplerConfig:
   # MoE capacity while sampling. 0 (dropless) by default: with a few tokens per shard per decode step, a
   # capacity factor drops pairs routinely and a row's sample would depend on its batch-mates.
   capacity_factor: float = 0.0
+  # Rollouts (GRPO's, rejection sampling's): 0 decodes all prompts as one static batch; N > 0 decodes them in
+  # N slots refilled as rows finish (continuous_batching.py), the same samples for the same key.
+  slots: int = 0
 
   def validate(self, prefix: str = "sampler"):
     if self.max_new_tokens <= 0 or self.steps_per_call <= 0:
@@ -177,6 +180,10 @@ class SamplerConfig:
       fail(f"{prefix}.top_k", self.top_k, "must be >= 0 (0: off)")
     if self.capacity_factor < 0:
       fail(f"{prefix}.capacity_factor", self.capacity_factor, "must be >= 0 (0: dropless)")
+    if self.slots < 0:
+      fail(f"{prefix}.slots", self.slots, "must be >= 0 (0: one static batch)")
+    if self.slots and self.speculative:
+      fail(f"{prefix}.slots", self.slots, "continuous batching does not run MTP speculative decoding")
     if self.speculative and self.temperature != 0:
       fail(f"{prefix}.speculative", self.speculative, "MTP speculative decoding is greedy: set sampler.temperature=0")
 

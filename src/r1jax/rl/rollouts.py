@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from r1jax import data, sampler, sharding, tasks, tokenizer
+from r1jax import continuous_batching, data, sampler, sharding, tasks, tokenizer
 from r1jax.batch import Batch
 from r1jax.config import ConfigError, RunConfig
 from r1jax.rl import grpo, problems, rewards
@@ -120,8 +120,8 @@ class RolloutSource:
   def _sample(self, params, examples, key) -> tuple[sampler.Rollout, list[str], dict, np.ndarray]:
     G = self.cfg.grpo.group_size
     prompts = [p for p in _encode(self.tok, examples) for _ in range(G)]  # prompt-major rows p*G + g
-    out = sampler.generate(params, prompts, self.cfg.model, self.cfg.compute, self.cfg.sampler,
-                           eos_id=self.tok.eos_ids, pad_id=self.tok.pad_id, key=key)
+    out = continuous_batching.rollout(params, prompts, self.cfg.model, self.cfg.compute, self.cfg.sampler,
+                                      eos_id=self.tok.eos_ids, pad_id=self.tok.pad_id, key=key)
     ids = sampler.completions(out)
     texts = [tokenizer.completion_text(self.tok, c) for c in ids]
     truncated = sampler.to_host(out.truncated_B)
