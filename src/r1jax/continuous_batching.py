@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import sampler, sharding
+from r1jax import model, sampler, sharding
 from r1jax.sharding import constrain
 from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
 from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, is_eos, laid_out, mesh_of, prefill,
@@ -81,6 +81,7 @@ def _swap(params, st: DecodeState, out: dict, dest_B, tokens_BxP, prompt_len_B, 
 
 _swap_jit = jax.jit(_swap, static_argnames=("cfg", "compute", "scfg"), donate_argnums=(1, 2))
 _outputs_jit = jax.jit(_outputs, static_argnames=("N",))
+_fp8_weights_jit = jax.jit(model.fp8_weights, static_argnames=("compute",))
 
 
 def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig, *,
@@ -146,7 +147,11 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
 
 def rollout(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig,
             **kwargs) -> Rollout:
-  """Rollouts as the config asks: continuous batching with sampler.slots slots, or one static batch (0)."""
+  """Rollouts as the config asks: from FP8 weights (sampler.fp8_weights) or the learner's, by continuous
+  batching with sampler.slots slots or as one static batch (0)."""
+  if scfg.fp8_weights:
+    compute = dataclasses.replace(compute, fp8=dataclasses.replace(compute.fp8, enabled=True))
+    params = _fp8_weights_jit(params, compute)
   if scfg.slots:
     return generate(params, prompts, cfg, compute, scfg, slots=scfg.slots, **kwargs)
   return sampler.generate(params, prompts, cfg, compute, scfg, **kwargs)

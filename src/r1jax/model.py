@@ -272,6 +272,26 @@ def check_fp8_params(params: dict, compute: ComputeConfig):
                         f"its matmul in high precision: {fix}")
 
 
+def fp8_weights(params: dict, compute: ComputeConfig) -> dict:
+  """`params` with every matmul weight that compute.fp8 runs in FP8 (and whose input dim is whole blocks) as
+  one-byte e4m3 with block x block scales (fp8.weights.QuantizedWeight, the tiles fp8.dot makes of it), for
+  sampling: decode then reads half the bytes of bf16. One pass over the weights; other leaves unchanged, MLA's
+  wkv_b too: the absorbed decode multiplies by it in the compute dtype (nn/mla.py), so e4m3 would only round it
+  (7.5% of the tiny model's logits) and save no bytes."""
+  block, pow2 = compute.fp8.block, compute.fp8.pow2_scales
+
+  def one(path, w):
+    part = fp8_part(path)
+    if (fp8.weights.is_quantized(w) or part is None or not compute.fp8.use(part) or w.ndim < 2 or w.shape[-2] % block
+        or "wkv_b" in _keys(path)):
+      return w
+    N = w.shape[-1]  # a last partial block of output columns gets its own scale, as in DeepSeek's checkpoints
+    q, scale = fp8.quantize_weight(jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, -N % block)]), block, pow2)
+    return fp8.weights.QuantizedWeight(q[..., :N], scale)
+
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=fp8.weights.is_quantized)
+
+
 def param_count(cfg: ModelConfig) -> dict:
   """Total and active (per-token) parameter counts with a per-part breakdown, from abstract shapes only.
 

@@ -29,7 +29,7 @@ def cache_values_per_token(cfg) -> dict:
 def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
                   speculative: bool = False) -> dict:
   """Greedy generation of `new_tokens` per row (EOS never stops a row) from random prompts, with weights in
-  the compute dtype. Reports tokens/s (median of `repeats` timed calls after a warm-up call that compiles),
+  the compute dtype (or e4m3 with block scales, model.fp8_weights, under sampler.fp8_weights). Reports tokens/s (median of `repeats` timed calls after a warm-up call that compiles),
   and the bound set by reading every weight once per decode step at the measured memory bandwidth."""
   mcfg, compute = cfg.model, dataclasses.replace(cfg.compute, param_dtype=cfg.compute.dtype)
   scfg = dataclasses.replace(cfg.sampler, max_new_tokens=new_tokens, temperature=0.0, speculative=speculative)
@@ -38,6 +38,9 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
   prompts = rng.integers(3, mcfg.vocab_size, (batch, prompt_len)).tolist()
   with jax.set_mesh(mesh):
     params = model.init(mcfg, compute, jax.random.key(0), mesh)
+    if scfg.fp8_weights:  # what continuous_batching.rollout does before sampling
+      compute = dataclasses.replace(compute, fp8=dataclasses.replace(compute.fp8, enabled=True))
+      params = jax.jit(model.fp8_weights, static_argnames="compute")(params, compute)
     t0 = time.perf_counter()
     out = sampler.generate(params, prompts, mcfg, compute, scfg, eos_id=-1)
     jax.block_until_ready(out.tokens_BxS)
@@ -64,7 +67,7 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
   return {
       "bench": "sampler", "platform": jax.devices()[0].platform, "devices": jax.device_count(),
       "mesh": dict(mesh.shape), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-      "speculative": speculative, "compile_and_first_call_s": first_s, "seconds_median": seconds,
+      "speculative": speculative, "fp8_weights": scfg.fp8_weights, "compile_and_first_call_s": first_s, "seconds_median": seconds,
       "seconds_all": times, "tokens_per_s": batch * new_tokens / seconds, "decode_steps": steps,
       "mtp_accept_rate": float(np.asarray(out.accepted_drafts).sum() / max(batch * steps, 1)) if speculative else None,
       "prefill_plus_one_token_s": prefill_s, "weight_bytes": weight_bytes,

@@ -168,6 +168,10 @@ class SamplerConfig:
   # Rollouts (GRPO's, rejection sampling's): 0 decodes all prompts as one static batch; N > 0 decodes them in
   # N slots refilled as rows finish (continuous_batching.py), the same samples for the same key.
   slots: int = 0
+  # Rollouts decode from e4m3 weights with compute.fp8.block^2 scales, made once per rollout from the learner's
+  # (model.fp8_weights), in compute.fp8's recipe (enabled for the sampler even where training is bf16): half
+  # the bytes per decode step. The learner's recomputed log-probs differ; grpo.tis_cap covers the gap.
+  fp8_weights: bool = False
 
   def validate(self, prefix: str = "sampler"):
     if self.max_new_tokens <= 0 or self.steps_per_call <= 0:
