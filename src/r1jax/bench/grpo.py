@@ -46,5 +46,7 @@ def bench_grpo(cfg: RunConfig, steps: int = 4) -> dict:
           "max_new_tokens": cfg.sampler.max_new_tokens, "first_step": rows[0], "steps": rows,
           "rollout_tokens_per_s": med("generated_tokens") / med("rollout_s"),
           "learner_tokens_per_s": med("real_tokens") / med("learner_s"),
-          "rollout_s_median": med("rollout_s"), "learner_s_median": med("learner_s")}
+          "rollout_s_median": med("rollout_s"), "learner_s_median": med("learner_s"),
+          "rollout_share": med("rollout_s") / (med("rollout_s") + med("learner_s")),
+          "sampler": {"slots": cfg.sampler.slots, "fp8_weights": cfg.sampler.fp8_weights}}
 
