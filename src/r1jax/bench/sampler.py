@@ -29,8 +29,8 @@ def cache_values_per_token(cfg) -> dict:
 def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
                   speculative: bool = False) -> dict:
   """Greedy generation of `new_tokens` per row (EOS never stops a row) from random prompts, with weights in
-  the compute dtype (or e4m3 with block scales, model.fp8_weights, under sampler.fp8_weights). Reports tokens/s (median of `repeats` timed calls after a warm-up call that compiles),
-  and the bound set by reading every weight once per decode step at the measured memory bandwidth."""
+  the compute dtype (or e4m3 with block scales, model.fp8_weights, under sampler.fp8_weights). Reports
+  tokens/s (median of `repeats` timed calls after a warm-up call that compiles), and the bound set by reading every weight once per decode step at the measured memory bandwidth."""
   mcfg, compute = cfg.model, dataclasses.replace(cfg.compute, param_dtype=cfg.compute.dtype)
   scfg = dataclasses.replace(cfg.sampler, max_new_tokens=new_tokens, temperature=0.0, speculative=speculative)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -67,7 +67,8 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
   return {
       "bench": "sampler", "platform": jax.devices()[0].platform, "devices": jax.device_count(),
       "mesh": dict(mesh.shape), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-      "speculative": speculative, "fp8_weights": scfg.fp8_weights, "compile_and_first_call_s": first_s, "seconds_median": seconds,
+      "speculative": speculative, "fp8_weights": scfg.fp8_weights, "compile_and_first_call_s": first_s,
+      "seconds_median": seconds,
       "seconds_all": times, "tokens_per_s": batch * new_tokens / seconds, "decode_steps": steps,
       "mtp_accept_rate": float(np.asarray(out.accepted_drafts).sum() / max(batch * steps, 1)) if speculative else None,
       "prefill_plus_one_token_s": prefill_s, "weight_bytes": weight_bytes,
