@@ -218,7 +218,7 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset
   """R1 §2.3.3: k completions for each of n train prompts from a model (the rl stage's; for distillation the
   final model's), keeping only those the task checker accepts and that are well formed, written as an SFT
   JSONL (prompt, completion). The sampling key is train.seed + key_offset."""
-  from r1jax import sampler, tokenizer
+  from r1jax import continuous_batching, sampler, tokenizer
 
   p = cfg.pipeline
   tok = tokenizer.load(cfg.data.tokenizer)
@@ -227,8 +227,8 @@ def rejection_sample(cfg: RunConfig, model_dir: Path, out_path: Path, key_offset
   mesh = sharding.make_mesh(cfg.mesh)
   with jax.set_mesh(mesh):
     params = checkpoint.load_params(model_dir, cfg, mesh)
-    out = sampler.generate(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_ids,
-                           pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + key_offset))
+    out = continuous_batching.rollout(params, prompts, cfg.model, cfg.compute, cfg.sampler, eos_id=tok.eos_ids,
+                                      pad_id=tok.pad_id, key=jax.random.key(cfg.train.seed + key_offset))
   completions = sampler.completions(out)
   texts = [tokenizer.completion_text(tok, ids) for ids in completions]
   finished = [tokenizer.finished(tok, ids) for ids in completions]
