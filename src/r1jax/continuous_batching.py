@@ -39,7 +39,8 @@ def _merge(refill_B, new: DecodeState, old: DecodeState) -> DecodeState:
   """Refilled rows from `new`, the others from `old`; caches and experts carry a leading layers axis."""
   by_layer = lambda a, b: _where_rows(refill_B, a, b, 1)  # noqa: E731
   by_row = lambda a, b: _where_rows(refill_B, a, b, 0)  # noqa: E731
-  keys = jax.random.wrap_key_data(by_row(jax.random.key_data(new.keys_B), jax.random.key_data(old.keys_B)))
+  keys = jax.random.wrap_key_data(by_row(jax.random.key_data(new.keys_B), jax.random.key_data(old.keys_B)),
+                                  impl=jax.random.key_impl(new.keys_B))
   rows = {f: by_row(getattr(new, f), getattr(old, f)) for f in DecodeState._fields
           if f not in ("cache", "experts", "keys_B", "step")}
   return laid_out(DecodeState(cache=jax.tree.map(by_layer, new.cache, old.cache),
