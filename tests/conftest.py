@@ -20,17 +20,6 @@ from r1jax import config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The files that take minutes, longest first (`--durations` on .ci/run). xdist's loadfile hands files out in
-# collection order, so these start first and the two workers end together instead of one running the R1
-# pipeline test alone at the end.
-SLOW_FILES = ("test_pipeline.py", "test_training_run.py", "test_r1zero.py", "test_run_dirs.py",
-              "test_async_rollouts.py", "test_hf_rl.py", "test_fp8_model.py", "test_multiprocess.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOW_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file keeps its order
-
 
 @pytest.fixture(scope="session")
 def tiny():
