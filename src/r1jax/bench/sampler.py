@@ -30,7 +30,8 @@ def bench_sampler(cfg: RunConfig, batch: int, prompt_len: int, new_tokens: int, 
                   speculative: bool = False) -> dict:
   """Greedy generation of `new_tokens` per row (EOS never stops a row) from random prompts, with weights in
   the compute dtype (or e4m3 with block scales, model.fp8_weights, under sampler.fp8_weights). Reports
-  tokens/s (median of `repeats` timed calls after a warm-up call that compiles), and the bound set by reading every weight once per decode step at the measured memory bandwidth."""
+  tokens/s (median of `repeats` timed calls after a warm-up call that compiles), ms per decode step, and the
+  bound set by reading every weight once per decode step at the measured memory bandwidth."""
   mcfg, compute = cfg.model, dataclasses.replace(cfg.compute, param_dtype=cfg.compute.dtype)
   scfg = dataclasses.replace(cfg.sampler, max_new_tokens=new_tokens, temperature=0.0, speculative=speculative)
   mesh = sharding.make_mesh(cfg.mesh)
