@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on CPU: the R1 pipeline on 8 simulated devices (configs/tiny_r1.yaml, ~5 min on 2 cores). A tiny
+# The main job on CPU: the R1 pipeline on 8 simulated devices (configs/tiny_r1.yaml, ~6 min on 2 cores). A tiny
 # DeepSeek-V3-shaped model learns a task from scratch (`reverse 4821` -> `<think>1 2 8 4</think><answer>1284
 # </answer>`) through R1's stages: base, R1-Zero, cold start, RL, rejection sampling, SFT, final RL, and
 # distillation into a dense GQA student; then a report of every stage's eval accuracy (report.md, .png).
