@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import model, sampler, sharding
-from r1jax.sharding import constrain
 from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
 from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, is_eos, laid_out, mesh_of, prefill,
-                           prefill_jit, prompt_buffer)
+                           prefill_jit, prompt_buffer, split_rows)
 
 REFILL_FRACTION = 8  # a decode chunk stops once slots // REFILL_FRACTION more rows are done
 
@@ -50,9 +49,8 @@ def _merge(refill_B, new: DecodeState, old: DecodeState) -> DecodeState:
 
 def _laid_out(out: dict) -> dict:
   """Output rows over the batch axes where they divide N (else whole): one layout for every call."""
-  rows = lambda x: constrain(x, "batch", *[None] * (x.ndim - 1))  # noqa: E731
-  return {**{k: rows(v) for k, v in out.items() if k != "experts"},
-          "experts": {k: constrain(v, None, "batch", None, None) for k, v in out["experts"].items()}}
+  return {**{k: split_rows(v) for k, v in out.items() if k != "experts"},
+          "experts": {k: split_rows(v, 1) for k, v in out["experts"].items()}}
 
 
 def _outputs(st: DecodeState, N: int) -> dict:

@@ -139,12 +139,17 @@ def is_eos(x_B, eos_E):
   return (x_B[:, None] == eos_E[None]).any(-1)
 
 
+def split_rows(x, axis: int = 0):
+  """x with its rows (dimension `axis`) split over the batch axes, the other dimensions whole."""
+  return constrain(x, *[None] * axis, "batch", *[None] * (x.ndim - axis - 1))
+
+
 def laid_out(st: DecodeState) -> DecodeState:
   """Every per-row array split over the batch axes (caches and experts behind their layers axis), so each
   compiled call returns the layout the next one was compiled for: one compilation per shape, not per caller."""
-  rows = lambda x: constrain(x, "batch", *[None] * (x.ndim - 1))  # noqa: E731
-  layered = lambda x: constrain(x, None, "batch", *[None] * (x.ndim - 2))  # noqa: E731
-  fields = {f: rows(getattr(st, f)) for f in DecodeState._fields if f not in ("cache", "experts", "keys_B", "step")}
+  layered = lambda x: split_rows(x, 1)  # noqa: E731
+  fields = {f: split_rows(getattr(st, f)) for f in DecodeState._fields
+            if f not in ("cache", "experts", "keys_B", "step")}
   return st._replace(cache=jax.tree.map(layered, st.cache), experts=jax.tree.map(layered, st.experts), **fields)
 
 
