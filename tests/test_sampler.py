@@ -206,3 +206,21 @@ def test_recorded_experts_replay_the_sampler_routing(mla_case):
   forced = _apply(params, out.tokens_BxS, cfg, compute, routes={"moe_layers": shifted}).router["moe_layers"]
   np.testing.assert_array_equal(np.asarray(forced["experts"])[fed], np.asarray(shifted)[fed])
   assert block.cache_names(cfg) is mla.CACHE_NAMES
+
+
+@pytest.mark.parametrize("case", ["mla_case", "gqa_case"])
+def test_per_layer_weights_sample_what_the_stacked_layer_scan_does(case, request):
+  """sampler.per_layer_weights (the default: decode unrolled over model.per_layer's arrays) against the layer
+  scan over the stacked weights: the same tokens and routes; log-probs to fp32 rounding (the same arithmetic,
+  compiled as another program)."""
+  cfg, compute, params = request.getfixturevalue(case)
+  scfg = SamplerConfig(max_new_tokens=8, temperature=1.0, top_k=20, steps_per_call=3)
+  layers = model.per_layer(params)
+  assert isinstance(layers["moe_layers" if cfg.n_moe_layers else "dense_layers"], tuple)
+  unrolled = sampler.generate(params, PROMPTS, cfg, compute, scfg, eos_id=EOS, key=jax.random.key(4))
+  stacked = sampler.generate(params, PROMPTS, cfg, compute, dataclasses.replace(scfg, per_layer_weights=False),
+                             eos_id=EOS, key=jax.random.key(4))
+  assert _completions(unrolled) == _completions(stacked)
+  np.testing.assert_allclose(unrolled.logprobs_BxS, stacked.logprobs_BxS, rtol=1e-5, atol=1e-6)
+  for name in stacked.experts:
+    np.testing.assert_array_equal(unrolled.experts[name], stacked.experts[name])

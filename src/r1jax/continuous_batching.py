@@ -21,8 +21,8 @@ import numpy as np
 
 from r1jax import model, sampler, sharding
 from r1jax.config import ComputeConfig, ConfigError, ModelConfig, SamplerConfig
-from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, is_eos, laid_out, mesh_of, prefill,
-                           prefill_jit, prompt_buffer, split_rows)
+from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, decode_weights, is_eos, laid_out, mesh_of,
+                           prefill, prefill_jit, prompt_buffer, split_rows)
 
 REFILL_FRACTION = 8  # a decode chunk stops once slots // REFILL_FRACTION more rows are done
 
@@ -92,6 +92,7 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
     raise ConfigError("sampler.slots (continuous batching) does not run MTP speculative decoding: set "
                       "sampler.speculative=false or sampler.slots=0")
   compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)
+  params = decode_weights(params, scfg)
   mesh = mesh_of(params)
   multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   B = max(1, math.ceil(slots / multiple)) * multiple

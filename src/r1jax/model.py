@@ -272,6 +272,20 @@ def check_fp8_params(params: dict, compute: ComputeConfig):
                         f"its matmul in high precision: {fix}")
 
 
+def per_layer(params: dict) -> dict:
+  """`params` with each decoder stack (dense_layers, moe_layers) as a tuple of its layers, every layer's weights
+  in arrays of their own: decode runs such a stack unrolled, and each GEMM reads its weight where it lies. From a
+  stacked weight, the layer scan's slice is a copy on a GPU (XLA does not alias a dynamic slice into a GEMM
+  operand): 133 copies, 49% of a bench-model decode step on an H100 (docs/perf.md). One pass over the weights,
+  and a second copy of them while it is alive."""
+  out = dict(params)
+  for stack in _STACKS:
+    if stack in params and not isinstance(params[stack], tuple):
+      n = jax.tree.leaves(params[stack])[0].shape[0]
+      out[stack] = tuple(jax.tree.map(lambda w, i=i: w[i], params[stack]) for i in range(n))
+  return out
+
+
 def fp8_weights(params: dict, compute: ComputeConfig) -> dict:
   """`params` with every matmul weight that compute.fp8 runs in FP8 (and whose input dim is whole blocks) as
   one-byte e4m3 with block x block scales (fp8.weights.QuantizedWeight, the tiles fp8.dot makes of it), for

@@ -249,6 +249,13 @@ def decode_chunk(params, st: DecodeState, eos_E, min_done, cfg: ModelConfig, com
 # Compiled once per (shapes, configs); the decode state is donated, so its cache is updated in place.
 prefill_jit = jax.jit(prefill, static_argnames=("S", "cfg", "compute", "scfg"))
 decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("cfg", "compute", "scfg"), donate_argnums=1)
+_per_layer_jit = jax.jit(model.per_layer)
+
+
+def decode_weights(params: dict, scfg: SamplerConfig) -> dict:
+  """The weights decode reads: each layer's in arrays of its own (model.per_layer) under
+  sampler.per_layer_weights, else the stacked ones as they are."""
+  return _per_layer_jit(params) if scfg.per_layer_weights else params
 
 
 def mesh_of(params):
@@ -293,6 +300,7 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
   if scfg.speculative and not cfg.n_mtp:
     raise ConfigError("sampler.speculative=true needs an MTP module (model.n_mtp >= 1)")
   compute = dataclasses.replace(compute, capacity_factor=scfg.capacity_factor)  # sampler.capacity_factor: see config
+  params = decode_weights(params, scfg)
   mesh = mesh_of(params)
   multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
   n_rows = max(1, math.ceil(len(prompts) / multiple)) * multiple

@@ -62,7 +62,12 @@ class ComputeConfig:
   # Slots per (source shard, expert) = ceil(capacity_factor * local tokens * top-k / n_routed_experts);
   # 0 means dropless (every slot fits: V3 report §2.1.2 "No Token-Dropping"), at E/K times the buffer.
   capacity_factor: float = 0.0
-  expert_gemm: Literal["auto", "einsum", "ragged_dot"] = "auto"  # auto: ragged_dot on TPU, einsum elsewhere
+  # The routed experts' GEMMs (nn/expert_ffn.py): einsum over capacity-padded rows; ragged_dot over those rows'
+  # valid ones; grouped: dropless, rows sorted by expert, one grouped GEMM (nn/grouped_gemm.py) whose kernel is
+  # grouped_kernel's (auto: Pallas Triton on GPU, XLA's ragged_dot elsewhere). auto: grouped on GPU when
+  # capacity_factor is 0, ragged_dot on TPU, einsum otherwise.
+  expert_gemm: Literal["auto", "einsum", "ragged_dot", "grouped"] = "auto"
+  grouped_kernel: Literal["auto", "triton", "xla"] = "auto"
   head_chunk: int = 512  # training losses make the fp32 head logits this many positions at a time (0: all)
   mtp_loss_weight: float = 0.3  # lambda (V3 report §2.2)
   aux_loss_alpha: float = 0.0001  # sequence-wise balance loss weight (V3 report eq. 17-20)
@@ -72,6 +77,8 @@ class ComputeConfig:
   def validate(self, prefix: str = "compute"):
     if self.capacity_factor < 0:
       fail(f"{prefix}.capacity_factor", self.capacity_factor, "must be >= 0 (0: dropless)")
+    if self.expert_gemm == "grouped" and self.capacity_factor > 0:
+      fail(f"{prefix}.expert_gemm", self.expert_gemm, f"is dropless: set {prefix}.capacity_factor=0 (or pick einsum)")
     if self.head_chunk < 0:
       fail(f"{prefix}.head_chunk", self.head_chunk, "must be >= 0")
     if self.attention_block < 1:

@@ -172,6 +172,10 @@ class SamplerConfig:
   # (model.fp8_weights), in compute.fp8's recipe (enabled for the sampler even where training is bf16): half
   # the bytes per decode step. The learner's recomputed log-probs differ; grpo.tis_cap covers the gap.
   fp8_weights: bool = False
+  # Decode reads each layer's weights from arrays of their own (model.per_layer), made once per generate call:
+  # the weights twice in memory while sampling. false decodes from the stacked weights in a layer scan, whose
+  # per-layer slices a GPU copies every step (docs/perf.md: 49% of a decode step on an H100).
+  per_layer_weights: bool = True
 
   def validate(self, prefix: str = "sampler"):
     if self.max_new_tokens <= 0 or self.steps_per_call <= 0:

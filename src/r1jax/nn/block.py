@@ -106,7 +106,15 @@ def scan(stack: dict, x_BxLxD, ctx: Context, cfg: ModelConfig, compute: ComputeC
 
 def scan_cached(stack: dict, x_BxTxD, cache: dict, ctx: Context, cfg: ModelConfig, compute: ComputeConfig,
                 is_moe: bool):
-  """Decode through a stack of blocks and their stacked caches; returns (x, stacked stats, caches)."""
+  """Decode through a stack of blocks and their stacked caches; returns (x, stacked stats, caches). A stack given
+  as a tuple of layers (model.per_layer) runs unrolled, each layer reading its own weight arrays in place."""
+  if isinstance(stack, tuple):
+    stats = []
+    for i, p in enumerate(stack):
+      x_BxTxD, s, c = apply_cached(p, x_BxTxD, jax.tree.map(lambda a, i=i: a[i], cache), ctx, cfg, compute, is_moe)
+      cache = jax.tree.map(lambda a, u, i=i: a.at[i].set(u), cache, c)
+      stats.append(s)
+    return x_BxTxD, jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats[0] is not None else None, cache
 
   def body(x, layer):
     p, c = layer

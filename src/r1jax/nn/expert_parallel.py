@@ -3,7 +3,8 @@
 experts over `expert`: a shard sorts its (token, slot) pairs by expert into an [E, C, D] buffer (first
 come first served in token-slot order, C rows per expert), one all-to-all hands every device the rows of
 its local experts from all peers, the expert GEMMs run, and a second all-to-all brings the rows home
-for the weighted combine. Pairs beyond capacity are dropped and counted."""
+for the weighted combine. Pairs beyond capacity are dropped and counted. An expert FFN that runs on sorted rows
+(grouped_gemm) skips the buffers where one shard holds every expert: nothing is dropped there."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ModelConfig
+from r1jax.nn import grouped_gemm
 from r1jax.sharding import mesh_axes
 
 
@@ -83,6 +85,8 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
   T, D = x_TxD.shape
   E = cfg.n_routed_experts
   n_ep = math.prod(jax.lax.axis_size(a) for a in exp_axes)
+  if n_ep == 1 and ffn.sorted is not None:  # every expert here: sort the pairs, no capacity buffers, no drops
+    return _sorted_combine(experts, x_TxD, weights_TxK, experts_TxK, valid_T, E, ffn.sorted)
   E_loc, C = E // n_ep, capacity(T, cfg, capacity_factor)
   pl = plan(experts_TxK, E, C, valid_T)
   x_pad = jnp.concatenate([x_TxD, jnp.zeros((1, D), x_TxD.dtype)])  # row T fills the empty slots
@@ -97,6 +101,17 @@ def dispatch_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, cf
   y_TxKxD = jnp.take(y_pad, pl.slot_TK, axis=0).reshape(T, -1, D)
   y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
   return y_TxD.astype(x_TxD.dtype), pl.dropped_pairs
+
+
+def _sorted_combine(experts: dict, x_TxD, weights_TxK, experts_TxK, valid_T, E: int, sorted_fn):
+  """Dropless on a shard that holds every expert: the pairs' rows sorted by expert (grouped_gemm.layout), the
+  expert FFN over them, each pair's row weighted and summed per token."""
+  T, K = experts_TxK.shape
+  lay = grouped_gemm.layout(experts_TxK, valid_T, E, grouped_gemm.row_tile(T * K, E))
+  y_RxD = sorted_fn(experts, grouped_gemm.gather_rows(x_TxD, lay), lay)
+  y_TxKxD = grouped_gemm.pair_rows(y_RxD, lay).reshape(T, K, -1)
+  y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
+  return y_TxD.astype(x_TxD.dtype), jnp.zeros((), jnp.int32)
 
 
 def spec(*names):
