@@ -162,3 +162,33 @@ def test_grouped_choices_are_said_not_swapped():
   with pytest.raises(ConfigError, match="no FP8 kernel yet"):
     expert_ffn.choose(fp8_on, {})
   assert expert_ffn.gemm_impl(run.compute) == "einsum"  # CPU auto: the numbers the suite was measured with
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [None, grouped_gemm.triton.Tiles(bn=256, num_warps=8)])
+def test_triton_kernels_on_a_gpu_equal_xla(tiles):
+  """The compiled kernels (not interpret mode) at a bench-like width, bf16 operands, fp32 accumulation in both:
+  values and gradients within bf16 rounding of the outputs (2e-2 of the largest)."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  T, K, E, D, F = 1024, 4, 8, 512, 256
+  experts_TxK = jnp.argsort(jax.random.uniform(jax.random.key(0), (T, E)), axis=-1)[:, :K].astype(jnp.int32)
+  experts_TxK = jnp.where(experts_TxK == 7, 0, experts_TxK)  # expert 7 empty (token-level duplicates are fine)
+  w = jax.nn.softmax(jax.random.normal(jax.random.key(1), (T, K)), -1)
+  x = jax.random.normal(jax.random.key(2), (T, D), jnp.bfloat16)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _experts(E, D, F))
+  cot = jax.random.normal(jax.random.key(3), (T, D), jnp.float32)
+
+  def loss(kernel):
+    def f(p, x):
+      lay = grouped_gemm.layout(experts_TxK, None, E, 128)
+      fn = lambda e, x_RxD, lay: grouped_gemm.swiglu(e, x_RxD, lay, kernel, tiles=tiles)  # noqa: E731
+      return jnp.sum(expert_parallel._sorted_combine(p, x, w, experts_TxK, None, E, fn)[0].astype(jnp.float32) * cot)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+  (v_ref, g_ref), (v, g) = loss("xla")(params, x), loss("triton")(params, x)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+  assert float(jnp.abs(g[0]["w_up"][7]).max()) == 0.0
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=2e-2)

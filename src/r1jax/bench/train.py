@@ -16,6 +16,7 @@ from r1jax.bench.all_to_all import bench_all_to_all
 from r1jax.bench.batches import progressions, train_batch
 from r1jax.bench.timing import matmul_peak_tflops
 from r1jax.config import RunConfig
+from r1jax.nn import expert_ffn
 
 
 def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 0,
@@ -67,6 +68,9 @@ def bench_train(cfg: RunConfig, steps: int = 10, warmup: int = 2, packed: int = 
       "devices": jax.device_count(), "mesh": sizes, "batch": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
       "packed_segments_per_row": packed, "remat": cfg.compute.remat, "attention_impl": cfg.compute.attention_impl,
       "n_mtp": cfg.model.n_mtp, "param_dtype": cfg.compute.param_dtype, "compile_s": compile_s,
+      "capacity_factor": cfg.compute.capacity_factor, "expert_gemm": expert_ffn.gemm_impl(cfg.compute),
+      "grouped_kernel": (expert_ffn.grouped_kernel(cfg.compute)
+                         if expert_ffn.gemm_impl(cfg.compute) == "grouped" else None),
       "step_s_median": seconds, "step_s_all": times, "tokens_per_s": tokens / seconds,
       "model_flops_per_token": flops["total"], "matmul_peak_tflops": None if math.isnan(peak) else peak,
       "mfu": None if math.isnan(peak) else flops["total"] * tokens / seconds / (peak * 1e12),

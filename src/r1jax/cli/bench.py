@@ -46,6 +46,10 @@ def bench(args) -> int:
 
     arms = parse_arms(args.arm) if args.arm else None
     result = bench_async(cfg, loop.run_directory(cfg, args.config), seeds=args.seeds, arms=arms)
+  elif args.what == "experts":
+    from r1jax.bench.experts import bench_experts
+
+    result = bench_experts(cfg, args.tokens, arms=args.arm or None)
   elif args.what == "train":
     from r1jax.bench.train import bench_train
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(command_fn="train:generate")
   p = sub.add_parser("bench", help="benchmarks with JSON output")
-  p.add_argument("what", choices=["train", "fp8", "sampler", "grpo", "rl-demo", "async"])
+  p.add_argument("what", choices=["train", "fp8", "sampler", "grpo", "rl-demo", "async", "experts"])
   p.add_argument("--config", help="default: configs/bench_gpu.yaml (train, fp8, sampler, grpo), "
                  "configs/tiny_r1zero.yaml (rl-demo, async)")
   p.add_argument("overrides", nargs="*", help="section.field=value")
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
   p.add_argument("--arm", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                  help="fp8: one more FP8-on arm, with these overrides, in the interleaved speed run; async: the arms "
                  "run besides sync (default async:grpo.async=true,mesh.rollout_devices=<half>,grpo.max_staleness=1) "
-                 "(repeatable)")
+                 "(repeatable); experts: the arms to run (default all)")
+  p.add_argument("--tokens", type=int, default=16384, help="experts: tokens through the layer")
   p.add_argument("--json", action="store_true", help="one line of JSON")
   p.set_defaults(command_fn="bench:bench")
   p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN/plots/ (also while it trains)")

@@ -83,27 +83,28 @@ def pair_rows(y_RxD, lay: Layout):
   return jnp.take(y_pad, lay.row_TK, axis=0)
 
 
-def _tiles(K: int, N: int) -> triton.Tiles:
-  """The kernel's default tiles, shrunk where K and N (a weight's dims: the GEMMs of both passes run along
-  both) are small (tests, tiny models); a dim no power of two >= 16 divides is named by the kernel."""
-  base, both = triton.Tiles(), math.gcd(K, N)
+def _tiles(K: int, N: int, base: triton.Tiles | None) -> triton.Tiles:
+  """The kernel's tiles (default: triton.Tiles()), shrunk where K and N (a weight's dims: the GEMMs of both
+  passes run along both) are small (tests, tiny models); a dim no power of two >= 16 divides is named by the
+  kernel."""
+  base, both = base or triton.Tiles(), math.gcd(K, N)
   fit = lambda t: math.gcd(both, t) if math.gcd(both, t) >= 16 else t  # noqa: E731
   return base._replace(bk=fit(base.bk), bn=fit(base.bn))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm_triton(x_RxK, w_ExKxN, lay: Layout, interpret: bool):
-  return triton.gmm(x_RxK, w_ExKxN, lay.tile_group_G, lay.used, bm=lay.bm, tiles=_tiles(*w_ExKxN.shape[1:]),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_triton(x_RxK, w_ExKxN, lay: Layout, interpret: bool, tiles: triton.Tiles | None):
+  return triton.gmm(x_RxK, w_ExKxN, lay.tile_group_G, lay.used, bm=lay.bm, tiles=_tiles(*w_ExKxN.shape[1:], tiles),
                     interpret=interpret)
 
 
-def _gmm_fwd(x_RxK, w_ExKxN, lay, interpret):
-  return _gmm_triton(x_RxK, w_ExKxN, lay, interpret), (x_RxK, w_ExKxN, lay)
+def _gmm_fwd(x_RxK, w_ExKxN, lay, interpret, tiles):
+  return _gmm_triton(x_RxK, w_ExKxN, lay, interpret, tiles), (x_RxK, w_ExKxN, lay)
 
 
-def _gmm_bwd(interpret, res, dy_RxN):
+def _gmm_bwd(interpret, tiles, res, dy_RxN):
   x_RxK, w_ExKxN, lay = res
-  tiles, dy_RxN = _tiles(*w_ExKxN.shape[1:]), dy_RxN.astype(x_RxK.dtype)
+  tiles, dy_RxN = _tiles(*w_ExKxN.shape[1:], tiles), dy_RxN.astype(x_RxK.dtype)
   dx = triton.gmm(dy_RxN, w_ExKxN, lay.tile_group_G, lay.used, bm=lay.bm, transpose_w=True, tiles=tiles,
                   interpret=interpret)
   dw = triton.tgmm(x_RxK, dy_RxN, lay.tile_start_E, lay.tiles_E, bm=lay.bm, out_dtype=w_ExKxN.dtype, tiles=tiles,
@@ -115,18 +116,20 @@ def _gmm_bwd(interpret, res, dy_RxN):
 _gmm_triton.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(x_RxK, w_ExKxN, lay: Layout, impl: str, interpret: bool = False):
-  """Each row tile times its expert's weight, in x's dtype (fp32 accumulation); differentiable."""
+def gmm(x_RxK, w_ExKxN, lay: Layout, impl: str, interpret: bool = False, tiles: triton.Tiles | None = None):
+  """Each row tile times its expert's weight, in x's dtype (fp32 accumulation); differentiable. `tiles` and
+  `interpret` (CPU tests) are the Triton kernels'."""
   w_ExKxN = w_ExKxN.astype(x_RxK.dtype)
   if impl == "triton":
-    return _gmm_triton(x_RxK, w_ExKxN, lay, interpret)
+    return _gmm_triton(x_RxK, w_ExKxN, lay, interpret, tiles)
   if impl == "xla":  # the padded groups as ragged_dot's groups: rows past the used tiles belong to none (zeros)
     return jax.lax.ragged_dot(x_RxK, w_ExKxN, lay.tiles_E * lay.bm)
   raise ValueError(f"grouped GEMM implementation {impl!r}: one of {IMPLS}")
 
 
-def swiglu(experts: dict, x_RxD, lay: Layout, impl: str, interpret: bool = False):
+def swiglu(experts: dict, x_RxD, lay: Layout, impl: str, interpret: bool = False,
+           tiles: triton.Tiles | None = None):
   """The routed experts' SwiGLU, each row by its tile's expert: silu(x W_gate) * (x W_up) W_down."""
-  gate = gmm(x_RxD, experts["w_gate"], lay, impl, interpret)
-  up = gmm(x_RxD, experts["w_up"], lay, impl, interpret)
-  return gmm(jax.nn.silu(gate) * up, experts["w_down"], lay, impl, interpret)
+  gate = gmm(x_RxD, experts["w_gate"], lay, impl, interpret, tiles)
+  up = gmm(x_RxD, experts["w_up"], lay, impl, interpret, tiles)
+  return gmm(jax.nn.silu(gate) * up, experts["w_down"], lay, impl, interpret, tiles)
