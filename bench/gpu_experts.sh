@@ -17,7 +17,7 @@ for stage in $STAGES; do case $stage in
            -x 2>&1 | tail -15 | tee "$OUT/gpu_tests_grouped.txt" ;;
   experts) timeout 300 python -m r1jax.cli bench experts --config configs/bench_gpu.yaml --json > "$OUT/experts.json" \
              2> "$OUT/experts.err"; echo "experts rc=$?"; tail -3 "$OUT/experts.err" ;;
-  train) bench dropless_grouped "$PEER compute.capacity_factor=0"
+  train) bench dropless_grouped "$PEER compute.capacity_factor=0 compute.expert_gemm=grouped"
          bench capacity "$PEER compute.capacity_factor=1.25" ;;
   peers) timeout 240 python .peers/hf_strong.py train liger --config configs/bench_gpu.yaml > "$OUT/train_hf_liger.json" \
            2> "$OUT/train_hf_liger.err"; echo "hf liger rc=$? $(tail -c 300 "$OUT/train_hf_liger.json")"

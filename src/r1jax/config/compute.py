@@ -64,8 +64,8 @@ class ComputeConfig:
   capacity_factor: float = 0.0
   # The routed experts' GEMMs (nn/expert_ffn.py): einsum over capacity-padded rows; ragged_dot over those rows'
   # valid ones; grouped: dropless, rows sorted by expert, one grouped GEMM (nn/grouped_gemm.py) whose kernel is
-  # grouped_kernel's (auto: Pallas Triton on GPU, XLA's ragged_dot elsewhere). auto: grouped on GPU when
-  # capacity_factor is 0, ragged_dot on TPU, einsum otherwise.
+  # grouped_kernel's (auto: Pallas Triton on GPU, XLA's ragged_dot elsewhere). auto: ragged_dot on TPU, einsum
+  # elsewhere (grouped becomes the GPU default once its kernels are measured there: docs/perf.md).
   expert_gemm: Literal["auto", "einsum", "ragged_dot", "grouped"] = "auto"
   grouped_kernel: Literal["auto", "triton", "xla"] = "auto"
   head_chunk: int = 512  # training losses make the fp32 head logits this many positions at a time (0: all)

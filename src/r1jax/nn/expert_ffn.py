@@ -28,15 +28,12 @@ class ExpertFFN(NamedTuple):
 
 
 def gemm_impl(compute: ComputeConfig) -> str:
-  """The expert-GEMM choice (compute.expert_gemm). auto: the grouped GEMM on a GPU when nothing may be dropped;
-  ragged_dot on TPU; the padded einsum otherwise (on one H100 XLA's ragged_dot ran at 7 TFLOP/s against 647 for
-  the padded einsum, JAX 0.11.2; on CPU the einsum keeps the numbers the tests and README were measured with)."""
+  """The expert-GEMM choice (compute.expert_gemm). auto: ragged_dot on TPU, the padded einsum elsewhere (on one
+  H100 XLA's ragged_dot ran at 7 TFLOP/s against 647 for the padded einsum, JAX 0.11.2). The dropless grouped
+  GEMM is asked for by name until its Triton kernels have been measured on a GPU (docs/perf.md, issue 30)."""
   if compute.expert_gemm != "auto":
     return compute.expert_gemm
-  backend = jax.default_backend()
-  if backend == "gpu" and compute.capacity_factor == 0 and compute.fp8.use("routed_experts") is None:
-    return "grouped"
-  return "ragged_dot" if backend == "tpu" else "einsum"
+  return "ragged_dot" if jax.default_backend() == "tpu" else "einsum"
 
 
 def grouped_kernel(compute: ComputeConfig) -> str:
