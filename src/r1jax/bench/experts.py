@@ -32,8 +32,10 @@ def _tokamax_swiglu():
     return None, f"{type(e).__name__}: {e}"
 
   def gmm(x, w, lay):
-    return tokamax.ragged_dot(x, w.astype(x.dtype), lay.tiles_E * lay.bm, implementation="mosaic",
-                              preferred_element_type=x.dtype)
+    out = tokamax.ragged_dot(x, w.astype(x.dtype), lay.tiles_E * lay.bm, implementation="mosaic",
+                             preferred_element_type=x.dtype)
+    written = jnp.arange(out.shape[0])[:, None] < lay.used * lay.bm  # it leaves the rows past the groups unwritten
+    return jnp.where(written, out, 0)
 
   def swiglu(experts, x_RxD, lay):
     gate, up = gmm(x_RxD, experts["w_gate"], lay), gmm(x_RxD, experts["w_up"], lay)
