@@ -6,9 +6,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,hf]" 2>&1 | grep -v "^WARNING: Location" || true
 export JAX_PLATFORMS=cpu
-# LLVM's optimisation passes cost more than they save on the suite's tiny programs: 109 -> 87 s on one file (no
-# fast-math either way, so the arithmetic is the same IEEE operations; tests/conftest.py appends its device count).
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Compiled executables cached on disk (shared by workers and subprocesses; tests/conftest.py says why).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax-tests}" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.3
 exec .venv/bin/python -m pytest -n 2 --dist loadfile -q --durations=25 "$@"
