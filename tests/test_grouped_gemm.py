@@ -192,3 +192,18 @@ def test_triton_kernels_on_a_gpu_equal_xla(tiles):
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
   assert float(jnp.abs(g[0]["w_up"][7]).max()) == 0.0
   np.testing.assert_allclose(float(v), float(v_ref), rtol=2e-2)
+
+
+def test_memory_estimate_counts_the_sorted_rows_not_capacity_buffers():
+  """`r1jax info`'s activation estimate for the bench model: dropless on the padded einsum holds E = 32 rows per
+  token in each expert buffer, the grouped layout K + E*(bm-1)/T = 4.25."""
+  from r1jax import memory
+  run = config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "bench_gpu.yaml"),
+                    ["compute.capacity_factor=0", "compute.remat=none"])
+  sizes = {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
+  est = {g: memory.activation_bytes(run.model, dataclasses.replace(run.compute, expert_gemm=g), sizes, 8, 2048, True)
+         for g in ("einsum", "grouped")}
+  m = run.model
+  per_row = (2 * m.dim + 4 * m.moe_inter_dim) * 2 * 16384 * (m.n_moe_layers + m.n_mtp)  # bf16, remat none
+  rows = (16384 * m.n_activated_experts + m.n_routed_experts * 127) / 16384
+  assert est["einsum"] - est["grouped"] == pytest.approx((m.n_routed_experts - rows) * per_row, rel=1e-6)

@@ -3,10 +3,10 @@ budget) the next prompt takes its slot, so the batch stays full while completion
 (R1's do). A static batch instead decodes until its longest row ends, most of its rows idle.
 
 Between decode chunks the host reads which slots are done; one compiled call then copies the finished rows
-into the output buffers and prefills the next prompts into their slots (a prefill of all slots' buffers,
-kept only where a slot is refilled), and decoding resumes. A chunk ends early once `slots // 8` more rows are
-done, so freed slots wait at most that long. Every shape is fixed by (slots, prompt bucket, S): no compilation
-per prompt. Prompt i draws from fold_in(key, i) (sampler.py), so its tokens, log-probs, kept sets and experts
+into the output buffers and prefills the next prompts into their slots: a prefill of as many rows as are
+refilled, rounded up to slots/8, /4, /2 or all of them, scattered into the state. A chunk ends early once
+`slots // 8` more rows are done, so freed slots wait at most that long. Every shape is fixed by (slots, the
+refill size, prompt bucket, S): at most four refill compilations, none per prompt. Prompt i draws from fold_in(key, i) (sampler.py), so its tokens, log-probs, kept sets and experts
 are those of sampler.generate for the same key, whichever slot and step it runs at."""
 
 from __future__ import annotations
@@ -27,17 +27,11 @@ from r1jax.sampler import (DecodeState, Rollout, budgets, decode_chunk_jit, deco
 REFILL_FRACTION = 8  # a decode chunk stops once slots // REFILL_FRACTION more rows are done
 
 
-def _where_rows(refill_B, new, old, axis: int):
-  """new where refill_B else old, with rows along `axis`."""
-  shape = [1] * new.ndim
-  shape[axis] = -1
-  return jnp.where(refill_B.reshape(shape), new, old)
-
-
-def _merge(refill_B, new: DecodeState, old: DecodeState) -> DecodeState:
-  """Refilled rows from `new`, the others from `old`; caches and experts carry a leading layers axis."""
-  by_layer = lambda a, b: _where_rows(refill_B, a, b, 1)  # noqa: E731
-  by_row = lambda a, b: _where_rows(refill_B, a, b, 0)  # noqa: E731
+def _scatter_rows(slot_R, new: DecodeState, old: DecodeState) -> DecodeState:
+  """`old` with row r of `new` in row slot_R[r] (a slot past the end: dropped); caches and experts carry a
+  leading layers axis."""
+  by_row = lambda n, o: o.at[slot_R].set(n, mode="drop")  # noqa: E731
+  by_layer = lambda n, o: o.at[:, slot_R].set(n, mode="drop")  # noqa: E731
   keys = jax.random.wrap_key_data(by_row(jax.random.key_data(new.keys_B), jax.random.key_data(old.keys_B)),
                                   impl=jax.random.key_impl(new.keys_B))
   rows = {f: by_row(getattr(new, f), getattr(old, f)) for f in DecodeState._fields
@@ -45,6 +39,11 @@ def _merge(refill_B, new: DecodeState, old: DecodeState) -> DecodeState:
   return laid_out(DecodeState(cache=jax.tree.map(by_layer, new.cache, old.cache),
                               experts=jax.tree.map(by_layer, new.experts, old.experts), keys_B=keys, step=old.step,
                               **rows))
+
+
+def refill_sizes(B: int, multiple: int) -> list[int]:
+  """The prefill batch sizes a refill may take: B/8, B/4, B/2 and B, each rounded up to the mesh's batch multiple."""
+  return sorted({min(B, max(multiple, -(-(B >> k) // multiple) * multiple)) for k in range(4)})
 
 
 def _laid_out(out: dict) -> dict:
@@ -69,17 +68,19 @@ def _harvest(out: dict, st: DecodeState, dest_B) -> dict:
           "experts": {k: v.at[:, dest_B].set(st.experts[k], mode="drop") for k, v in out["experts"].items()}})
 
 
-def _swap(params, st: DecodeState, out: dict, dest_B, tokens_BxP, prompt_len_B, refill_B, index_B, budget_B, key,
-          eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig):
-  """Harvest the finished rows (dest_B < N), then prefill the next prompts into the rows marked refill_B."""
+def _swap(params, st: DecodeState, out: dict, dest_B, slot_R, tokens_RxP, prompt_len_R, live_R, index_R, budget_R,
+          key, eos_E, cfg: ModelConfig, compute: ComputeConfig, scfg: SamplerConfig):
+  """Harvest the finished rows (dest_B < N), then prefill the next prompts (rows marked live_R) into the state's
+  rows slot_R."""
   out = _harvest(out, st, dest_B)
-  new = prefill(params, tokens_BxP, prompt_len_B, refill_B, index_B, budget_B, key, st.tokens_BxS.shape[1], eos_E,
-                 cfg, compute, scfg)
-  return _merge(refill_B, new, st), out
+  new = prefill(params, tokens_RxP, prompt_len_R, live_R, index_R, budget_R, key, st.tokens_BxS.shape[1], eos_E,
+                cfg, compute, scfg)
+  return _scatter_rows(slot_R, new, st), out
 
 
 _swap_jit = jax.jit(_swap, static_argnames=("cfg", "compute", "scfg"), donate_argnums=(1, 2))
 _outputs_jit = jax.jit(_outputs, static_argnames=("N",))
+_harvest_jit = jax.jit(_harvest, donate_argnums=0)
 _fp8_weights_jit = jax.jit(model.fp8_weights, static_argnames=("compute",))
 
 
@@ -105,30 +106,37 @@ def generate(params: dict, prompts: list[list[int]], cfg: ModelConfig, compute: 
       lambda rows: jax.tree.map(jnp.asarray, rows))
   owner = np.full(B, -1)  # the prompt each slot decodes (-1: none)
   queued = list(range(N))[::-1]  # popped in prompt order
+  sizes = refill_sizes(B, multiple)
 
-  def rows_for(slots_to_fill):
-    """Host buffers that put the next prompts into `slots_to_fill` (other rows: a 1-token placeholder)."""
-    rows = {"tokens": np.full((B, buf_NxP.shape[1]), pad_id, np.int32), "lengths": np.ones(B, np.int32),
-            "refill": np.zeros(B, bool), "index": np.zeros(B, np.int32), "budget": np.ones(B, np.int32)}
-    for b in slots_to_fill[:len(queued)]:
+  def rows_for(slots_to_fill, R: int | None = None):
+    """Host buffers that prefill the next prompts into `slots_to_fill`, R rows or as few as a refill size allows
+    (the rest: 1-token placeholders for slot B, which the scatter drops)."""
+    fill = slots_to_fill[:len(queued)]
+    R = R or next(size for size in sizes if size >= len(fill))
+    rows = {"tokens": np.full((R, buf_NxP.shape[1]), pad_id, np.int32), "lengths": np.ones(R, np.int32),
+            "live": np.zeros(R, bool), "index": np.zeros(R, np.int32), "budget": np.ones(R, np.int32),
+            "slot": np.full(R, B, np.int32)}
+    for r, b in enumerate(fill):
       i = owner[b] = queued.pop()
-      rows["tokens"][b], rows["lengths"][b] = buf_NxP[i], lengths_N[i]
-      rows["index"][b], rows["budget"][b] = i, budget[i]
-      rows["refill"][b] = True
+      rows["tokens"][r], rows["lengths"][r] = buf_NxP[i], lengths_N[i]
+      rows["index"][r], rows["budget"][r], rows["live"][r], rows["slot"][r] = i, budget[i], True, b
     return rows
 
-  r = put(rows_for(np.arange(B)))
-  st = sharding.canonical(prefill_jit(params, r["tokens"], r["lengths"], r["refill"], r["index"], r["budget"], key,
+  r = put(rows_for(np.arange(B), R=B))  # the first prefill makes the state of all B slots
+  st = sharding.canonical(prefill_jit(params, r["tokens"], r["lengths"], r["live"], r["index"], r["budget"], key,
                                       S=S, eos_E=eos, cfg=cfg, compute=compute, scfg=scfg))
   out = sharding.canonical(_outputs_jit(st, N=N))
   while True:
     finished = np.asarray(jax.device_get(st.done_B)) & (owner >= 0)
     if finished.any():
-      dest = np.where(finished, owner, N).astype(np.int32)
+      dest = put({"dest": np.where(finished, owner, N).astype(np.int32)})["dest"]
       owner[finished] = -1
-      r = put({**rows_for(np.flatnonzero(finished)), "dest": dest})
-      st, out = sharding.canonical(_swap_jit(params, st, out, r["dest"], r["tokens"], r["lengths"], r["refill"],
-                                             r["index"], r["budget"], key, eos, cfg=cfg, compute=compute, scfg=scfg))
+      if queued:
+        r = put(rows_for(np.flatnonzero(finished)))
+        st, out = sharding.canonical(_swap_jit(params, st, out, dest, r["slot"], r["tokens"], r["lengths"], r["live"],
+                                               r["index"], r["budget"], key, eos, cfg=cfg, compute=compute, scfg=scfg))
+      else:
+        out = sharding.canonical(_harvest_jit(out, st, dest))
     if (owner < 0).all():
       break
     idle = int((owner < 0).sum())

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from r1jax import sharding, train
 from r1jax.batch import Batch
 from r1jax.config import ComputeConfig, ModelConfig, RunConfig
-from r1jax.nn import expert_ffn, expert_parallel
+from r1jax.nn import expert_ffn, expert_parallel, grouped_gemm
 
 
 def shard_bytes(shape, dtype, spec: P, sizes: dict[str, int]) -> int:
@@ -118,6 +118,9 @@ def activation_bytes(cfg: ModelConfig, compute: ComputeConfig, sizes: dict[str, 
     moe_dots += q8 * (attn_in + cfg.n_shared_experts * mlp_in(compute.fp8.use("shared_experts"), cfg.moe_inter_dim))
   C = expert_parallel.capacity(max(1, int(tokens)), cfg, compute.capacity_factor)
   rows = C * E / max(tokens, 1)  # padded expert rows per token
+  if expert_ffn.gemm_impl(compute) == "grouped" and sizes["expert"] == 1:  # sorted rows, tile-aligned groups
+    n = max(1, int(tokens)) * K
+    rows = (n + E * (grouped_gemm.row_tile(n, E) - 1)) / max(tokens, 1)
   # dispatched rows, gate/up/silu/product, expert outputs; gathered outputs per slot in bf16 and fp32
   experts = rows * (2 * D + 4 * cfg.moe_inter_dim / t) * b + K * D * (b + f32)
   dense = dense_dots + attn_rest + 2 * cfg.inter_dim / t * b
