@@ -158,7 +158,8 @@ def test_grouped_choices_are_said_not_swapped():
     config.apply_overrides(run, ["compute.expert_gemm=grouped", "compute.capacity_factor=1.25"])
   with pytest.raises(ConfigError, match="grouped_kernel=triton runs on a GPU only"):
     expert_ffn.grouped_kernel(dataclasses.replace(run.compute, grouped_kernel="triton"))
-  fp8_on = dataclasses.replace(run.compute, expert_gemm="grouped", fp8=dataclasses.replace(run.compute.fp8, enabled=True))
+  fp8_on = dataclasses.replace(run.compute, expert_gemm="grouped",
+                               fp8=dataclasses.replace(run.compute.fp8, enabled=True))
   with pytest.raises(ConfigError, match="no FP8 kernel yet"):
     expert_ffn.choose(fp8_on, {})
   assert expert_ffn.gemm_impl(run.compute) == "einsum"  # auto off TPU, until the kernels are measured on a GPU
@@ -180,8 +181,7 @@ def test_triton_kernels_on_a_gpu_equal_xla(tiles):
   cot = jax.random.normal(jax.random.key(3), (T, D), jnp.float32)
 
   def loss(kernel):
-    def f(p, x):
-      lay = grouped_gemm.layout(experts_TxK, None, E, 128)
+    def f(p, x):  # 1024 x 4 pairs over 8 experts: 128-row tiles
       fn = lambda e, x_RxD, lay: grouped_gemm.swiglu(e, x_RxD, lay, kernel, tiles=tiles)  # noqa: E731
       return jnp.sum(expert_parallel._sorted_combine(p, x, w, experts_TxK, None, E, fn)[0].astype(jnp.float32) * cot)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))

@@ -6,8 +6,9 @@ Between decode chunks the host reads which slots are done; one compiled call the
 into the output buffers and prefills the next prompts into their slots: a prefill of as many rows as are
 refilled, rounded up to slots/8, /4, /2 or all of them, scattered into the state. A chunk ends early once
 `slots // 8` more rows are done, so freed slots wait at most that long. Every shape is fixed by (slots, the
-refill size, prompt bucket, S): at most four refill compilations, none per prompt. Prompt i draws from fold_in(key, i) (sampler.py), so its tokens, log-probs, kept sets and experts
-are those of sampler.generate for the same key, whichever slot and step it runs at."""
+refill size, prompt bucket, S): at most four refill compilations, none per prompt. Prompt i draws from
+fold_in(key, i) (sampler.py), so its tokens, log-probs, kept sets and experts are those of sampler.generate for
+the same key, whichever slot and step it runs at."""
 
 from __future__ import annotations
 
