@@ -152,16 +152,18 @@ def test_grouped_moe_layer_equals_the_padded_einsum_that_drops_nothing(moe_case,
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_choices_are_said_not_swapped():
+def test_grouped_choices_are_said_not_swapped(monkeypatch):
   run = _tiny()
   with pytest.raises(ConfigError, match="compute.expert_gemm.*dropless"):
     config.apply_overrides(run, ["compute.expert_gemm=grouped", "compute.capacity_factor=1.25"])
   with pytest.raises(ConfigError, match="grouped_kernel=triton runs on a GPU only"):
     expert_ffn.grouped_kernel(dataclasses.replace(run.compute, grouped_kernel="triton"))
-  fp8_on = dataclasses.replace(run.compute, expert_gemm="grouped",
+  fp8_on = dataclasses.replace(run.compute, expert_gemm="grouped", grouped_kernel="auto",
                                fp8=dataclasses.replace(run.compute.fp8, enabled=True))
-  with pytest.raises(ConfigError, match="no FP8 kernel yet"):
-    expert_ffn.choose(fp8_on, {})
+  with monkeypatch.context() as m:  # as on a GPU, where auto picks the Triton kernels
+    m.setattr(expert_ffn.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="no FP8 Triton kernel yet"):
+      expert_ffn.choose(fp8_on, {})
   assert expert_ffn.gemm_impl(run.compute) == "einsum"  # auto off TPU, until the kernels are measured on a GPU
 
 
@@ -207,3 +209,24 @@ def test_memory_estimate_counts_the_sorted_rows_not_capacity_buffers():
   per_row = (2 * m.dim + 4 * m.moe_inter_dim) * 2 * 16384 * (m.n_moe_layers + m.n_mtp)  # bf16, remat none
   rows = (16384 * m.n_activated_experts + m.n_routed_experts * 127) / 16384
   assert est["einsum"] - est["grouped"] == pytest.approx((m.n_routed_experts - rows) * per_row, rel=1e-6)
+
+
+def test_fp8_grouped_layer_equals_the_fp8_ragged_dot_path(moe_case):
+  """FP8 routed experts on the sorted layout (grouped_kernel=xla: fp8/ragged.py over the padded groups) against
+  the same recipe on the capacity buffers' valid rows (expert_gemm=ragged_dot): activations quantise per row
+  and weights per expert block, so both see the same e4m3 values; fp32 outputs and gradients agree to
+  summation order. tiny.yaml's dims are 64, so 32-wide blocks."""
+  run, layer, x, tokens = moe_case
+  fp8_cfg = dataclasses.replace(run.compute.fp8, enabled=True, block=32, attention=False, dense_mlp=False,
+                                shared_experts=False, mtp_proj=False)
+
+  def grads(gemm):
+    compute = dataclasses.replace(run.compute, expert_gemm=gemm, grouped_kernel="xla", capacity_factor=0.0,
+                                  fp8=fp8_cfg)
+    f = lambda p, x: jnp.sum(moe.apply(p, x, run.model, compute, tokens)[0] * jnp.cos(x))  # noqa: E731
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(layer, x)
+
+  (v, g), (v_ref, g_ref) = grads("grouped"), grads("ragged_dot")
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

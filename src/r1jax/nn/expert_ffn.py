@@ -87,11 +87,14 @@ def choose(compute: ComputeConfig, experts: dict) -> ExpertFFN:
   """The routed experts' FFN for these settings and these (one layer's, this device's) expert weights."""
   fp8_cfg = compute.fp8.use("routed_experts")
   if gemm_impl(compute) == "grouped":
-    if fp8_cfg is not None:
-      raise ConfigError("compute.expert_gemm=grouped has no FP8 kernel yet: set compute.fp8.routed_experts=false "
-                        "or compute.expert_gemm=ragged_dot")
     kernel = grouped_kernel(compute)
-    swiglu = lambda e, x_RxD, lay: grouped_gemm.swiglu(e, x_RxD, lay, kernel)  # noqa: E731
+    if fp8_cfg is None:
+      swiglu = lambda e, x_RxD, lay: grouped_gemm.swiglu(e, x_RxD, lay, kernel)  # noqa: E731
+    elif kernel == "xla":  # the FP8 recipe's grouped form (fp8/ragged.py) over the layout's padded groups
+      swiglu = lambda e, x_RxD, lay: fp8.experts.grouped(e, x_RxD, lay.tiles_E * lay.bm, fp8_cfg)  # noqa: E731
+    else:
+      raise ConfigError("compute.expert_gemm=grouped has no FP8 Triton kernel yet: set compute.grouped_kernel=xla "
+                        "(FP8 through ragged_dot), compute.fp8.routed_experts=false, or compute.expert_gemm=einsum")
     return ExpertFFN(lambda e, x, _, valid: compact_sorted(functools.partial(swiglu, e), x, valid), sorted=swiglu)
   if gemm_impl(compute) == "ragged_dot":
     one = grouped if fp8_cfg is None else functools.partial(fp8.experts.grouped, fp8_cfg=fp8_cfg)

@@ -185,8 +185,9 @@ def _routed_shard(router: dict, experts: dict, x_BxLxD, mask_BxL, seg_BxL, repla
   x_TxD, mask_T = x_BxLxD.reshape(B * L, D), mask_BxL.reshape(B * L)
   replay_TxK = None if replay_BxLxK is None else replay_BxLxK.reshape(B * L, -1)
   routing = route(router, x_TxD, cfg, replay_TxK)
-  if expert_ffn.gemm_impl(compute) == "ragged_dot":  # the FP8 grouped GEMM takes master weights: keep_fp8 experts of
-    # this shard and layer are dequantised here, and it re-creates their e4m3 values (the padded form reads them)
+  if expert_ffn.gemm_impl(compute) in ("ragged_dot", "grouped"):  # FP8 grouped GEMMs take master weights: keep_fp8
+    # experts of this shard and layer are dequantised here, and they re-create their e4m3 values (the padded form
+    # reads them)
     experts = fp8.weights.dequantize_tree(experts, jnp.dtype(compute.param_dtype))
   y_TxD, dropped = ep.dispatch_combine(experts, x_TxD, routing.weights_TxK, routing.experts_TxK, mask_T > 0, cfg,
                                        compute.capacity_factor, axes.exp, expert_ffn.choose(compute, experts))
