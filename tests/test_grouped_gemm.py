@@ -230,3 +230,13 @@ def test_fp8_grouped_layer_equals_the_fp8_ragged_dot_path(moe_case):
   np.testing.assert_allclose(v, v_ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tiles_beyond_shared_memory_are_named():
+  """A K step's tiles buffered num_stages deep must fit a Hopper block's 227 KiB: 4 x (128 + 256) x 128 bf16 does
+  not (the weight-gradient kernel caps its tiles at 128 for the same reason)."""
+  x = jnp.zeros((128, 256), jnp.bfloat16)
+  w = jnp.zeros((1, 256, 256), jnp.bfloat16)
+  tiles = grouped_gemm.triton.Tiles(bn=256, bk=128, num_stages=4)
+  with pytest.raises(ValueError, match="shared memory"):
+    grouped_gemm.triton.gmm(x, w, jnp.zeros(1, jnp.int32), 1, bm=128, tiles=tiles, interpret=True)

@@ -41,7 +41,15 @@ class Tiles(NamedTuple):
   group_m: int = 8
 
 
-def _check(R: int, K: int, N: int, bm: int, bk: int, bn: int):
+SHARED_MEMORY = 227 * 1024  # bytes a Hopper thread block may use
+
+
+def _check(R: int, K: int, N: int, bm: int, bk: int, bn: int, step_elements: int, stages: int):
+  """Tile sizes the kernels can take; a K step's operand tiles (`step_elements` of 2 bytes) are buffered `stages`
+  deep in shared memory (Triton's software pipeline)."""
+  if stages * step_elements * 2 > SHARED_MEMORY:
+    raise ValueError(f"grouped GEMM tiles (bm {bm}, bk {bk}, bn {bn}) need {stages * step_elements * 2} bytes of "
+                     f"shared memory in {stages} stages, more than {SHARED_MEMORY}")
   if IMPORT_ERROR is not None:
     raise RuntimeError(f"the Pallas Triton grouped GEMM needs jax.experimental.pallas.triton: {IMPORT_ERROR}")
   if any(v < 16 or v & (v - 1) for v in (bm, bk, bn)):
@@ -91,7 +99,7 @@ def gmm(x_RxK, w_ExKxN, tile_group_G, used, *, bm: int, transpose_w: bool = Fals
   tiles = tiles or Tiles()
   R, K = x_RxK.shape
   N = w_ExKxN.shape[1] if transpose_w else w_ExKxN.shape[2]
-  _check(R, K, N, bm, tiles.bk, tiles.bn)
+  _check(R, K, N, bm, tiles.bk, tiles.bn, (bm + tiles.bn) * tiles.bk, tiles.num_stages)
   n_m, n_n = R // bm, N // tiles.bn
   x_RxK, w_ExKxN = same_varying(x_RxK, w_ExKxN)
   ij = functools.partial(_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
@@ -134,8 +142,11 @@ def tgmm(x_RxK, dy_RxN, tile_start_E, tiles_E, *, bm: int, out_dtype, tiles: Til
   R, K = x_RxK.shape
   N = dy_RxN.shape[1]
   E = tiles_E.shape[0]
-  bk = bn = tiles.bn  # square output tiles: the dw GEMM's rows are x's K, its depth the rows R
-  _check(R, K, N, bm, bk, bn)
+  # Square output tiles of at most 128: each step buffers bm rows of x and of dy, so a 256-wide tile would take
+  # 3 x 128 x 512 bf16 (384 KiB, over the H100's shared memory; a review compiled it with Triton 3.6).
+  bk = bn = min(tiles.bn, 128)
+  stages = max(1, min(tiles.num_stages, SHARED_MEMORY // (2 * bm * (bk + bn))))  # as deep as fits (3 at 128)
+  _check(R, K, N, bm, bk, bn, bm * (bk + bn), stages)
   n_k, n_n = K // bk, N // bn
   x_RxK, dy_RxN = same_varying(x_RxK, dy_RxN)
   kernel = functools.partial(_tgmm_kernel, n_k=n_k, n_n=n_n, bm=bm)
@@ -147,7 +158,7 @@ def tgmm(x_RxK, dy_RxN, tile_start_E, tiles_E, *, bm: int, out_dtype, tiles: Til
       out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda p: (p // (n_k * n_n), (p % (n_k * n_n)) // n_n,
                                                                p % n_n)),
       out_shape=jax.ShapeDtypeStruct((E, K, N), out_dtype, **manual_type(x_RxK)),
-      compiler_params=COMPILER_PARAMS(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+      compiler_params=COMPILER_PARAMS(num_warps=tiles.num_warps, num_stages=stages),
       interpret=interpret,
       name="grouped_gemm_dw",
   )(tile_start_E.astype(jnp.int32), tiles_E.astype(jnp.int32), x_RxK, dy_RxN)
