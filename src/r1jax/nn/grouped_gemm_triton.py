@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn.fp8.kernels.util import manual_type, same_varying
+from r1jax.nn.fp8.kernels.util import grouped_tile, manual_type, same_varying
 
 try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernels are unavailable.
   from jax.experimental import pallas as pl
@@ -58,16 +58,8 @@ def _check(R: int, K: int, N: int, bm: int, bk: int, bn: int, step_elements: int
     raise ValueError(f"grouped GEMM shapes must divide into tiles: R {R} / {bm}, K {K} / {bk}, N {N} / {bn}")
 
 
-def _tile(p, n_m: int, n_n: int, group_m: int):
-  """(row tile, column tile) of program p: column-major within groups of `group_m` row tiles."""
-  per_group = group_m * n_n
-  first_m = (p // per_group) * group_m
-  size = jnp.minimum(n_m - first_m, group_m)
-  return first_m + (p % per_group) % size, (p % per_group) // size
-
-
 def _gmm_kernel(tg_ref, used_ref, x_ref, w_ref, o_ref, *, n_m, n_n, group_m, bk, n_k, transpose_w):
-  i, j = _tile(pl.program_id(0), n_m, n_n, group_m)
+  i, j = grouped_tile(pl.program_id(0), n_m, n_n, group_m)
   bm, bn = o_ref.shape
   active = i < used_ref[0]
 
@@ -102,7 +94,7 @@ def gmm(x_RxK, w_ExKxN, tile_group_G, used, *, bm: int, transpose_w: bool = Fals
   _check(R, K, N, bm, tiles.bk, tiles.bn, (bm + tiles.bn) * tiles.bk, tiles.num_stages)
   n_m, n_n = R // bm, N // tiles.bn
   x_RxK, w_ExKxN = same_varying(x_RxK, w_ExKxN)
-  ij = functools.partial(_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
+  ij = functools.partial(grouped_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
   kernel = functools.partial(_gmm_kernel, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m), bk=tiles.bk,
                              n_k=K // tiles.bk, transpose_w=transpose_w)
   return pl.pallas_call(

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.nn.fp8.kernels.util import manual_type, pad_rows, same_varying
+from r1jax.nn.fp8.kernels.util import grouped_tile, manual_type, pad_rows, same_varying
 
 try:  # Pallas and its Triton backend are experimental: absent or renamed, the kernel is unavailable.
   from jax.experimental import pallas as pl
@@ -55,14 +55,6 @@ def _kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, block: int, n_k: int):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _tile(p, n_m: int, n_n: int, group_m: int):
-  """(row tile, column tile) of program p: column-major within groups of `group_m` row tiles."""
-  per_group = group_m * n_n
-  first_m = (p // per_group) * group_m
-  size = jnp.minimum(n_m - first_m, group_m)
-  return first_m + (p % per_group) % size, (p % per_group) // size
-
-
 def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype, tiles: Tiles | None = None,
                      interpret: bool = False):
   """a @ b^T with per-row, per-K-block scales on both operands, out_dtype result (the XLA reference is
@@ -80,7 +72,7 @@ def scaled_matmul_nt(aq_MxK, as_MxKb, bq_NxK, bs_NxKb, *, block: int, out_dtype,
   as_KbxM, bs_KbxN = pad_rows(as_MxKb, bm).T, pad_rows(bs_NxKb, bn).T
   a, as_KbxM, b, bs_KbxN = same_varying(a, as_KbxM, b, bs_KbxN)
   n_m, n_n = a.shape[0] // bm, b.shape[0] // bn
-  ij = functools.partial(_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
+  ij = functools.partial(grouped_tile, n_m=n_m, n_n=n_n, group_m=max(1, tiles.group_m))
   out = pl.pallas_call(
       functools.partial(_kernel, block=block, n_k=Kb),
       grid=(n_m * n_n,),

@@ -1,5 +1,6 @@
-"""Helpers the Pallas kernels and FP8 custom_vjps share: zero-padding rows to whole tiles, and the manual-axis
-types a pallas_call's operands and output, and a custom_vjp's cotangents, must declare inside shard_map."""
+"""Helpers the Pallas kernels and FP8 custom_vjps share: zero-padding rows to whole tiles, the grouped program
+order of a tile grid, and the manual-axis types a pallas_call's operands and output, and a custom_vjp's
+cotangents, must declare inside shard_map."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ def pad_rows(x, multiple: int):
   """Zero rows up to a multiple of `multiple` (zeros change no amax and add nothing to a product)."""
   pad = -x.shape[0] % multiple
   return x if pad == 0 else jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+
+
+def grouped_tile(p, n_m: int, n_n: int, group_m: int):
+  """(row tile, column tile) of a Pallas kernel's program p over an n_m x n_n grid: column-major within groups
+  of `group_m` row tiles, so that their column panels of the second operand stay in L2 (Triton's ordering)."""
+  per_group = group_m * n_n
+  first_m = (p // per_group) * group_m
+  size = jnp.minimum(n_m - first_m, group_m)
+  return first_m + (p % per_group) % size, (p % per_group) // size
 
 
 def varying(x) -> frozenset:
